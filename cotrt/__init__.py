@@ -1,0 +1,28 @@
+"""cotrt: a runtime for compressed chain-of-thought decoding over Hugging Face causal LMs."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+# Public names are imported lazily so that `import cotrt._C` or `cotrt.ops` stays light.
+_LAZY = {
+    "wrap": "cotrt.api",
+    "Runtime": "cotrt.api",
+    "Output": "cotrt.api",
+    "Params": "cotrt.params",
+    "ThinkFormat": "cotrt.control.think",
+    "Engine": "cotrt.engine",
+    "load_model": "cotrt.models",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'cotrt' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(mod), name)
+    globals()[name] = value
+    return value

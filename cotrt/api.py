@@ -1,0 +1,125 @@
+"""The user-facing API: ``cotrt.wrap(model, tokenizer) -> Runtime``."""
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Sequence
+
+from .control.think import ThinkFormat
+from .engine import Engine, Event, Output
+from .model import ModelRunner
+from .params import Params
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """The ids that end generation, as HF ``generate`` takes them (generation_config)."""
+    gc = getattr(model, "generation_config", None)
+    eos = getattr(gc, "eos_token_id", None) if gc is not None else None
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+class Runtime:
+    """A wrapped model: batch generation, chat, streaming, and the engine underneath."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int = 2048,
+                 think_format: ThinkFormat | None = None):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
+            raise ValueError(f"max_len must be an int >= 2, got {max_len!r}")
+        if think_format is not None and not isinstance(think_format, ThinkFormat):
+            raise ValueError(f"think_format must be a cotrt.ThinkFormat or None, got {type(think_format).__name__}")
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and max_len > limit:
+            raise ValueError(f"max_len={max_len} exceeds the model's max_position_embeddings={limit}")
+        model.eval()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.think_format = think_format or ThinkFormat.detect(tokenizer)
+        self.runner = ModelRunner(model, max_batch=max_batch, max_len=max_len)
+        self.engine = Engine(self.runner, tokenizer, self.think_format, max_batch, max_len,
+                             eos_ids=_eos_ids(model, tokenizer))
+
+    # -- batch API ------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence, params: Params | Sequence[Params] | None = None) -> list[Output]:
+        """Generate for every prompt (raw text or token ids); one Params or one per prompt.
+
+        All requests are validated before any is queued; outputs come back in prompt order.
+        """
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise ValueError("prompts must be a list of strings or of token-id lists")
+        plist = self._params_list(params, len(prompts))
+        for i, p in enumerate(prompts):  # validate all first: nothing is queued on error
+            try:
+                self.engine._prompt_ids(p)
+            except ValueError as e:
+                raise ValueError(f"prompts[{i}]: {e}") from None
+        ids = [self.engine.add(p, q) for p, q in zip(prompts, plist)]
+        return self._collect(ids)
+
+    def chat(self, conversations: Sequence, params: Params | Sequence[Params] | None = None,
+             **template_kwargs) -> list[Output]:
+        """Generate replies to conversations (lists of {"role", "content"} messages) through
+        the tokenizer's chat template."""
+        if not isinstance(conversations, Sequence) or not conversations:
+            raise ValueError("conversations must be a non-empty list of message lists")
+        if isinstance(conversations[0], dict):
+            raise ValueError("conversations must be a list of conversations (each a list of messages)")
+        return self.generate([self.chat_prompt(c, **template_kwargs) for c in conversations], params)
+
+    def chat_prompt(self, messages, **template_kwargs) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("tokenizer has no chat template; use generate() with raw prompts")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 **template_kwargs)
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return list(out)
+
+    def stream(self, prompt, params: Params | None = None) -> Iterator[Event]:
+        """Events of one request as they are produced (other queued requests advance too)."""
+        rid = self.engine.add(prompt, params)
+        while True:
+            for ev in self.engine.step():
+                if ev.request_id == rid:
+                    yield ev
+                    if ev.finished:
+                        return
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _params_list(self, params, n: int) -> list[Params]:
+        if params is None or isinstance(params, (Params, dict)):
+            p = Params.from_dict(params) if isinstance(params, dict) else params
+            return [p] * n
+        plist = list(params)
+        if len(plist) != n:
+            raise ValueError(f"params: {len(plist)} given for {n} prompts")
+        for i, p in enumerate(plist):
+            if not isinstance(p, Params):
+                raise ValueError(f"params[{i}] must be a cotrt.Params, got {type(p).__name__}")
+        return plist
+
+    def _collect(self, ids: Iterable[int]) -> list[Output]:
+        ids = list(ids)
+        pending, outs = set(ids), {}
+        while pending:
+            for ev in self.engine.step():
+                if ev.finished and ev.request_id in pending:
+                    outs[ev.request_id] = ev.output
+                    pending.discard(ev.request_id)
+        return [outs[i] for i in ids]
+
+
+def wrap(model, tokenizer, max_batch: int = 8, max_len: int = 2048,
+         think_format: ThinkFormat | None = None) -> Runtime:
+    """Wrap an HF causal LM and its tokenizer for fast, controlled generation."""
+    return Runtime(model, tokenizer, max_batch=max_batch, max_len=max_len, think_format=think_format)
+
+
+__all__ = ["wrap", "Runtime", "Output", "Params", "ThinkFormat"]

@@ -1,0 +1,366 @@
+"""Continuous batching over the slot cache.
+
+One ``step()``: admit waiting requests into free slots and prefill them (one padded
+forward), decode every running row by one token (one forward), sample the rows that
+sample, run each appended token through its row's controls, free finished slots at once.
+Requests beyond ``max_batch`` wait in the queue; they never fail for it.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .control.automaton import compile_cached, token_bytes
+from .control.row import PHASE_NAMES, Row, RowPatterns
+from .control.think import ThinkFormat
+from .params import Params
+from .sampling import sample
+
+# Prefill at most this many (padded) tokens per forward: bounds the memory of the
+# attention scores and of the mask when many long prompts arrive at once.
+PREFILL_TOKENS = 4096
+
+
+@dataclass
+class Event:
+    """What one step did for one request: newly committed tokens and their text; the final
+    output when the request finished."""
+
+    request_id: int
+    token_ids: list
+    text: str
+    finished: bool = False
+    output: object = None
+
+
+@dataclass
+class Output:
+    request_id: int
+    prompt_token_ids: list
+    token_ids: list
+    text: str
+    reasoning: str
+    answer: str
+    finish_reason: str
+    stats: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+class Engine:
+    """The batching engine. ``add`` -> id, ``step`` -> events, ``abort``, ``has_unfinished``."""
+
+    def __init__(self, runner, tokenizer, think_format: ThinkFormat, max_batch: int, max_len: int,
+                 eos_ids=None):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.fmt = think_format
+        self.max_batch, self.max_len = max_batch, max_len
+        self.vocab_bytes = token_bytes(tokenizer)
+        self.vocab_size = runner.lm_head.weight.shape[0] if hasattr(runner.lm_head, "weight") else len(tokenizer)
+        self.eos_ids = frozenset(eos_ids or ())
+        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", []) or [])
+        self.queue: deque[Row] = deque()
+        self.running: dict[int, Row] = {}  # slot -> row
+        self.requests: dict[int, Row] = {}
+        self.free_slots = list(range(max_batch))
+        self._ids = itertools.count()
+        self._seed_rng = random.Random()
+        self._aborted: list[Row] = []
+        self.device = runner.device
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
+
+    # -- requests ---------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: empty string")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+                raise ValueError("prompt: token ids must be ints")
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt: token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+        else:
+            raise ValueError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt: no tokens")
+        if len(ids) >= self.max_len:
+            raise ValueError(f"prompt: {len(ids)} tokens leave no room to generate within max_len={self.max_len}")
+        return ids
+
+    def add(self, prompt, params: Params | None = None) -> int:
+        """Queue a request; returns its id. Everything is validated before any state changes."""
+        params = Params() if params is None else params
+        if isinstance(params, dict):
+            params = Params.from_dict(params)
+        if not isinstance(params, Params):
+            raise ValueError(f"params must be a cotrt.Params, got {type(params).__name__}")
+        ids = self._prompt_ids(prompt)
+        bad = [k for k in params.logit_bias if k >= self.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias: token id {bad[0]} outside the vocabulary")
+        patterns = RowPatterns.pattern_list(self.fmt, params.stop, params.step_cues)
+        pats = RowPatterns(compile_cached(patterns, self.tokenizer), self.fmt, params.stop, params.step_cues)
+        if params.seed is None:
+            params = _with_seed(params, self._seed_rng.getrandbits(62))
+        rid = next(self._ids)
+        row = Row(rid, ids, params, self.fmt, pats, self.vocab_bytes, self.eos_ids, self.encode, self.max_len)
+        row.t_add = time.perf_counter()
+        self.requests[rid] = row
+        self.queue.append(row)
+        return rid
+
+    def abort(self, rid: int) -> bool:
+        """Stop a request now and free its slot; False if it is unknown or already done."""
+        row = self.requests.get(rid)
+        if row is None or row.finished:
+            return False
+        row._finish("abort", "abort")
+        if row.slot < 0:
+            self.queue.remove(row)
+        self._aborted.append(row)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.queue or self.running or self._aborted)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.queue)
+
+    # -- the step ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        events: list[Event] = []
+        for row in self._aborted:
+            self._release(row)
+            events.append(self._final_event(row))
+        self._aborted.clear()
+        decode_rows = [self.running[s] for s in sorted(self.running)]
+        admitted = self._admit()
+        if decode_rows:
+            self._guarded(decode_rows, self._decode)
+        if admitted:
+            for group in _prefill_groups(admitted):
+                self._guarded(group, self._prefill)
+        self.stats["steps"] += 1
+        for row in decode_rows + admitted:
+            ev = self._event(row)
+            if ev is not None:
+                events.append(ev)
+            if row.finished:
+                self._release(row)
+        return events
+
+    def _admit(self) -> list[Row]:
+        rows = []
+        while self.queue and self.free_slots:
+            row = self.queue.popleft()
+            row.slot = self.free_slots.pop(0)
+            self.running[row.slot] = row
+            row.start()
+            rows.append(row)
+        return rows
+
+    def _guarded(self, rows, fn) -> None:
+        """Run a forward for ``rows``; a failure ends those requests with an error instead
+        of taking the engine down."""
+        try:
+            fn(rows)
+        except Exception as e:  # noqa: BLE001 - one bad batch must not kill the engine
+            for row in rows:
+                if not row.finished:
+                    row._finish("error", "error")
+                    row.error = f"{type(e).__name__}: {e}"
+
+    def _prefill(self, rows: list[Row]) -> None:
+        runner = self.runner
+        T = max(len(r.prompt) for r in rows)
+        ids = torch.zeros(len(rows), T, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r.prompt)] = torch.tensor(r.prompt)
+        meta = runner.make_meta([r.slot for r in rows], [len(r.prompt) for r in rows], starts=[0] * len(rows))
+        hidden = runner.forward(meta, input_ids=ids.to(self.device))
+        h = runner.last_hidden(hidden, meta)
+        self.stats["prefill_tokens"] += sum(len(r.prompt) for r in rows)
+        for r in rows:
+            r.t_first = time.perf_counter()
+        self._sample_and_accept(rows, h)
+
+    def _decode(self, rows: list[Row]) -> None:
+        runner = self.runner
+        ids = torch.tensor([[r.next_input] for r in rows], dtype=torch.long, device=self.device)
+        meta = runner.make_meta([r.slot for r in rows], [1] * len(rows), starts=[r.cache_len for r in rows])
+        hidden = runner.forward(meta, input_ids=ids)
+        self.stats["decode_tokens"] += len(rows)
+        self._sample_and_accept(rows, hidden[:, 0])
+
+    def _sample_and_accept(self, rows: list[Row], h: torch.Tensor) -> None:
+        """LM head and sampling on the rows that sample; forced tokens for the others."""
+        sampling = [i for i, r in enumerate(rows) if not r.forced and not r.finished]
+        toks: dict[int, int] = {}
+        if sampling:
+            idx = torch.tensor(sampling, device=h.device)
+            logits = self.runner.logits(h.index_select(0, idx))
+            self._apply_biases(logits, [rows[i] for i in sampling])
+            ps = [rows[i].params for i in sampling]
+            dev = logits.device
+            out = sample(
+                logits,
+                temperature=torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=dev),
+                top_p=torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev),
+                top_k=torch.tensor([p.top_k for p in ps], dtype=torch.long, device=dev),
+                seed=torch.tensor([p.seed for p in ps], dtype=torch.long, device=dev),
+                counter=torch.tensor([rows[i].seq_len for i in sampling], dtype=torch.long, device=dev),
+            ).tolist()
+            toks = dict(zip(sampling, out))
+        for i, r in enumerate(rows):
+            if r.finished:
+                continue
+            if i in toks:
+                r.accept(toks[i], forced=False)
+            else:
+                r.accept(r.forced.popleft(), forced=True)
+
+    def _apply_biases(self, logits: torch.Tensor, rows: list[Row]) -> None:
+        for i, r in enumerate(rows):
+            if r.params.logit_bias:
+                ids = list(r.params.logit_bias)
+                logits[i, ids] += torch.tensor([r.params.logit_bias[k] for k in ids], device=logits.device)
+            banned = r.banned_tokens()
+            if banned:
+                logits[i, banned] = float("-inf")
+
+    # -- outputs ----------------------------------------------------------------------------
+    def _release(self, row: Row) -> None:
+        if row.slot >= 0 and self.running.get(row.slot) is row:
+            del self.running[row.slot]
+            self.free_slots.append(row.slot)
+            self.free_slots.sort()
+        row.slot = -1
+        row.t_done = time.perf_counter()
+        self.requests.pop(row.id, None)
+
+    def _event(self, row: Row) -> Event | None:
+        if row.finished:
+            return self._final_event(row)
+        commit = len(row.gen) - row.holdback()
+        if commit <= row.emitted:
+            return None
+        new = row.gen[row.emitted:commit]
+        row.emitted = commit
+        return Event(row.id, new, self._text_delta(row, commit))
+
+    def _final_event(self, row: Row) -> Event:
+        out = self.output(row)
+        new = row.gen[row.emitted:]
+        row.emitted = len(row.gen)
+        # The stream's text ends exactly where the final text does (stop strings cut).
+        streamed = getattr(row, "streamed_text", "")
+        delta = out.text[len(streamed):] if out.text.startswith(streamed) else ""
+        return Event(row.id, new, delta, finished=True, output=out)
+
+    def _text_delta(self, row: Row, upto: int) -> str:
+        # Incremental detokenization over a small window (a token's text can depend on its
+        # neighbours, e.g. SentencePiece's leading space).
+        dec = lambda a, b: self._clean(self.tokenizer.decode(row.gen[a:b], skip_special_tokens=False))
+        prefix = dec(row.stream_prefix, row.stream_read)
+        full = dec(row.stream_prefix, upto)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        delta = full[len(prefix):]
+        row.stream_prefix, row.stream_read = row.stream_read, upto
+        row.streamed_text = getattr(row, "streamed_text", "") + delta
+        return delta
+
+    def _clean(self, s: str) -> str:
+        """Text without special tokens (EOS, BOS, pad), but with the think markers."""
+        specials = getattr(self, "_specials", None)
+        if specials is None:
+            # Keep specials that are part of a marker (s1's "<|im_start|>think").
+            markers = (self.fmt.start or "") + "\0" + self.fmt.end
+            all_sp = getattr(self.tokenizer, "all_special_tokens", []) or []
+            specials = self._specials = [t for t in all_sp if t and t not in markers]
+        for sp in specials:
+            if sp in s:
+                s = s.replace(sp, "")
+        return s
+
+    def output(self, row: Row) -> Output:
+        tok = self.tokenizer
+        raw = tok.decode(row.gen, skip_special_tokens=False)
+        raw = _cut_stop(raw, row.params.stop) if row.finished == "stop_string" else raw
+        reasoning, answer = _split(raw, self.fmt, row.phase0)
+        clean = self._clean
+        reasoning, answer = clean(reasoning).strip(), _drop(clean(answer), self.fmt).strip()
+        text = clean(raw)
+        stats = row.stats()
+        now = time.perf_counter()
+        stats["time_s"] = round(getattr(row, "t_done", now) - row.t_add, 6)
+        if hasattr(row, "t_first"):
+            stats["ttft_s"] = round(row.t_first - row.t_add, 6)
+        stats["phase"] = PHASE_NAMES[row.phase]
+        return Output(row.id, row.prompt, list(row.gen), text, reasoning, answer,
+                      row.finish_reason or "length", stats, row.error)
+
+
+def _with_seed(params: Params, seed: int) -> Params:
+    import dataclasses
+
+    return dataclasses.replace(params, seed=seed)
+
+
+def _prefill_groups(rows: list[Row]):
+    """Group admitted rows so that each padded prefill stays under PREFILL_TOKENS."""
+    rows = sorted(rows, key=lambda r: len(r.prompt))
+    group: list[Row] = []
+    for r in rows:
+        if group and len(r.prompt) * (len(group) + 1) > PREFILL_TOKENS:
+            yield group
+            group = []
+        group.append(r)
+    if group:
+        yield group
+
+
+def _cut_stop(text: str, stops) -> str:
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+def _split(raw: str, fmt: ThinkFormat, phase0: int) -> tuple[str, str]:
+    """(reasoning, answer) of the generated text."""
+    from .control.row import THINK
+
+    if fmt.plain:
+        i = raw.find(fmt.end)
+        return (raw, "") if i < 0 else (raw[:i], raw[i + len(fmt.end):])
+    body = raw
+    if phase0 != THINK:
+        i = raw.find(fmt.start)
+        if i < 0:
+            return "", raw
+        body = raw[i + len(fmt.start):]
+    j = body.find(fmt.end)
+    if j < 0:
+        return body, ""
+    return body[:j], body[j + len(fmt.end):]
+
+
+def _drop(answer: str, fmt: ThinkFormat) -> str:
+    # A second end marker after a forced one carries no content.
+    return answer.replace(fmt.end, "") if not fmt.plain else answer

@@ -1,0 +1,117 @@
+"""Per-request generation parameters, validated at construction."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+
+def _check_int(name, value, minimum, allow_none=True):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int{' or None' if allow_none else ''}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_float(name, value, lo=None, hi=None, lo_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {value}")
+
+
+@dataclass(frozen=True)
+class Params:
+    """How one request is decoded.
+
+    Sampling: ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` disable those
+    filters. ``seed`` makes a sampled request reproducible and independent of what else is in
+    the batch (None draws one).
+
+    Thinking control (tokens of the think phase; for a model without think markers the whole
+    output is the think phase and its "end marker" is the answer cue "\\nFinal answer:"):
+
+    - ``think_budget``: hard cap. When reached, the end marker is forced (preceded by the
+      think format's transition phrase, if it has one). The forced text is not counted
+      against the budget.
+    - ``soft_budget``: past it, thinking ends at the next step boundary; if none comes within
+      ``soft_grace`` tokens the end is forced anyway.
+    - ``min_think``: thinking shorter than this is extended: an end marker produced earlier
+      is taken back and ``wait_text`` appended instead, at most ``max_waits`` times (s1).
+    - ``answer_budget``: cap on the answer phase's tokens; the request then finishes.
+    - ``max_steps``: cap on reasoning steps (boundaries seen while thinking); reaching it
+      ends thinking at that boundary.
+    - ``step_cues``: the strings that mark a step boundary ("\\n\\n" by default; e.g. add
+      "Wait", "Alternatively").
+
+    ``stop``: strings that finish the request (not included in the text).
+    ``logit_bias``: token id -> additive bias on its logit (OpenAI's convention).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple = ()
+    think_budget: int | None = None
+    soft_budget: int | None = None
+    min_think: int | None = None
+    answer_budget: int | None = None
+    max_steps: int | None = None
+    soft_grace: int = 64
+    max_waits: int = 4
+    wait_text: str = "Wait"
+    step_cues: tuple = ("\n\n",)
+    ignore_eos: bool = False
+    logit_bias: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check_int("max_new_tokens", self.max_new_tokens, 1, allow_none=False)
+        _check_float("temperature", self.temperature, lo=0.0)
+        _check_float("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
+        _check_int("top_k", self.top_k, 0, allow_none=False)
+        _check_int("seed", self.seed, 0)
+        for name in ("think_budget", "soft_budget", "min_think", "answer_budget", "max_steps"):
+            _check_int(name, getattr(self, name), 0)
+        _check_int("soft_grace", self.soft_grace, 0, allow_none=False)
+        _check_int("max_waits", self.max_waits, 0, allow_none=False)
+        if self.seed is not None and self.seed >= 2**63:
+            raise ValueError(f"seed must be < 2**63, got {self.seed}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a string or a sequence of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
+        cues = (self.step_cues,) if isinstance(self.step_cues, str) else self.step_cues
+        if not isinstance(cues, (tuple, list)) or not all(isinstance(s, str) and s for s in cues):
+            raise ValueError(f"step_cues must be a sequence of non-empty strings, got {self.step_cues!r}")
+        object.__setattr__(self, "step_cues", tuple(cues))
+        if not isinstance(self.wait_text, str) or not self.wait_text:
+            raise ValueError(f"wait_text must be a non-empty string, got {self.wait_text!r}")
+        if len(self.stop) + len(self.step_cues) > 48:
+            raise ValueError("stop and step_cues: at most 48 strings together")
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError(f"logit_bias must be a dict of token id -> float, got {type(self.logit_bias).__name__}")
+        for k, v in self.logit_bias.items():
+            _check_int("logit_bias key", k, 0, allow_none=False)
+            _check_float(f"logit_bias[{k}]", v, lo=-100.0, hi=100.0)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Params":
+        """Build from a dict (e.g. a JSON request), naming any unknown key."""
+        if not isinstance(d, dict):
+            raise ValueError(f"params must be a dict, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown parameter(s): {', '.join(unknown)}")
+        d = dict(d)
+        for key in ("stop", "step_cues"):
+            if isinstance(d.get(key), list):
+                d[key] = tuple(d[key])
+        return cls(**d)

@@ -1,0 +1,18 @@
+"""Builds the C++ extension cotrt._C (the token automaton compiler).
+
+Plain C++17 with pybind11: no torch headers, so ``pip install .`` works with build
+isolation on a CPU-only machine. Metadata lives in pyproject.toml.
+"""
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+ext_modules = [
+    Pybind11Extension(
+        "cotrt._C",
+        ["csrc/automaton.cpp", "csrc/bindings.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    ),
+]
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})
