@@ -203,11 +203,27 @@ class Engine:
 
     def _decode(self, rows: list[Row]) -> None:
         runner = self.runner
-        ids = torch.tensor([[r.next_input] for r in rows], dtype=torch.long, device=self.device)
-        meta = runner.make_meta([r.slot for r in rows], [1] * len(rows), starts=[r.cache_len for r in rows])
-        hidden = runner.forward(meta, input_ids=ids)
+        slots = [r.slot for r in rows]
+        inputs = [r.next_input for r in rows]
+        starts = [r.cache_len for r in rows]
+        span = range(slots[0], slots[-1] + 1)
+        if len(span) != len(rows) and len(span) <= 2 * len(rows):
+            # Free slots between running ones: decode them as dummy rows (token 0 at
+            # position 0 of a free slot) so that attention reads the cache through views.
+            # A decode step is bound by reading the weights, so a few extra rows cost
+            # little, while gathering every layer's K/V rows cost ~10% of the step (CPU).
+            by_slot = {r.slot: r for r in rows}
+            slots = list(span)
+            inputs = [by_slot[s].next_input if s in by_slot else 0 for s in slots]
+            starts = [by_slot[s].cache_len if s in by_slot else 0 for s in slots]
+        ids = torch.tensor(inputs, dtype=torch.long, device=self.device)[:, None]
+        meta = runner.make_meta(slots, [1] * len(slots), starts=starts)
+        hidden = runner.forward(meta, input_ids=ids)[:, 0]
+        if len(slots) != len(rows):
+            keep = torch.tensor([s - slots[0] for s in (r.slot for r in rows)], device=hidden.device)
+            hidden = hidden.index_select(0, keep)
         self.stats["decode_tokens"] += len(rows)
-        self._sample_and_accept(rows, hidden[:, 0])
+        self._sample_and_accept(rows, hidden)
 
     def _sample_and_accept(self, rows: list[Row], h: torch.Tensor) -> None:
         """LM head and sampling on the rows that sample; forced tokens for the others."""
@@ -325,11 +341,14 @@ def _with_seed(params: Params, seed: int) -> Params:
 
 
 def _prefill_groups(rows: list[Row]):
-    """Group admitted rows so that each padded prefill stays under PREFILL_TOKENS."""
+    """Group admitted rows for padded prefills: at most PREFILL_TOKENS padded tokens a
+    forward, and prompts within 25% of each other's length, so padding wastes little
+    (a prefill is compute-bound: padded tokens cost as much as real ones)."""
     rows = sorted(rows, key=lambda r: len(r.prompt))
     group: list[Row] = []
     for r in rows:
-        if group and len(r.prompt) * (len(group) + 1) > PREFILL_TOKENS:
+        n = len(r.prompt)
+        if group and (n * (len(group) + 1) > PREFILL_TOKENS or n > 1.25 * len(group[0].prompt) + 8):
             yield group
             group = []
         group.append(r)

@@ -188,7 +188,14 @@ def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scali
             and softcap is None and meta.slot_range is not None):  # pragma: no cover - GPU only
         return _flash_decode(module, query, meta, scaling, sliding_window), None
 
-    if softcap is None:
+    if softcap is None and T == 1 and kvh != H:
+        # Decode: fold each KV head's query group into the query length, [B, KVH, G, D],
+        # so SDPA reads every K/V row once without GQA expansion (CPU, SmolLM2 at B=8,
+        # L=250: 106 us vs 190 us per call with enable_gqa).
+        q = query.view(B, kvh, H // kvh, D)
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+        out = out.view(B, H, 1, D)
+    elif softcap is None:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                              enable_gqa=kvh != H)
     else:

@@ -138,7 +138,7 @@ class ValveLinear(nn.Module):
 
     def __init__(self, base: nn.Module, state: ValveState):
         super().__init__()
-        self.transposed = isinstance(base, Conv1D) if Conv1D else False
+        self.transposed = isinstance(base, Conv1D)  # isinstance(x, ()) is False
         self.weight = base.weight
         self.bias = base.bias
         K, N = (self.weight.shape[0], self.weight.shape[1]) if self.transposed else \
@@ -443,7 +443,7 @@ def _peft_scale(config, mod, r, fail) -> float:
 
 
 def _is_linear(m) -> bool:
-    return isinstance(m, (nn.Linear, ValveLinear)) or (bool(Conv1D) and isinstance(m, Conv1D))
+    return isinstance(m, (nn.Linear, ValveLinear, Conv1D)) if Conv1D else isinstance(m, (nn.Linear, ValveLinear))
 
 
 def _in_out(m) -> tuple[int, int]:

@@ -7,6 +7,9 @@ loop, ~50 MFLOP/s: the full product would take an hour). GPU tier (marker ``gpu`
 fp16/bf16 against the fp32 reference with flash-attention's 2x rule, fp32, exactness.
 """
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,6 +221,47 @@ def test_validation_names_the_argument(mutate, match):
     c = make_case(3, 111, 111, 4, 2, seed=0, bias=True)
     with pytest.raises(ValueError, match=match):
         valve_lora(**mutate(c))
+
+
+# ------------------------------------------------------------------------------ CUDA codegen, no GPU
+
+# Compiles the kernel to cubin for sm_80/89/90 with Triton's bundled ptxas: catches codegen
+# errors (dot shapes, dtypes, shared memory) on a CPU-only machine. A subprocess, because
+# this process runs Triton in interpreter mode.
+_COMPILE = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+if "nvidia" not in triton.backends.backends:
+    sys.exit(77)
+try:
+    from cotrt.kernels.valve_lora import _valve_lora_kernel as k
+except ModuleNotFoundError:
+    from kernels.valve_lora import _valve_lora_kernel as k
+k = JITFunction(k.fn)
+for dt, bm, bn, br, stages, arch in [("fp16", 16, 32, 16, 3, 90), ("bf16", 64, 64, 128, 2, 90),
+                                      ("fp32", 32, 64, 64, 2, 80), ("bf16", 16, 64, 16, 3, 89)]:
+    cfg = dict(HAS_IDX=True, HAS_BIAS=True, DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
+               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64 if dt == "fp32" else 128, BLOCK_R=br)
+    sig = {n: ({"alpha_ptr": "*fp32", "idx_ptr": "*i32"}.get(n, "*" + dt) if n.endswith("_ptr") else "i32")
+           for n in k.arg_names}
+    sig.update({c: "constexpr" for c in cfg})
+    src = ASTSource(fn=k, signature=sig, constexprs={(k.arg_names.index(c),): v for c, v in cfg.items()})
+    out = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4, num_stages=stages))
+    assert out.asm.get("cubin"), (dt, arch)
+"""
+
+
+def test_kernel_compiles_for_cuda_targets(tmp_path):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode == 77:
+        pytest.skip("triton has no NVIDIA backend here")
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------ GPU

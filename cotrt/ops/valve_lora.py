@@ -26,6 +26,7 @@ import torch
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 MAX_RANK = 128  # the kernel pads the rank to a power of two <= 128 (BLOCK_R)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # an optional extra
 
 
 def _check_args(x, weight, lora_a, lora_b, alpha, adapter_idx, bias, out):
@@ -91,7 +92,8 @@ def valve_lora(x, weight, lora_a, lora_b, alpha, adapter_idx=None, bias=None, ou
             device sync) are base-only.
         bias: [N] or None.
         out: [M, N] of x's dtype to write into, or None.
-        impl: "auto" (Triton on CUDA, torch ops on CPU), "triton" or "torch".
+        impl: "auto" (Triton on CUDA when triton is installed, torch ops otherwise),
+            "triton" or "torch".
 
     Returns:
         y: [M, N] of x's dtype (``out`` when given). Rows with alpha == 0 or a negative
@@ -100,7 +102,7 @@ def valve_lora(x, weight, lora_a, lora_b, alpha, adapter_idx=None, bias=None, ou
     """
     M, N, K, n_adapters, r = _check_args(x, weight, lora_a, lora_b, alpha, adapter_idx, bias, out)
     if impl == "auto":
-        impl = "triton" if x.is_cuda else "torch"
+        impl = "triton" if x.is_cuda and _HAS_TRITON else "torch"
     if impl == "torch":
         return _valve_lora_torch(x, weight, lora_a, lora_b, alpha, adapter_idx, bias, out)
     if impl == "triton":
@@ -162,7 +164,7 @@ def _valve_lora_torch(x, weight, lora_a, lora_b, alpha, adapter_idx, bias, out):
 
 @functools.lru_cache(maxsize=None)
 def _kernel(interpreted: bool):
-    if importlib.util.find_spec("triton") is None:
+    if not _HAS_TRITON:
         raise RuntimeError("valve_lora: impl='triton' needs the triton package (pip install cotrt[triton])")
     try:  # installed layout: kernels/ ships as cotrt.kernels
         from cotrt.kernels.valve_lora import _valve_lora_kernel as kernel
@@ -196,13 +198,13 @@ def _blocks(M, N, r, dtype, interpreted, n_sm):
     block_r = max(16, 1 << (r - 1).bit_length())
     if interpreted:  # numpy cost is per tile step: big tiles, few steps
         return block_m, 64, 128, block_r, 4, 1
-    block_n = 64 if triton_cdiv(N, 64) * triton_cdiv(M, block_m) >= n_sm else 32
+    block_n = 64 if _cdiv(N, 64) * _cdiv(M, block_m) >= n_sm else 32
     block_k = 64 if dtype == torch.float32 else 128
     num_stages = 2 if block_r >= 64 or block_m >= 64 else 3
     return block_m, block_n, block_k, block_r, 4, num_stages
 
 
-def triton_cdiv(a, b):
+def _cdiv(a, b):
     return (a + b - 1) // b
 
 
@@ -222,7 +224,7 @@ def _valve_lora_triton(x, weight, lora_a, lora_b, alpha, adapter_idx, bias, out,
         return y
     n_sm = 0 if interpreted else _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
     bm, bn, bk, br, num_warps, num_stages = _blocks(M, N, r, x.dtype, interpreted, n_sm)
-    grid = (triton_cdiv(N, bn), triton_cdiv(M, bm))
+    grid = (_cdiv(N, bn), _cdiv(M, bm))
     kernel = _kernel(interpreted)
     # Dummy pointers for absent optional tensors (never dereferenced: HAS_* is False).
     idx = adapter_idx if adapter_idx is not None else alpha
