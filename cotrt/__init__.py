@@ -12,6 +12,12 @@ _LAZY = {
     "ThinkFormat": "cotrt.control.think",
     "Engine": "cotrt.engine",
     "load_model": "cotrt.models",
+    "Policy": "cotrt.control.policy",
+    "Probe": "cotrt.control.policy",
+    "Exit": "cotrt.control.policy",
+    "Continue": "cotrt.control.policy",
+    "SetValve": "cotrt.control.policy",
+    "ProbeResult": "cotrt.control.policy",
 }
 
 __all__ = sorted(_LAZY)

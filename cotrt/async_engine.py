@@ -25,6 +25,7 @@ import threading
 from collections import defaultdict
 from typing import AsyncIterator
 
+from .control.row import THINK
 from .engine import Event, Output
 from .params import Params
 
@@ -243,7 +244,7 @@ class AsyncEngine:
     def _accept(self, req: Request) -> None:
         """engine.add on the engine thread; the outcome resolves the submitter's future."""
         if req.cancelled:  # aborted before it reached the engine
-            self._finish_unqueued(req, None)
+            self._finish_unqueued(req, None, "abort")
             return
         try:
             prompt = req.prompt
@@ -252,13 +253,11 @@ class AsyncEngine:
             rid = self.engine.add(prompt, req.params)
         except Exception as e:  # noqa: BLE001 - a bad request is answered, never fatal
             err = e if isinstance(e, ValueError) else ValueError(f"{type(e).__name__}: {e}")
-            self._finish_unqueued(req, err)
+            self._finish_unqueued(req, err, "invalid")
             return
         row = self.engine.requests.get(rid)
         req.id = rid
         req.prompt_tokens = len(row.prompt) if row is not None else 0
-        from .control.row import THINK
-
         req.thinking = row is not None and row.phase0 == THINK
         self._live[rid] = req
         _call(req._loop, _resolve, req._accepted, None)
@@ -273,14 +272,13 @@ class AsyncEngine:
         except Exception as e:  # jinja errors from a template that rejects the messages
             raise ValueError(f"messages: the chat template failed: {type(e).__name__}: {e}") from None
 
-    def _finish_unqueued(self, req: Request, err: Exception | None) -> None:
+    def _finish_unqueued(self, req: Request, err: Exception | None, outcome: str) -> None:
+        """A request that never reached the engine: its submitter gets ``err`` (or a
+        cancellation when it was aborted first)."""
         with self._cond:
             self._outstanding -= 1
-            self._counts["requests"]["invalid" if err else "abort"] += 1
-        if err is not None:
-            _call(req._loop, _fail, req._accepted, err)
-        else:
-            _call(req._loop, _fail, req._accepted, asyncio.CancelledError())
+            self._counts["requests"][outcome] += 1
+        _call(req._loop, _fail, req._accepted, err)
 
     def _step(self) -> list[Event]:
         try:
@@ -349,7 +347,7 @@ class AsyncEngine:
         with self._cond:
             inbox, self._inbox, self._aborts = self._inbox, [], []
         for req in inbox:
-            self._finish_unqueued(req, RuntimeError("AsyncEngine shut down"))
+            self._finish_unqueued(req, RuntimeError("AsyncEngine shut down"), "abort")
         for rid in list(self._live):
             self.engine.abort(rid)
         try:
@@ -386,7 +384,10 @@ def _resolve(fut, value) -> None:
 
 def _fail(fut, err) -> None:
     if not fut.done():
-        fut.set_exception(err)
+        if err is None:
+            fut.cancel()
+        else:
+            fut.set_exception(err)
 
 
 def _deliver(batch) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .control.automaton import compile_cached, token_bytes
+from .control.exits import ExitControl
 from .control.row import PHASE_NAMES, Row, RowPatterns
 from .control.think import ThinkFormat
 from .params import Params
@@ -109,12 +110,17 @@ class Engine:
         bad = [k for k in params.logit_bias if k >= self.vocab_size]
         if bad:
             raise ValueError(f"logit_bias: token id {bad[0]} outside the vocabulary")
-        patterns = RowPatterns.pattern_list(self.fmt, params.stop, params.step_cues)
-        pats = RowPatterns(compile_cached(patterns, self.tokenizer), self.fmt, params.stop, params.step_cues)
+        cues = params.step_cues + tuple(c for p in params.exit for c in getattr(p, "cues", ()) if c not in params.step_cues)
+        patterns = RowPatterns.pattern_list(self.fmt, params.stop, cues)
+        if len(patterns) > 63:
+            raise ValueError(f"stop, step_cues and policy cues: {len(patterns)} patterns, at most 63")
+        pats = RowPatterns(compile_cached(patterns, self.tokenizer), self.fmt, params.stop, cues)
         if params.seed is None:
             params = _with_seed(params, self._seed_rng.getrandbits(62))
         rid = next(self._ids)
         row = Row(rid, ids, params, self.fmt, pats, self.vocab_bytes, self.eos_ids, self.encode, self.max_len)
+        if params.exit:
+            row.exits = ExitControl(params.exit, self.tokenizer, self.eos_ids)
         row.t_add = time.perf_counter()
         self.requests[rid] = row
         self.queue.append(row)
@@ -150,21 +156,33 @@ class Engine:
             self._release(row)
             events.append(self._final_event(row))
         self._aborted.clear()
-        decode_rows = [self.running[s] for s in sorted(self.running)]
+        running = [self.running[s] for s in sorted(self.running)]
         admitted = self._admit()
-        if decode_rows:
-            self._guarded(decode_rows, self._decode)
-        if admitted:
-            for group in _prefill_groups(admitted):
-                self._guarded(group, self._prefill)
+        # Each row says what it feeds this step: one token (decode), or several (a prompt,
+        # the first forward of a probe).
+        plans = {r.id: self._plan(r) for r in running}
+        plans.update({r.id: (r.prompt, 0) for r in admitted})
+        rows = running + admitted
+        single = [r for r in rows if len(plans[r.id][0]) == 1]
+        multi = [r for r in rows if len(plans[r.id][0]) > 1]
+        if single:
+            self._guarded(single, lambda rs: self._decode(rs, plans))
+        for group in _extend_groups(multi, plans):
+            self._guarded(group, lambda rs: self._extend(rs, plans))
         self.stats["steps"] += 1
-        for row in decode_rows + admitted:
+        for row in rows:
             ev = self._event(row)
             if ev is not None:
                 events.append(ev)
             if row.finished:
                 self._release(row)
         return events
+
+    def _plan(self, row: Row) -> tuple[list[int], int]:
+        """(tokens to feed, slot position of the first) for a running row."""
+        if row.exits is not None and row.exits.probe is not None:
+            return row.exits.probe.plan()
+        return [row.next_input], row.cache_len
 
     def _admit(self) -> list[Row]:
         rows = []
@@ -187,56 +205,70 @@ class Engine:
                     row._finish("error", "error")
                     row.error = f"{type(e).__name__}: {e}"
 
-    def _prefill(self, rows: list[Row]) -> None:
+    def _extend(self, rows: list[Row], plans) -> None:
+        """Several new tokens per row (right-padded): prompts, probe starts."""
         runner = self.runner
-        T = max(len(r.prompt) for r in rows)
+        feeds = [plans[r.id][0] for r in rows]
+        T = max(map(len, feeds))
         ids = torch.zeros(len(rows), T, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r.prompt)] = torch.tensor(r.prompt)
-        meta = runner.make_meta([r.slot for r in rows], [len(r.prompt) for r in rows], starts=[0] * len(rows))
+        for i, f in enumerate(feeds):
+            ids[i, : len(f)] = torch.tensor(f)
+        meta = runner.make_meta([r.slot for r in rows], [len(f) for f in feeds],
+                                starts=[plans[r.id][1] for r in rows])
         hidden = runner.forward(meta, input_ids=ids.to(self.device))
-        h = runner.last_hidden(hidden, meta)
-        self.stats["prefill_tokens"] += sum(len(r.prompt) for r in rows)
+        self.stats["prefill_tokens"] += sum(map(len, feeds))
+        now = time.perf_counter()
         for r in rows:
-            r.t_first = time.perf_counter()
-        self._sample_and_accept(rows, h)
+            if not hasattr(r, "t_first"):
+                r.t_first = now
+        self._after_forward(rows, runner.last_hidden(hidden, meta))
 
-    def _decode(self, rows: list[Row]) -> None:
+    def _decode(self, rows: list[Row], plans) -> None:
+        """One token per row."""
         runner = self.runner
         slots = [r.slot for r in rows]
-        inputs = [r.next_input for r in rows]
-        starts = [r.cache_len for r in rows]
+        inputs = [plans[r.id][0][0] for r in rows]
+        starts = [plans[r.id][1] for r in rows]
         span = range(slots[0], slots[-1] + 1)
-        if len(span) != len(rows) and len(span) <= 2 * len(rows):
+        holes = set(span) - set(slots)
+        # Only free slots may be padded: a hole can also be a row that runs a multi-token
+        # forward this step (a prompt, a probe start), whose cache must not be touched.
+        if holes and len(span) <= 2 * len(rows) and not holes & set(self.running):
             # Free slots between running ones: decode them as dummy rows (token 0 at
             # position 0 of a free slot) so that attention reads the cache through views.
             # A decode step is bound by reading the weights, so a few extra rows cost
             # little, while gathering every layer's K/V rows cost ~10% of the step (CPU).
-            by_slot = {r.slot: r for r in rows}
+            by_slot = {r.slot: i for i, r in enumerate(rows)}
             slots = list(span)
-            inputs = [by_slot[s].next_input if s in by_slot else 0 for s in slots]
-            starts = [by_slot[s].cache_len if s in by_slot else 0 for s in slots]
+            inputs = [inputs[by_slot[s]] if s in by_slot else 0 for s in slots]
+            starts = [starts[by_slot[s]] if s in by_slot else 0 for s in slots]
         ids = torch.tensor(inputs, dtype=torch.long, device=self.device)[:, None]
         meta = runner.make_meta(slots, [1] * len(slots), starts=starts)
         hidden = runner.forward(meta, input_ids=ids)[:, 0]
         if len(slots) != len(rows):
-            keep = torch.tensor([s - slots[0] for s in (r.slot for r in rows)], device=hidden.device)
+            keep = torch.tensor([r.slot - slots[0] for r in rows], device=hidden.device)
             hidden = hidden.index_select(0, keep)
         self.stats["decode_tokens"] += len(rows)
-        self._sample_and_accept(rows, hidden)
+        self._after_forward(rows, hidden)
 
-    def _sample_and_accept(self, rows: list[Row], h: torch.Tensor) -> None:
-        """LM head and sampling on the rows that sample; forced tokens for the others."""
-        sampling = [i for i, r in enumerate(rows) if not r.forced and not r.finished]
+    def _after_forward(self, rows: list[Row], h: torch.Tensor) -> None:
+        """LM head on the rows that need logits (sampling rows, probes); forced tokens for
+        the others; then each row's controls and policies."""
+        probing = [i for i, r in enumerate(rows) if r.exits is not None and r.exits.probe is not None]
+        probe_set = set(probing)
+        sampling = [i for i, r in enumerate(rows) if i not in probe_set and not r.forced and not r.finished]
+        need = sampling + probing
+        logits = None
+        if need:
+            logits = self.runner.logits(h.index_select(0, torch.tensor(need, device=h.device)))
         toks: dict[int, int] = {}
         if sampling:
-            idx = torch.tensor(sampling, device=h.device)
-            logits = self.runner.logits(h.index_select(0, idx))
-            self._apply_biases(logits, [rows[i] for i in sampling])
+            lg = logits[: len(sampling)]
+            self._apply_biases(lg, [rows[i] for i in sampling])
             ps = [rows[i].params for i in sampling]
-            dev = logits.device
+            dev = lg.device
             out = sample(
-                logits,
+                lg,
                 temperature=torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=dev),
                 top_p=torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev),
                 top_k=torch.tensor([p.top_k for p in ps], dtype=torch.long, device=dev),
@@ -244,13 +276,21 @@ class Engine:
                 counter=torch.tensor([rows[i].seq_len for i in sampling], dtype=torch.long, device=dev),
             ).tolist()
             toks = dict(zip(sampling, out))
+        for j, i in enumerate(probing):
+            _isolated(rows[i], lambda r=rows[i], j=j: r.exits.consume(r, logits[len(sampling) + j]))
         for i, r in enumerate(rows):
-            if r.finished:
+            if r.finished or i in probe_set:
                 continue
             if i in toks:
-                r.accept(toks[i], forced=False)
+                _isolated(r, lambda r=r, t=toks[i]: self._accept_sampled(r, t))
             else:
-                r.accept(r.forced.popleft(), forced=True)
+                _isolated(r, lambda r=r: r.accept(r.forced.popleft(), forced=True))
+
+    @staticmethod
+    def _accept_sampled(row: Row, tok: int) -> None:
+        row.accept(tok, forced=False)
+        if row.exits is not None and not row.finished:
+            row.exits.after_token(row, row.last_cue is not None, row.last_cue)
 
     def _apply_biases(self, logits: torch.Tensor, rows: list[Row]) -> None:
         for i, r in enumerate(rows):
@@ -258,6 +298,8 @@ class Engine:
                 ids = list(r.params.logit_bias)
                 logits[i, ids] += torch.tensor([r.params.logit_bias[k] for k in ids], device=logits.device)
             banned = r.banned_tokens()
+            if r.exits is not None:
+                banned = banned + r.exits.banned(r)
             if banned:
                 logits[i, banned] = float("-inf")
 
@@ -334,21 +376,33 @@ class Engine:
                       row.finish_reason or "length", stats, row.error)
 
 
+def _isolated(row: Row, fn) -> None:
+    """Per-row work after a forward (controls, user policies): a failure ends that request
+    with an error and leaves the others alone."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        if not row.finished:
+            row._finish("error", "error")
+            row.error = f"{type(e).__name__}: {e}"
+
+
 def _with_seed(params: Params, seed: int) -> Params:
     import dataclasses
 
     return dataclasses.replace(params, seed=seed)
 
 
-def _prefill_groups(rows: list[Row]):
-    """Group admitted rows for padded prefills: at most PREFILL_TOKENS padded tokens a
-    forward, and prompts within 25% of each other's length, so padding wastes little
-    (a prefill is compute-bound: padded tokens cost as much as real ones)."""
-    rows = sorted(rows, key=lambda r: len(r.prompt))
+def _extend_groups(rows: list[Row], plans):
+    """Group multi-token rows for padded forwards: at most PREFILL_TOKENS padded tokens a
+    forward, and feeds within 25% of each other's length, so padding wastes little (these
+    forwards are compute-bound: padded tokens cost as much as real ones)."""
+    n_of = lambda r: len(plans[r.id][0])
+    rows = sorted(rows, key=n_of)
     group: list[Row] = []
     for r in rows:
-        n = len(r.prompt)
-        if group and (n * (len(group) + 1) > PREFILL_TOKENS or n > 1.25 * len(group[0].prompt) + 8):
+        n = n_of(r)
+        if group and (n * (len(group) + 1) > PREFILL_TOKENS or n > 1.25 * n_of(group[0]) + 8):
             yield group
             group = []
         group.append(r)

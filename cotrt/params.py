@@ -68,6 +68,11 @@ class Params:
     step_cues: tuple = ("\n\n",)
     ignore_eos: bool = False
     logit_bias: dict = field(default_factory=dict)
+    exit: object = None
+
+    # ``exit``: an early-exit policy (cotrt.Policy) or a sequence of them, or a dict /
+    # list of dicts {"name": "deer", ...settings} naming built-in ones. Each request gets
+    # its own copy of each policy.
 
     def __post_init__(self):
         _check_int("max_new_tokens", self.max_new_tokens, 1, allow_none=False)
@@ -98,6 +103,7 @@ class Params:
         for k, v in self.logit_bias.items():
             _check_int("logit_bias key", k, 0, allow_none=False)
             _check_float(f"logit_bias[{k}]", v, lo=-100.0, hi=100.0)
+        object.__setattr__(self, "exit", _policies(self.exit))
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
 
@@ -115,3 +121,21 @@ class Params:
             if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])
         return cls(**d)
+
+
+def _policies(value) -> tuple:
+    from .control.policy import Policy
+
+    if value is None:
+        return ()
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict):
+            from .control.policies import build_policy
+
+            item = build_policy(item)
+        if not isinstance(item, Policy):
+            raise ValueError(f"exit[{i}] must be a cotrt.Policy or a {{'name': ...}} dict, got {type(item).__name__}")
+        out.append(item)
+    return tuple(out)

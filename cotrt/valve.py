@@ -147,7 +147,7 @@ class ValveLinear(nn.Module):
         self.state = state
         dev, dt = self.weight.device, self.weight.dtype
         self.register_buffer("lora_a", torch.zeros(0, 1, K, dtype=dt, device=dev), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(0, N, 1, dtype=dt, device=dev), persistent=False)
+        self.register_buffer("lora_b", torch.zeros(N, 0, 1, dtype=dt, device=dev).permute(1, 0, 2), persistent=False)
 
     def set_adapter(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Write adapter ``slot``: a [r, K], b [N, r] (scale already folded), or None to zero
@@ -157,7 +157,9 @@ class ValveLinear(nn.Module):
         new_r = max(r, a.shape[0] if a is not None else 1)
         if (new_n, new_r) != (n, r):
             la = self.lora_a.new_zeros(new_n, new_r, self.in_features)
-            lb = self.lora_b.new_zeros(new_n, self.out_features, new_r)
+            # lora_b is [n, N, r] stored N-major ([N, n, r] in memory): on CPU the expand for
+            # all adapters is then one GEMM against a free [N, n·r] view.
+            lb = self.lora_b.new_zeros(self.out_features, new_n, new_r).permute(1, 0, 2)
             la[:n, :r] = self.lora_a
             lb[:n, :, :r] = self.lora_b
             self.lora_a, self.lora_b = la, lb
@@ -226,7 +228,14 @@ class _Delta:
 
 class ValveSet:
     """The valves loaded into one model, by name -> adapter index (the ``adapter`` value
-    of ValveState rows). Owns the model's ValveState (``.state``)."""
+    of ValveState rows). Owns the model's ValveState (``.state``, on the device the model
+    has when the set is made: move the model first).
+
+        vs = ValveSet(model)
+        short = vs.load("adapters/cot-valve", "short")         # -> 0
+        vs.state.set_rows(alpha_b, adapter_b, tokens_per_row=S)  # before each forward
+        vs.state.clear()                                       # plain model again
+    """
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -274,7 +283,8 @@ class ValveSet:
                                  "scale comes from its adapter_config.json")
             config, tensors = _read_peft_folder(Path(source), name)
         else:
-            raise TypeError(f"valve {name!r}: source must be a folder path or a state dict, got {type(source).__name__}")
+            raise TypeError(f"valve {name!r}: source must be a folder path or a state dict, "
+                            f"got {type(source).__name__}")
         deltas = self._validate(config, tensors, scale, name)
         return self._commit(deltas, name, config)
 

@@ -22,10 +22,11 @@ from _tolerance import assert_close
 from cotrt.valve import ValveLinear, ValveSet, ValveState
 
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,  # noqa: E402
+                          Qwen2Config, Qwen2ForCausalLM)
 
 ALPHAS = [0.0, 0.5, 1.0, 1.7]
 VOCAB = 128
@@ -183,7 +184,8 @@ def test_two_valves_per_row_adapter(bases, tmp_path):
 def test_plain_state_dict(bases, tmp_path, prefix):
     base = bases["llama"]
     pm = make_adapter(base, tmp_path, **ADAPTERS["plain"])
-    sd = {k.replace("base_model.model.", prefix): v for k, v in load_file(str(tmp_path / "adapter_model.safetensors")).items()}
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    sd = {k.replace("base_model.model.", prefix): v for k, v in saved.items()}
     model = copy.deepcopy(base)
     vs = ValveSet(model)
     vs.load(sd, "sd", scale=16 / 8)

@@ -43,7 +43,8 @@ interp = pytest.mark.skipif(
 def make_case(M, K, N, r, n, *, dtype=torch.float32, device="cpu", seed=0, idx=True,
               bias=False, noncontig=False):
     """Inputs scaled so that y and the delta are O(1). noncontig: x is a strided slice,
-    weight is column-major, lora_a is a transposed view."""
+    weight is column-major, lora_a is a transposed view, lora_b is N-major ([N, n, r] in
+    memory, as ValveLinear stores it)."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
@@ -53,9 +54,10 @@ def make_case(M, K, N, r, n, *, dtype=torch.float32, device="cpu", seed=0, idx=T
         x = rnd(M, 2 * K)[:, ::2]
         w = rnd(K, N, scale=K**-0.5).t()
         a = rnd(n, K, r, scale=K**-0.5).transpose(1, 2)
+        b = rnd(N, n, r, scale=r**-0.5).permute(1, 0, 2)
     else:
         x, w, a = rnd(M, K), rnd(N, K, scale=K**-0.5), rnd(n, r, K, scale=K**-0.5)
-    b = rnd(n, N, r, scale=r**-0.5)
+        b = rnd(n, N, r, scale=r**-0.5)
     perm = torch.randperm(M, generator=g)
     alpha = torch.tensor([ALPHAS[i % len(ALPHAS)] for i in perm.tolist()], dtype=torch.float32, device=device)
     adapter = None

@@ -93,6 +93,10 @@ class Row:
         self.rolled_back = 0
         self.soft_passed_at: int | None = None
         self.think_sampled = 0
+        self.finish_after_forced = False
+        self.last_cue: str | None = None
+        self.valve = dict(getattr(params, "valve", None) or {})
+        self.exits = None  # ExitControl, set by the engine when the request has policies
         # Phase at the end of the prompt: a template may pre-open thinking, earlier turns
         # may hold closed markers; the last marker seen decides.
         phase = THINK if fmt.plain else PRE
@@ -189,6 +193,7 @@ class Row:
             return self._finish("stop_string", "stop")
         if tok in self.eos_ids and not p.ignore_eos:
             return self._finish("eos", "stop")
+        self.last_cue = None
         if phase == THINK and emit & pats.end_bit:
             if self._extend_thinking(forced):
                 return
@@ -198,7 +203,10 @@ class Row:
         elif phase == THINK:
             if emit & pats.cue_bits:
                 self.steps += 1
+                self.last_cue = pats.patterns[(emit & pats.cue_bits).bit_length() - 1].decode("utf-8", "replace")
             self._check_think_limits(emit)
+        if forced and self.finish_after_forced and not self.forced:
+            return self._finish("exit_finish", "stop")
         elif self.phase == ANSWER and p.answer_budget is not None and self.count(ANSWER) >= p.answer_budget:
             return self._finish("answer_budget", "length")
         if len(self.gen) >= p.max_new_tokens:
@@ -228,8 +236,20 @@ class Row:
             if self.think_sampled >= self.soft_passed_at + p.soft_grace:
                 return self._force_end("soft_budget_grace")
 
-    def _force_end(self, reason: str) -> None:
-        """Force the end of thinking: [transition] + end marker, never inside a character."""
+    def exit_thinking(self, reason: str, inject: str = "", finish: bool = False) -> None:
+        """A policy's exit: force the end marker, then ``inject``; with ``finish`` the
+        request ends once that text is out."""
+        if self.phase != THINK or self.closing or self.finished:
+            return
+        self._force_end(reason, self.fmt.end + (inject or ""))
+        self.finish_after_forced = finish
+
+    def set_valve(self, alphas: dict) -> None:
+        self.valve = {**(getattr(self, "valve", None) or {}), **alphas}
+
+    def _force_end(self, reason: str, text: str | None = None) -> None:
+        """Force the end of thinking: [transition] + end marker (or ``text``), never
+        inside a character."""
         self.closing = reason
         prefix = b""
         cut = _incomplete_utf8_tail(self.gen_bytes)
@@ -241,8 +261,9 @@ class Row:
             start = self.byte_ends[j - 1] if j > 0 else 0
             prefix = bytes(self.gen_bytes[start:first_byte])
             self.truncate(j)
-        text = prefix.decode("utf-8", "ignore") + (self.fmt.transition or "") + self.fmt.end
-        self.forced.extend(self.encode(text))
+        if text is None:
+            text = (self.fmt.transition or "") + self.fmt.end
+        self.forced.extend(self.encode(prefix.decode("utf-8", "ignore") + text))
 
     def _extend_thinking(self, forced: bool) -> bool:
         """min_think (s1): an end marker before ``min_think`` thinking tokens is taken back
@@ -296,4 +317,6 @@ class Row:
             "rolled_back": self.rolled_back,
             "think_end": self.think_end,
             "exit_reason": self.finished,
+            **(self.exits.stats() if self.exits is not None else
+               {"probe_tokens": 0, "probe_steps": 0, "probes": []}),
         }

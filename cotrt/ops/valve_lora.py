@@ -149,13 +149,18 @@ def _valve_lora_torch(x, weight, lora_a, lora_b, alpha, adapter_idx, bias, out):
         return y
     # Several adapters: one shrink against the whole bank (n_adapters·r columns; reading
     # all of A beats a per-row gather of [M, r, K]), zero the columns of other adapters,
-    # then one small expand per adapter.
-    M = x.shape[0]
-    t = torch.mm(x, lora_a.reshape(n_adapters * r, -1).t()).view(M, n_adapters, r)
+    # then the expand: one GEMM when lora_b is stored N-major ([N, n, r] memory, the
+    # layout ValveLinear keeps), else one small GEMM per adapter.
+    M, N = x.shape[0], weight.shape[0]
+    t = torch.mm(x, lora_a.reshape(n_adapters * r, -1).t())  # (M, n·r)
     mine = adapter_idx.unsqueeze(1) == torch.arange(n_adapters, device=x.device)  # (M, n)
-    t.mul_(torch.where(mine, alpha.unsqueeze(1), 0.0).unsqueeze(2))
-    for a in range(n_adapters):
-        y.addmm_(t[:, a], lora_b[a].t())
+    t.view(M, n_adapters, r).mul_(torch.where(mine, alpha.unsqueeze(1), 0.0).unsqueeze(2))
+    b_nmajor = lora_b.permute(1, 0, 2)  # (N, n, r)
+    if b_nmajor.is_contiguous():
+        y.addmm_(t, b_nmajor.view(N, n_adapters * r).t())
+    else:
+        for a in range(n_adapters):
+            y.addmm_(t[:, a * r:(a + 1) * r], lora_b[a].t())
     return y
 
 
@@ -209,8 +214,8 @@ def _cdiv(a, b):
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _valve_lora_triton(x, weight, lora_a, lora_b, alpha, adapter_idx, bias, out, M, N, K, n_adapters, r):
@@ -222,7 +227,7 @@ def _valve_lora_triton(x, weight, lora_a, lora_b, alpha, adapter_idx, bias, out,
     y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
     if M == 0 or N == 0:
         return y
-    n_sm = 0 if interpreted else _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    n_sm = 0 if interpreted else _sm_count(x.device)
     bm, bn, bk, br, num_warps, num_stages = _blocks(M, N, r, x.dtype, interpreted, n_sm)
     grid = (_cdiv(N, bn), _cdiv(M, bm))
     kernel = _kernel(interpreted)
