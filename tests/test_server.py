@@ -18,7 +18,7 @@ import pytest
 
 import cotrt
 from conftest import tiny_model
-from cotrt.async_engine import AsyncEngine
+from cotrt.async_engine import AsyncEngine, Request
 from cotrt.engine import _drop, _split
 from cotrt.server import ReasoningSplitter, create_app
 
@@ -213,11 +213,12 @@ def test_bad_requests_get_400_naming_the_field_while_others_run(plain):
                     assert err["type"] == "invalid_request_error"
                 rest = [ln async for ln in lines if ln.startswith("data:")]
         assert rest[-1] == "data: [DONE]"
-        final = json.loads(rest[-2])
+        final = json.loads(rest[-2][len("data: "):])
         assert final["choices"][0]["finish_reason"] == "length" and final["cotrt"]["stats"]["think_tokens"] == 60
 
     asyncio.run(main())
-    assert plain.engine.metrics()["requests"]["invalid"] >= 3
+    metrics = httpx.get(plain.url + "/metrics").text.splitlines()
+    assert int(next(ln for ln in metrics if 'outcome="invalid"' in ln).split()[-1]) >= len(cases)
 
 
 def test_queue_full_gets_429_with_retry_after(smol_tokenizer):
@@ -312,6 +313,8 @@ def test_load_64_streaming_clients_a_quarter_cancelling(plain):
         assert not plain.engine._live and not plain.rt.engine.requests
         assert time.monotonic() - t0 < 60
         gc.collect()
+        assert not [o for o in gc.get_objects() if isinstance(o, Request)]  # no handle outlives its request
         rss.append(psutil.Process().memory_info().rss)
-    # Round 0 warms up allocators and caches; later rounds must not keep growing.
-    assert rss[2] - rss[1] < 16 * 2**20, [x // 2**20 for x in rss]
+    # Round 0 warms up allocators and caches; later rounds must not keep growing (measured:
+    # +0.02 MiB from round 1 to round 2).
+    assert rss[2] - rss[1] < 8 * 2**20, [x // 2**20 for x in rss]

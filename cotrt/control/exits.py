@@ -120,13 +120,10 @@ class ExitControl:
         self.probe_steps += 1
         if not pr.started:
             pr.started = True
-            self.probe_tokens += len(pr.feed)
             logp = torch.log_softmax(logits, -1)
             pr.entropy = float(-(logp.exp() * logp).sum())
             if pr.spec.max_tokens == 0:
                 return self._finish(row, "length")
-        else:
-            self.probe_tokens += 1  # the fed token (the previous pick)
         probs = torch.softmax(logits / pr.spec.temperature if pr.spec.temperature > 0 else logits, -1)
         if pr.spec.temperature > 0:
             from ..sampling import uniform
@@ -152,6 +149,7 @@ class ExitControl:
     def _finish(self, row, stopped: str) -> None:
         pr = self.probe
         pr.stopped = stopped
+        self.probe_tokens += len(pr.feed) + len(pr.tokens)  # text fed + tokens generated
         self.probe = None  # the slot is rolled back by construction: row.cache_len is unchanged
         text = self.tokenizer.decode(pr.tokens, skip_special_tokens=True)
         for s in pr.spec.stop:

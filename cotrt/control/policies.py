@@ -1,0 +1,202 @@
+"""Built-in early-exit policies: DEER, Dynasor, EAT, NoWait, step limits.
+
+Each is a ``Policy`` (see policy.py) and runs through the engine's in-place probes, so a
+probe costs the tokens it decodes and nothing that grows with the row's length. Defaults
+follow the papers (sources in profiles.py); every knob is a constructor argument.
+"""
+from __future__ import annotations
+
+from .answers import equivalent
+from .policy import Exit, Policy, Probe
+from .profiles import get_profile, reflection_token_ids
+
+
+def _profile(profile):
+    return get_profile(profile) if isinstance(profile, str) else profile
+
+
+class DEER(Policy):
+    """Dynamic Early Exit (Yang et al. 2025): at a thought transition ("Wait"), probe with
+    the answer inducer; exit when the trial answer's confidence passes ``threshold``.
+
+    confidence: "mean" | "geo" | "min" of the per-token max probabilities of the trial
+    answer, skipping the first token (the "{" right after the inducer's "\\boxed").
+    require_end: the Qwen3 variant, whose probe must end thinking ("</think>") to count.
+    before_last: probe as if the transition word were replaced by the inducer (DEER's
+    placement), when the word lies wholly in the last token.
+    """
+
+    name = "deer"
+
+    def __init__(self, threshold: float = 0.95, confidence: str = "mean", max_probes: int | None = None,
+                 profile="r1-distill", cues=None, inducer: str | None = None, max_tokens: int | None = None,
+                 require_end: bool | None = None, before_last: bool = True):
+        if not 0 < threshold <= 1:
+            raise ValueError(f"deer: threshold must be in (0, 1], got {threshold}")
+        if confidence not in ("mean", "geo", "min"):
+            raise ValueError(f"deer: confidence must be mean, geo or min, got {confidence!r}")
+        prof = _profile(profile)
+        self.profile = prof
+        self.threshold, self.how, self.max_probes = threshold, confidence, max_probes
+        self.cues = tuple(cues) if cues is not None else ("Wait",)
+        self.inducer = inducer if inducer is not None else prof.answer_inducer
+        self.max_tokens = max_tokens or prof.probe_max_tokens
+        self.require_end = (prof.probe_close == prof.think_format.end) if require_end is None else require_end
+        self.close = prof.think_format.end if self.require_end else prof.probe_close
+        self.before_last = before_last
+        self.probes = 0
+        self.last_answer = self.last_confidence = None
+
+    def on_step(self, view):
+        if view.cue not in self.cues or (self.max_probes is not None and self.probes >= self.max_probes):
+            return None
+        self.probes += 1
+        return Probe(self.inducer, max_tokens=self.max_tokens, stop=(self.close,),
+                     before_last=self.before_last and view.last_token_is_cue, tag="deer")
+
+    def on_probe(self, view, result):
+        self.last_answer = self.profile.probe_answer(result.text, self.inducer, partial=False)
+        ended = result.stopped == "stop"
+        self.last_confidence = result.confidence(self.how)
+        if self.last_answer is None or not ended:
+            return None
+        if self.last_confidence >= self.threshold:
+            return Exit(reason="confident")
+        return None
+
+
+class Dynasor(Policy):
+    """Dynasor-CoT (Fu et al.): probe every ``every`` thinking tokens; exit when the last
+    ``k`` probe answers agree and none hesitates (a hesitation word on word boundaries).
+
+    ending: "template" appends the probed answer in Dynasor's template and finishes;
+    "regenerate" ends thinking and lets the model write its answer.
+    """
+
+    name = "dynasor"
+
+    def __init__(self, every: int = 64, k: int = 3, max_tokens: int = 32, profile="r1-distill",
+                 ending: str = "template", inducer: str | None = None):
+        if every < 1 or k < 1:
+            raise ValueError("dynasor: every and k must be >= 1")
+        if ending not in ("template", "regenerate"):
+            raise ValueError(f"dynasor: ending must be template or regenerate, got {ending!r}")
+        self.profile = _profile(profile)
+        self.every, self.k, self.max_tokens, self.ending = every, k, max_tokens, ending
+        self.inducer = inducer if inducer is not None else self.profile.dynasor_inducer
+        self.on_boundary = False
+        self.answers: list = []
+        self.last_answer = self.last_confidence = None
+
+    def on_step(self, view):
+        return Probe(self.inducer, max_tokens=self.max_tokens, stop=("}",), tag="dynasor")
+
+    def on_probe(self, view, result):
+        ans = self.profile.probe_answer(result.text, self.inducer, partial=False)
+        certain = ans is not None and result.stopped == "stop" and not self.profile.hesitates(result.text)
+        self.answers.append(ans if certain else None)
+        self.last_answer = ans
+        recent = self.answers[-self.k:]
+        agree = (len(recent) == self.k and all(a is not None for a in recent)
+                 and all(equivalent(recent[0], a) for a in recent[1:]))
+        self.last_confidence = sum(a is not None for a in recent) / self.k
+        if not agree:
+            return None
+        if self.ending == "template":
+            return Exit(inject=self.inducer + ans + self.profile.dynasor_ending, finish=True, reason="consistent")
+        return Exit(reason="consistent")
+
+
+class EAT(Policy):
+    """Entropy After </think> (EAT): every ``every`` thinking tokens (and at boundaries),
+    append the end marker virtually and read the entropy of the next token; keep its
+    exponential moving average and variance; exit once the variance settles below
+    ``threshold`` (after ``min_probes``)."""
+
+    name = "eat"
+
+    def __init__(self, every: int = 32, alpha: float = 0.2, threshold: float = 1e-3, min_probes: int = 4,
+                 end_text: str | None = None, on_boundary: bool = False):
+        if not 0 < alpha < 1:
+            raise ValueError(f"eat: alpha must be in (0, 1), got {alpha}")
+        self.every, self.alpha, self.threshold, self.min_probes = every, alpha, threshold, min_probes
+        self.end_text = end_text
+        self.on_boundary = on_boundary
+        self.mean = self.var = None
+        self.n = 0
+        self.history: list[float] = []
+        self.last_answer = None
+        self.last_confidence = None
+
+    def on_step(self, view):
+        return Probe(self.end_text or "\n</think>\n\n", max_tokens=0, tag="eat")
+
+    def on_probe(self, view, result):
+        h = result.entropy
+        self.history.append(h)
+        self.n += 1
+        if self.mean is None:
+            self.mean, self.var = h, 0.0
+        else:
+            d = h - self.mean
+            self.mean += self.alpha * d
+            self.var = (1 - self.alpha) * (self.var + self.alpha * d * d)
+        self.last_confidence = self.var
+        if self.n >= self.min_probes and self.var < self.threshold:
+            return Exit(reason="entropy_settled")
+        return None
+
+
+class NoWait(Policy):
+    """NoWait (Wang et al. 2025): forbid reflection tokens ("Wait", "Hmm", ...) while
+    thinking. The vocabulary is scanned once per tokenizer."""
+
+    name = "nowait"
+    on_boundary = False
+
+    def __init__(self, words=None, profile="r1-distill"):
+        self.words = tuple(words) if words is not None else _profile(profile).reflection_words
+        self._ids = None
+
+    def banned_tokens(self, phase, tokenizer):
+        if phase != "think":
+            return []
+        if self._ids is None:
+            self._ids = reflection_token_ids(tokenizer, self.words)
+        return self._ids
+
+
+class StepLimit(Policy):
+    """End thinking after ``max_steps`` reasoning steps (boundaries)."""
+
+    name = "steps"
+
+    def __init__(self, max_steps: int, cues=None):
+        if max_steps < 0:
+            raise ValueError("steps: max_steps must be >= 0")
+        self.max_steps = max_steps
+        self.cues = tuple(cues) if cues else ()
+
+    def on_step(self, view):
+        return Exit(reason="max_steps") if view.steps >= self.max_steps else None
+
+
+POLICIES = {"deer": DEER, "dynasor": Dynasor, "eat": EAT, "nowait": NoWait, "steps": StepLimit}
+
+
+def build_policy(spec: dict) -> Policy:
+    """A built-in policy from ``{"name": ..., **settings}`` (server requests, configs)."""
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ValueError("exit: a policy spec is a dict with a 'name'")
+    name = str(spec["name"]).lower()
+    cls = POLICIES.get(name)
+    if cls is None:
+        raise ValueError(f"exit: unknown policy {spec['name']!r}; known: {', '.join(sorted(POLICIES))}")
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"exit: bad settings for {name}: {e}") from None
+
+
+__all__ = ["DEER", "Dynasor", "EAT", "NoWait", "StepLimit", "build_policy", "POLICIES"]
