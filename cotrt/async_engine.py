@@ -222,24 +222,31 @@ class AsyncEngine:
 
     # -- the engine thread -----------------------------------------------------------------
     def _run(self) -> None:
-        eng = self.engine
-        while True:
-            with self._cond:
-                while not (self._inbox or self._aborts or self._stopping or eng.has_unfinished()):
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                inbox, self._inbox = self._inbox, []
-                aborts, self._aborts = self._aborts, []
-            for req in aborts:
-                if req.id is not None and req.id in self._live:
-                    eng.abort(req.id)
-            for req in inbox:
-                self._accept(req)
-            if eng.has_unfinished():
-                self._dispatch(self._step())
-            self._snapshot()
+        while self._iteration():
+            pass
         self._drain_on_exit()
+
+    def _iteration(self) -> bool:
+        """Wait for work, then apply aborts, accept new requests, step once, hand the events
+        out. A method of its own so that its locals (the last requests) die when it returns:
+        a sleeping thread's frame would otherwise keep them alive."""
+        eng = self.engine
+        with self._cond:
+            while not (self._inbox or self._aborts or self._stopping or eng.has_unfinished()):
+                self._cond.wait()
+            if self._stopping:
+                return False
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        for req in aborts:
+            if req.id is not None and req.id in self._live:
+                eng.abort(req.id)
+        for req in inbox:
+            self._accept(req)
+        if eng.has_unfinished():
+            self._dispatch(self._step())
+        self._snapshot()
+        return True
 
     def _accept(self, req: Request) -> None:
         """engine.add on the engine thread; the outcome resolves the submitter's future."""

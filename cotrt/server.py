@@ -20,7 +20,6 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 
-from .async_engine import QueueFull
 from .params import Params
 
 log = logging.getLogger("cotrt.server")
@@ -32,6 +31,12 @@ THINK_BUDGET_ALIASES = ("thinking_budget", "max_thinking_tokens")
 UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
                "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []),
                "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0)}
+# apply_chat_template's own arguments: a client may set template variables
+# (enable_thinking=...), not swap the template or how it tokenizes.
+RESERVED_TEMPLATE_KWARGS = {"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                            "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+                            "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
+_KIND_NAMES = {"int": "an integer", "number": "a number", "bool": "a boolean", "dict": "an object"}
 
 
 class BadRequest(ValueError):
@@ -51,7 +56,7 @@ def _typed(body: dict, name: str, kind: str, lo=None, hi=None):
           "number": isinstance(v, (int, float)) and not isinstance(v, bool),
           "bool": isinstance(v, bool), "dict": isinstance(v, dict)}[kind]
     if not ok:
-        raise BadRequest(f"{name} must be {'an' if kind == 'int' else 'a'} {kind}, got {json.dumps(v)}", name)
+        raise BadRequest(f"{name} must be {_KIND_NAMES[kind]}, got {json.dumps(v)}", name)
     if lo is not None and v < lo:
         raise BadRequest(f"{name} must be >= {lo}, got {v}", name)
     if hi is not None and v > hi:
@@ -284,6 +289,8 @@ def create_app(async_engine, model_name: str, split_plain: bool = False):
     answer cue into reasoning_content / content; by default such output is all content.
     """
     from fastapi import FastAPI, Request
+
+    from .async_engine import QueueFull
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
     backend = async_engine
@@ -361,6 +368,9 @@ def create_app(async_engine, model_name: str, split_plain: bool = False):
             params, stream, include_usage = parse_params(body, backend.max_len)
             prompt = parse_messages(body) if chat else parse_prompt(body)
             ctk = _typed(body, "chat_template_kwargs", "dict") if chat else None
+            if ctk and RESERVED_TEMPLATE_KWARGS & set(ctk):
+                bad = sorted(RESERVED_TEMPLATE_KWARGS & set(ctk))[0]
+                raise BadRequest(f"chat_template_kwargs: {bad} cannot be set by a request", "chat_template_kwargs")
         except BadRequest as e:
             invalid[0] += 1
             return error_response(400, str(e), e.param)
@@ -497,7 +507,8 @@ def run_serve(args) -> int:
     app = create_app(engine, name, split_plain=args.split_plain_reasoning)
     print(f"[cotrt] serving {name} on http://{args.host}:{args.port}/v1 (think format: {engine.think_format})",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # Open streams get 5 s to finish on shutdown; then they are cut (and their requests aborted).
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
 
 

@@ -6,6 +6,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
 from conftest import tiny_model
+from cotrt.control.automaton import token_bytes
 from cotrt.control.profiles import reflection_token_ids
 from cotrt.control.think import ThinkFormat
 from cotrt.hf import (AnswerBudgetCriteria, MinThinkProcessor, NoWaitProcessor,
@@ -147,7 +148,7 @@ def test_min_think_replaces_end_by_wait(model, think_tokenizer, end_id):
     assert generate(model, ids, mask, [want_end, proc], n=2)[0][0] == end_id
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(3))
 def test_min_think_sampled_end_never_early_while_waits_remain(model, think_tokenizer, end_id, seed):
     ids, mask = left_pad(think_tokenizer, [OPEN])
     wait = think_tokenizer.encode("\nWait", add_special_tokens=False)
@@ -192,8 +193,7 @@ def test_second_end_marker_is_masked_after_thinking(model, think_tokenizer, end_
 
 
 def test_forced_end_never_splits_a_utf8_character(model, think_tokenizer, end_id):
-    vocab = {b: i for i, b in enumerate(__import__("cotrt").control.automaton.token_bytes(think_tokenizer))
-             if len(b) == 1 and b[0] >= 0x80}
+    vocab = {b: i for i, b in enumerate(token_bytes(think_tokenizer)) if len(b) == 1 and b[0] >= 0x80}
     lead, c1, c2 = vocab[b"\xe4"], vocab[b"\xb8"], vocab[b"\x80"]  # "一" = e4 b8 80
     ids, mask = left_pad(think_tokenizer, [OPEN])
     w = ids.shape[1]
@@ -223,7 +223,7 @@ def test_processors_can_be_reused_across_generate_calls(model, think_tokenizer):
     for prompt in (OPEN, "Another, longer question that opens thinking?<think>", OPEN):
         ids, mask = left_pad(think_tokenizer, [prompt])
         fresh = think_controls(think_tokenizer, think_budget=3, answer_budget=4)
-        assert generate(model, ids, mask, procs, stops) == generate(model, ids, mask, *fresh)
+        assert generate(model, ids, mask, procs, stops, n=8) == generate(model, ids, mask, *fresh, n=8)
 
 
 def test_tracker_rescans_a_row_whose_history_changed(think_tokenizer):

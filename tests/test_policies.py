@@ -30,7 +30,8 @@ def test_deer_probes_at_transitions_and_exits_only_when_confident():
     assert deer.on_step(view(cue="\n\n")) is None
     probe = deer.on_step(view(cue="Wait"))
     assert isinstance(probe, Probe) and probe.text == deer.inducer and probe.before_last
-    assert probe.stop == ("}",) and probe.max_tokens == 20
+    assert probe.max_tokens == 20 and probe.until is not None
+    assert not probe.until("\\frac{1}{2}") and probe.until("{\\frac{1}{2}}")  # braces counted
     assert not deer.on_step(view(cue="Wait", last_is_cue=False)).before_last
     # The first token ("{") is skipped: its low probability does not matter.
     assert isinstance(deer.on_probe(view(), result("{42}", [0.1, 0.95, 0.97])), Exit)

@@ -28,8 +28,8 @@ R1_TEMPLATE = ("{{bos_token}}{% for m in messages %}{% if m['role'] == 'user' %}
 R1_OLD_TEMPLATE = "{% for m in messages %}<｜User｜>{{m['content']}}{% endfor %}<｜Assistant｜>"
 QWQ_TEMPLATE = ("{% for m in messages %}<|im_start|>{{m['role']}}\\n{{m['content']}}<|im_end|>\\n{% endfor %}"
                 "{% if add_generation_prompt %}<|im_start|>assistant\\n<think>\\n{% endif %}")
-QWEN3_TEMPLATE = ("{% for m in messages %}<|im_start|>{{m['role']}}\\n{{m['content']}}<|im_end|>{% endfor %}"
-                  "{% if enable_thinking is defined and enable_thinking is false %}<think>\\n\\n</think>{% endif %}")
+QWEN3_TEMPLATE = ("{% for m in messages %}<|im_start|>{{m['role']}}\\n{{m['content']}}<|im_end|>"
+                  "{% endfor %}{% if enable_thinking is defined and enable_thinking is false %}<think>\\n\\n</think>{% endif %}")
 S1_TEMPLATE = ("{% for m in messages %}<|im_start|>{{m['role']}}\\n{{m['content']}}<|im_end|>{% endfor %}"
                "{% if add_generation_prompt %}<|im_start|>assistant\\n{% endif %}"
                "{# thinking: <|im_start|>think ... <|im_start|>answer #}")
@@ -121,6 +121,18 @@ def test_probe_answer():
     assert get_profile("s1").probe_answer("{42}") == "42"
     assert get_profile("qwen3").probe_answer("{5}.\nSo 5.</think>") == "5"
     assert r1.probe_answer("The answer is 9.", inducer="\nFinal answer:") == "9"
+
+
+def test_probe_finished_counts_braces():
+    r1, q3 = get_profile("r1-distill"), get_profile("qwen3")
+    assert not r1.probe_finished("{\\frac{1}")          # the inner brace does not end it
+    assert r1.probe_finished("{\\frac{1}{2}}")
+    assert r1.probe_finished("{42} and more")
+    assert not r1.probe_finished("42")                  # the model never opened the box
+    dyn = r1.dynasor_inducer                            # ends with "\\boxed{": already open
+    assert r1.probe_finished("7}", dyn) and not r1.probe_finished("\\sqrt{2", dyn)
+    assert r1.probe_finished("The answer is 9.\n", inducer="\nFinal answer:") is False
+    assert not q3.probe_finished("{5}.") and q3.probe_finished("{5}.\nSo 5.</think>")
 
 
 @pytest.mark.parametrize("text, want", [

@@ -148,12 +148,15 @@ def extract(text: str, methods=DEFAULT_METHODS) -> str | None:
 # ---------------------------------------------------------------------------- normalization
 
 _DELIMS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
-_SPACING = re.compile(r"\\left(?![A-Za-z])|\\right(?![A-Za-z])|\\displaystyle(?![A-Za-z])|\\[!,;:> ]|\\q?quad\b|~")
+_SPACING = re.compile(r"\\(?:left|right|displaystyle|q?quad)(?![A-Za-z])|\\[!,;:> ]|~")
 _TEXT_CMD = re.compile(r"\\(?:text|textrm|textnormal|mbox|mathrm|operatorname)\s*\{")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree\b")
 _ASSIGN = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?\s*=(?!=)")
 _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
-_UNIT_WORDS = re.compile(r"^([-+]?[\d.,/]+%?)\s+(?:[A-Za-z]{2,}\.?\s*)+$")
+# Words separated by required spaces: "(?:[A-Za-z]{2,}\s*)+" would backtrack exponentially.
+_UNIT_WORDS = re.compile(r"^([-+]?[\d.,/]+%?)\s+[A-Za-z]{2,}\.?(?:\s+[A-Za-z]{2,}\.?)*$")
+_UNIT_POWER = re.compile(r"\s*\^\s*(?:\d|\{\s*\d\s*\})")
+_MACRO = re.compile(r"\\([A-Za-z]+)")
 
 
 def _replace_text_groups(s: str) -> str:
@@ -169,9 +172,9 @@ def _replace_text_groups(s: str) -> str:
         out.append(s[pos:m.start()])
         groups.append(s[m.end():end])
         pos = end + 1
-        unit_power = re.match(r"\s*\^\s*(?:\d|\{\s*\d\s*\})", s[pos:])  # cm^2 is a unit, not a square
+        unit_power = _UNIT_POWER.match(s, pos)  # cm^2 is a unit, not a square
         if unit_power:
-            pos += unit_power.end()
+            pos = unit_power.end()
     out.append(s[pos:])
     rest = "".join(out)
     if groups and not rest.strip(" \t^{}()"):
@@ -237,9 +240,9 @@ def _take_arg(s: str, i: int) -> tuple[str, int]:
             raise _NotMath("unbalanced braces")
         return s[i + 1:end], end + 1
     if s[i] == "\\":
-        m = re.match(r"\\[A-Za-z]+", s[i:])
+        m = _MACRO.match(s, i)
         if m:
-            return m.group(0), i + m.end()
+            return m.group(0), m.end()
     return s[i], i + 1
 
 
@@ -250,10 +253,10 @@ def _latex_to_expr(s: str) -> str:
     while i < len(s):
         c = s[i]
         if c == "\\":
-            m = re.match(r"\\([A-Za-z]+)", s[i:])
+            m = _MACRO.match(s, i)
             if not m:
-                raise _NotMath(f"stray backslash in {s!r}")
-            name, i = m.group(1), i + m.end()
+                raise _NotMath("stray backslash")
+            name, i = m.group(1), m.end()
             if name == "frac":
                 a, i = _take_arg(s, i)
                 b, i = _take_arg(s, i)

@@ -110,7 +110,8 @@ class ExitControl:
             self.records.append(ProbeRecord(len(row.gen), None, None, "skipped: no room", 0, spec.tag))
             return False
         spec_max = min(spec.max_tokens, room)
-        self.probe = ProbeRun(spec=Probe(spec.text, spec_max, spec.stop, spec.temperature, before_last, spec.tag),
+        self.probe = ProbeRun(spec=Probe(spec.text, spec_max, spec.stop, spec.temperature, before_last, spec.tag,
+                                         spec.until),
                               policy=pol, position=len(row.gen), start=start, feed=feed)
         return True
 
@@ -136,9 +137,9 @@ class ExitControl:
         pr.max_probs.append(float(torch.softmax(logits, -1).max()))
         if tok in self.eos_ids:
             return self._finish(row, "eos")
-        if pr.spec.stop:
+        if pr.spec.stop or pr.spec.until is not None:
             text = self.tokenizer.decode(pr.tokens, skip_special_tokens=True)
-            if any(s in text for s in pr.spec.stop):
+            if any(s in text for s in pr.spec.stop) or (pr.spec.until is not None and pr.spec.until(text)):
                 return self._finish(row, "stop")
         if len(pr.tokens) >= pr.spec.max_tokens:
             return self._finish(row, "length")

@@ -51,7 +51,11 @@ class DEER(Policy):
         if view.cue not in self.cues or (self.max_probes is not None and self.probes >= self.max_probes):
             return None
         self.probes += 1
-        return Probe(self.inducer, max_tokens=self.max_tokens, stop=(self.close,),
+        # The answer is complete when the box the inducer opened closes (braces counted, so
+        # "\frac{1}{2}" is read whole) or, for the Qwen3 variant, at the end marker.
+        stop = (self.close,) if self.require_end else ()
+        until = None if self.require_end else (lambda text: self.profile.probe_finished(text, self.inducer))
+        return Probe(self.inducer, max_tokens=self.max_tokens, stop=stop, until=until,
                      before_last=self.before_last and view.last_token_is_cue, tag="deer")
 
     def on_probe(self, view, result):
@@ -89,7 +93,8 @@ class Dynasor(Policy):
         self.last_answer = self.last_confidence = None
 
     def on_step(self, view):
-        return Probe(self.inducer, max_tokens=self.max_tokens, stop=("}",), tag="dynasor")
+        return Probe(self.inducer, max_tokens=self.max_tokens, tag="dynasor",
+                     until=lambda text: self.profile.probe_finished(text, self.inducer))
 
     def on_probe(self, view, result):
         ans = self.profile.probe_answer(result.text, self.inducer, partial=False)

@@ -42,6 +42,8 @@ class Probe:
                  probe's context). Only the last token can be left out: everything before it
                  is already in the cache.
     tag:         free label copied to the probe record
+    until:       optional ``(generated_text) -> bool``: the probe's answer is complete
+                 (e.g. the box it opened is closed, counting braces)
     """
 
     text: str
@@ -50,6 +52,7 @@ class Probe:
     temperature: float = 0.0
     before_last: bool = False
     tag: str | None = None
+    until: object = None
 
     def __post_init__(self):
         if not isinstance(self.text, str):

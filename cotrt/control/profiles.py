@@ -23,9 +23,9 @@ import re
 import string
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from cotrt.control.answers import extract, extract_boxed
+from cotrt.control.answers import _BOX_RE, _close_brace, extract, extract_boxed
 from cotrt.control.automaton import token_bytes
 from cotrt.control.think import QWEN3_TRANSITION, ThinkFormat
 
@@ -97,6 +97,20 @@ class ModelProfile:
         if k < 0:
             return extract(probe_text, self.answer_methods)
         return extract_boxed(inducer[k:] + probe_text, partial=partial)
+
+    def probe_finished(self, probe_text: str, inducer: str | None = None) -> bool:
+        """Whether a probe's decoded text has finished its answer: the box the inducer
+        opened is closed, counting braces, so the inner "}" of "{\\frac{1}{2}}" does not end
+        it (a bare "}" stop string would; DEER's code works around that with a list of
+        "}"-plus-punctuation stops). With a ``probe_close`` other than "}" (Qwen3:
+        "</think>"), or an inducer without a box, that string appearing ends the probe."""
+        inducer = self.answer_inducer if inducer is None else inducer
+        k = max(inducer.rfind("\\boxed"), inducer.rfind("\\fbox"))
+        if self.probe_close != "}" or k < 0:
+            return self.probe_close in probe_text
+        text = inducer[k:] + probe_text
+        m = _BOX_RE.match(text)
+        return m is not None and _close_brace(text, m.end()) >= 0
 
     def hesitates(self, text: str) -> bool:
         """Whether ``text`` holds a hesitation word as a whole word (case-insensitive):
