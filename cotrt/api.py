@@ -41,8 +41,40 @@ class Runtime:
         self.tokenizer = tokenizer
         self.think_format = think_format or ThinkFormat.detect(tokenizer)
         self.runner = ModelRunner(model, max_batch=max_batch, max_len=max_len)
+        self.valves = None
         self.engine = Engine(self.runner, tokenizer, self.think_format, max_batch, max_len,
                              eos_ids=_eos_ids(model, tokenizer))
+
+    # -- valves ---------------------------------------------------------------------------------
+    def load_valve(self, source, name: str, scale: float | None = None) -> int:
+        """Load a PEFT LoRA folder (or a state dict, with ``scale``) as the valve ``name``.
+
+        Requests then pick it with ``Params(valve={name: alpha})``. Several valves can be
+        loaded; each request uses one, and rows of one batch may use different valves and
+        alphas. A malformed or mismatched adapter raises ValueError naming the module and
+        shapes, and leaves the runtime unchanged.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        if self.engine.has_unfinished():
+            raise RuntimeError("load_valve: the engine has requests in flight; load valves while it is idle")
+        from .valve import ValveSet
+
+        if self.valves is None:
+            valves = ValveSet(self.model)
+            idx = valves.load(source, name, scale=scale)
+            self.valves = valves  # only once the first load succeeded
+            self.engine.valves = valves
+        else:
+            idx = self.valves.load(source, name, scale=scale)
+        return idx
+
+    def unload_valve(self, name: str) -> None:
+        if self.valves is None or name not in self.valves:
+            raise ValueError(f"unload_valve: no valve named {name!r}")
+        if self.engine.has_unfinished():
+            raise RuntimeError("unload_valve: the engine has requests in flight")
+        self.valves.unload(name)
 
     # -- batch API ------------------------------------------------------------------------------
     def generate(self, prompts: Sequence, params: Params | Sequence[Params] | None = None) -> list[Output]:

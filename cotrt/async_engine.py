@@ -325,7 +325,7 @@ class AsyncEngine:
         for loop, batch in by_loop.items():
             if not _call(loop, _deliver, batch):
                 # The consumer's loop is gone: nobody will read these, free their slots.
-                for req, ev in batch:
+                for _, ev in batch:
                     if not ev.finished:
                         self.engine.abort(ev.request_id)
 

@@ -74,6 +74,7 @@ class Engine:
         self._aborted: list[Row] = []
         self.device = runner.device
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
+        self.valves = None  # cotrt.valve.ValveSet once a valve is loaded
 
     # -- requests ---------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -110,6 +111,7 @@ class Engine:
         bad = [k for k in params.logit_bias if k >= self.vocab_size]
         if bad:
             raise ValueError(f"logit_bias: token id {bad[0]} outside the vocabulary")
+        self.check_valve_names(params.valve)
         cues = params.step_cues + tuple(c for p in params.exit for c in getattr(p, "cues", ()) if c not in params.step_cues)
         patterns = RowPatterns.pattern_list(self.fmt, params.stop, cues)
         if len(patterns) > 63:
@@ -121,10 +123,35 @@ class Engine:
         row = Row(rid, ids, params, self.fmt, pats, self.vocab_bytes, self.eos_ids, self.encode, self.max_len)
         if params.exit:
             row.exits = ExitControl(params.exit, self.tokenizer, self.eos_ids)
+        row.valve_check = self._valve_check
         row.t_add = time.perf_counter()
         self.requests[rid] = row
         self.queue.append(row)
         return rid
+
+    def check_valve_names(self, valve: dict, field: str = "valve") -> None:
+        for name in valve:
+            if self.valves is None or name not in self.valves:
+                known = ", ".join(self.valves.names) if self.valves is not None else "none loaded"
+                raise ValueError(f"{field}: unknown valve {name!r} (loaded: {known})")
+
+    def _valve_check(self, valve: dict) -> None:
+        from .params import check_valve
+
+        check_valve(valve)
+        self.check_valve_names(valve)
+
+    def set_valve(self, rid: int, valve: dict) -> None:
+        """Change a running request's valve from its next token on: {"name": alpha}, or {}
+        for the base model. Validated first; no recompilation, no graph recapture."""
+        from .params import check_valve
+
+        check_valve(valve)
+        self.check_valve_names(valve)
+        row = self.requests.get(rid)
+        if row is None or row.finished:
+            raise ValueError(f"set_valve: no running request {rid}")
+        row.valve = dict(valve)
 
     def abort(self, rid: int) -> bool:
         """Stop a request now and free its slot; False if it is unknown or already done."""
@@ -215,6 +242,7 @@ class Engine:
             ids[i, : len(f)] = torch.tensor(f)
         meta = runner.make_meta([r.slot for r in rows], [len(f) for f in feeds],
                                 starts=[plans[r.id][1] for r in rows])
+        self._set_valves(rows, T)
         hidden = runner.forward(meta, input_ids=ids.to(self.device))
         self.stats["prefill_tokens"] += sum(map(len, feeds))
         now = time.perf_counter()
@@ -244,6 +272,11 @@ class Engine:
             starts = [starts[by_slot[s]] if s in by_slot else 0 for s in slots]
         ids = torch.tensor(inputs, dtype=torch.long, device=self.device)[:, None]
         meta = runner.make_meta(slots, [1] * len(slots), starts=starts)
+        if len(slots) != len(rows):
+            by_slot = {r.slot: r for r in rows}
+            self._set_valves([by_slot.get(s) for s in slots], 1)
+        else:
+            self._set_valves(rows, 1)
         hidden = runner.forward(meta, input_ids=ids)[:, 0]
         if len(slots) != len(rows):
             keep = torch.tensor([r.slot - slots[0] for r in rows], device=hidden.device)
@@ -251,9 +284,32 @@ class Engine:
         self.stats["decode_tokens"] += len(rows)
         self._after_forward(rows, hidden)
 
+    def _set_valves(self, rows, tokens_per_row: int) -> None:
+        """Per-token valve alpha and adapter index for this forward (None rows: padding).
+        With no valve in use the ValveLinears run plain F.linear."""
+        if self.valves is None:
+            return
+        state = self.valves.state
+        alphas, adapters = [], []
+        for r in rows:
+            valve = r.valve if r is not None else None
+            if valve:
+                (name, alpha), = valve.items()
+                alphas.append(float(alpha))
+                adapters.append(self.valves.index(name))
+            else:
+                alphas.append(0.0)
+                adapters.append(-1)
+        if all(a < 0 for a in adapters):
+            state.clear()
+        else:
+            state.set_rows(alphas, adapters, tokens_per_row)
+
     def _after_forward(self, rows: list[Row], h: torch.Tensor) -> None:
         """LM head on the rows that need logits (sampling rows, probes); forced tokens for
         the others; then each row's controls and policies."""
+        if self.valves is not None:
+            self.valves.state.clear()  # a user's own model.generate must see no valve
         probing = [i for i, r in enumerate(rows) if r.exits is not None and r.exits.probe is not None]
         probe_set = set(probing)
         sampling = [i for i, r in enumerate(rows) if i not in probe_set and not r.forced and not r.finished]

@@ -69,6 +69,11 @@ class Params:
     ignore_eos: bool = False
     logit_bias: dict = field(default_factory=dict)
     exit: object = None
+    valve: dict = field(default_factory=dict)
+
+    # ``valve``: {"name": alpha} of a loaded valve (``Runtime.load_valve``): the request
+    # runs θ + alpha·Δθ for that LoRA. One valve per request; alpha may be any finite
+    # number (0 = the base model exactly; > 1 extrapolates).
 
     # ``exit``: an early-exit policy (cotrt.Policy) or a sequence of them, or a dict /
     # list of dicts {"name": "deer", ...settings} naming built-in ones. Each request gets
@@ -104,6 +109,7 @@ class Params:
             _check_int("logit_bias key", k, 0, allow_none=False)
             _check_float(f"logit_bias[{k}]", v, lo=-100.0, hi=100.0)
         object.__setattr__(self, "exit", _policies(self.exit))
+        check_valve(self.valve, "valve")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
 
@@ -139,3 +145,15 @@ def _policies(value) -> tuple:
             raise ValueError(f"exit[{i}] must be a cotrt.Policy or a {{'name': ...}} dict, got {type(item).__name__}")
         out.append(item)
     return tuple(out)
+
+
+def check_valve(valve, name: str = "valve") -> None:
+    """{"valve name": alpha} with one entry at most and a finite alpha."""
+    if not isinstance(valve, dict):
+        raise ValueError(f"{name} must be a dict {{'valve name': alpha}}, got {type(valve).__name__}")
+    if len(valve) > 1:
+        raise ValueError(f"{name}: one valve per request (got {sorted(valve)})")
+    for k, v in valve.items():
+        if not isinstance(k, str) or not k:
+            raise ValueError(f"{name}: valve names are non-empty strings, got {k!r}")
+        _check_float(f"{name}[{k!r}]", v)

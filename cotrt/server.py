@@ -153,6 +153,19 @@ def parse_prompt(body: dict):
                      "prompt")
 
 
+def parse_request(body, chat: bool, max_len: int):
+    """(prompt, Params, stream, include_usage, chat_template_kwargs) of a request body."""
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object", "body")
+    params, stream, include_usage = parse_params(body, max_len)
+    prompt = parse_messages(body) if chat else parse_prompt(body)
+    ctk = _typed(body, "chat_template_kwargs", "dict") if chat else None
+    if ctk and RESERVED_TEMPLATE_KWARGS & set(ctk):
+        bad = sorted(RESERVED_TEMPLATE_KWARGS & set(ctk))[0]
+        raise BadRequest(f"chat_template_kwargs: {bad} cannot be set by a request", "chat_template_kwargs")
+    return prompt, params, stream, include_usage, ctk
+
+
 # -- reasoning / content split of a stream ---------------------------------------------------------
 
 def _partial(buf: str, marker: str) -> int:
@@ -251,6 +264,19 @@ def _usage(out, split: bool) -> dict:
             "completion_tokens_details": {"reasoning_tokens": s.get("think_tokens", 0) if split else 0}}
 
 
+def whole_response(out, rid: str, chat: bool, split: bool, model_name: str) -> dict:
+    """The non-streaming response body of a finished request."""
+    if not chat:
+        choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}
+    else:
+        message = {"role": "assistant", "content": out.text}
+        if split:
+            message = {"role": "assistant", "content": out.answer, "reasoning_content": out.reasoning or None}
+        choice = {"index": 0, "message": message, "finish_reason": out.finish_reason, "logprobs": None}
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model_name, "choices": [choice], "usage": _usage(out, split), "cotrt": {"stats": out.stats}}
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, default=str)}\n\n"
 
@@ -289,9 +315,9 @@ def create_app(async_engine, model_name: str, split_plain: bool = False):
     answer cue into reasoning_content / content; by default such output is all content.
     """
     from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
     from .async_engine import QueueFull
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
     backend = async_engine
     fmt = backend.think_format
@@ -363,14 +389,7 @@ def create_app(async_engine, model_name: str, split_plain: bool = False):
             invalid[0] += 1
             return error_response(400, f"body: invalid JSON ({e})", "body")
         try:
-            if not isinstance(body, dict):
-                raise BadRequest("body must be a JSON object", "body")
-            params, stream, include_usage = parse_params(body, backend.max_len)
-            prompt = parse_messages(body) if chat else parse_prompt(body)
-            ctk = _typed(body, "chat_template_kwargs", "dict") if chat else None
-            if ctk and RESERVED_TEMPLATE_KWARGS & set(ctk):
-                bad = sorted(RESERVED_TEMPLATE_KWARGS & set(ctk))[0]
-                raise BadRequest(f"chat_template_kwargs: {bad} cannot be set by a request", "chat_template_kwargs")
+            prompt, params, stream, include_usage, ctk = parse_request(body, chat, backend.max_len)
         except BadRequest as e:
             invalid[0] += 1
             return error_response(400, str(e), e.param)
@@ -398,20 +417,8 @@ def create_app(async_engine, model_name: str, split_plain: bool = False):
         out = req.output
         if out.finish_reason == "error":
             return error_response(500, f"generation failed: {out.error}")
-        ext = {"cotrt": {"stats": out.stats}}
-        if chat:
-            if split:
-                message = {"role": "assistant", "content": out.answer,
-                           "reasoning_content": out.reasoning or None}
-            else:
-                message = {"role": "assistant", "content": out.text}
-            choice = {"index": 0, "message": message, "finish_reason": out.finish_reason, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}
-        resp = {"id": rid, "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": model_name, "choices": [choice],
-                "usage": _usage(out, split), **ext}
-        return Response(json.dumps(resp, default=str), media_type="application/json")
+        body = whole_response(out, rid, chat, split, model_name)
+        return Response(json.dumps(body, default=str), media_type="application/json")
 
     def _chunk(rid, obj, choice, include_usage):
         c = {"id": rid, "object": obj, "created": int(time.time()), "model": model_name, "choices": [choice]}

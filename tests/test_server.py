@@ -192,6 +192,7 @@ def test_bad_requests_get_400_naming_the_field_while_others_run(plain):
         ({**base, "messages": [{"role": "user", "content": "word " * 400}]}, "messages"),
         ({**base, "n": 2}, "n"),
         ({**base, "logprobs": True}, "logprobs"),
+        ({**base, "chat_template_kwargs": {"chat_template": "{{ 1 }}"}}, "chat_template_kwargs"),
         ({"model": "tiny", "prompt": [5] * 300}, "prompt"),
         ({"model": "tiny", "prompt": {"a": 1}}, "prompt"),
     ]
@@ -255,6 +256,18 @@ def test_disconnect_aborts_a_non_streaming_request(plain):
     assert plain.engine.metrics()["requests"]["abort"] == before + 1
 
 
+def _handles_released(timeout=5.0):
+    # The server thread may still be closing the last responses (which hold their handles)
+    # when the engine is already idle: poll.
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        gc.collect()
+        if not [o for o in gc.get_objects() if type(o) is Request]:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_load_64_streaming_clients_a_quarter_cancelling(plain):
     """64 concurrent streams, 16 of them hanging up at random points, 3 rounds: every request
     completes or is cancelled, slots drain, memory is flat, no stream sees another's text."""
@@ -312,9 +325,35 @@ def test_load_64_streaming_clients_a_quarter_cancelling(plain):
         assert m["slots_used"] == 0 and plain.rt.engine.free_slots == list(range(8))
         assert not plain.engine._live and not plain.rt.engine.requests
         assert time.monotonic() - t0 < 60
-        gc.collect()
-        assert not [o for o in gc.get_objects() if type(o) is Request]  # no handle outlives its request
+        assert _handles_released(), "a request handle outlived its request"
         rss.append(psutil.Process().memory_info().rss)
     # Round 0 warms up allocators and caches; later rounds must not keep growing (measured:
     # +0.02 MiB from round 1 to round 2).
     assert rss[2] - rss[1] < 8 * 2**20, [x // 2**20 for x in rss]
+
+
+def test_serve_arguments_default_to_loopback_and_bad_ones_exit_2(capsys):
+    import argparse
+
+    from cotrt.server import add_serve_arguments, run_serve
+
+    ap = argparse.ArgumentParser()
+    add_serve_arguments(ap)
+    args = ap.parse_args([])
+    assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, "default")
+    assert run_serve(ap.parse_args(["--max-batch", "0"])) == 2
+    assert "max_batch" in capsys.readouterr().err
+
+
+def test_exit_policy_by_name_and_probe_tokens_metric(think):
+    def probe_total():
+        text = httpx.get(think.url + "/metrics").text
+        return int(next(ln for ln in text.splitlines() if ln.startswith("cotrt_probe_tokens_total ")).split()[-1])
+
+    before = probe_total()
+    r = httpx.post(think.url + "/v1/chat/completions", timeout=30, json={
+        "model": "tiny", "messages": _conv(4), "max_tokens": 24, "temperature": 0,
+        "cotrt": {"exit": {"name": "dynasor", "every": 4, "k": 2, "max_tokens": 4}, "ignore_eos": True}})
+    assert r.status_code == 200, r.text
+    stats = r.json()["cotrt"]["stats"]
+    assert stats["probe_tokens"] > 0 and probe_total() - before == stats["probe_tokens"]

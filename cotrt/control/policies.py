@@ -7,7 +7,7 @@ follow the papers (sources in profiles.py); every knob is a constructor argument
 from __future__ import annotations
 
 from .answers import equivalent
-from .policy import Exit, Policy, Probe
+from .policy import Exit, Policy, Probe, SetValve
 from .profiles import get_profile, reflection_token_ids
 
 
@@ -186,7 +186,41 @@ class StepLimit(Policy):
         return Exit(reason="max_steps") if view.steps >= self.max_steps else None
 
 
-POLICIES = {"deer": DEER, "dynasor": Dynasor, "eat": EAT, "nowait": NoWait, "steps": StepLimit}
+class ValveSchedule(Policy):
+    """Valve alpha as a function of how much of the thinking budget is spent.
+
+    At each boundary (and every ``every`` tokens), alpha moves from ``start`` towards
+    ``end`` as ``(think_tokens / budget) ** power``: a request that is running long gets
+    more compression in time to land near ``budget`` instead of being cut off there. The
+    feedback is the row's own measured length; which alpha shortens chains is the valve's
+    metadata (``start``/``end`` say it). Changes below ``min_change`` are not sent.
+    """
+
+    name = "valve_schedule"
+
+    def __init__(self, valve: str, budget: int, start: float = 0.0, end: float = 1.0, power: float = 1.0,
+                 every: int | None = 16, min_change: float = 0.05):
+        if budget < 1:
+            raise ValueError("valve_schedule: budget must be >= 1")
+        if power <= 0:
+            raise ValueError("valve_schedule: power must be > 0")
+        self.valve, self.budget, self.start, self.end = valve, budget, float(start), float(end)
+        self.power, self.every, self.min_change = power, every, min_change
+        self.current: float | None = None
+        self.history: list[tuple[int, float]] = []
+
+    def on_step(self, view):
+        frac = min(1.0, view.think_tokens / self.budget)
+        alpha = self.start + (self.end - self.start) * frac ** self.power
+        if self.current is not None and abs(alpha - self.current) < self.min_change:
+            return None
+        self.current = alpha
+        self.history.append((view.think_tokens, alpha))
+        return SetValve({self.valve: alpha})
+
+
+POLICIES = {"deer": DEER, "dynasor": Dynasor, "eat": EAT, "nowait": NoWait, "steps": StepLimit,
+            "valve_schedule": ValveSchedule}
 
 
 def build_policy(spec: dict) -> Policy:
@@ -204,4 +238,4 @@ def build_policy(spec: dict) -> Policy:
         raise ValueError(f"exit: bad settings for {name}: {e}") from None
 
 
-__all__ = ["DEER", "Dynasor", "EAT", "NoWait", "StepLimit", "build_policy", "POLICIES"]
+__all__ = ["DEER", "Dynasor", "EAT", "NoWait", "StepLimit", "ValveSchedule", "build_policy", "POLICIES"]

@@ -244,8 +244,13 @@ class Row:
         self._force_end(reason, self.fmt.end + (inject or ""))
         self.finish_after_forced = finish
 
-    def set_valve(self, alphas: dict) -> None:
-        self.valve = {**(getattr(self, "valve", None) or {}), **alphas}
+    def set_valve(self, valve: dict) -> None:
+        """Replace this request's valve ({"name": alpha}, or {} for none) from the next
+        token on; validated by the engine's check."""
+        check = getattr(self, "valve_check", None)
+        if check is not None:
+            check(valve)
+        self.valve = dict(valve)
 
     def _force_end(self, reason: str, text: str | None = None) -> None:
         """Force the end of thinking: [transition] + end marker (or ``text``), never

@@ -185,6 +185,8 @@ def _latent_torch(hidden, dtype, norm_weight, norm_eps, proj_weight, proj_bias, 
         x = F.linear(x.to(dtype), proj_weight, proj_bias)
     if latent_scale is not None:
         x = x.float() * latent_scale
+    if x is hidden:  # no stage: copy, never hand back the caller's tensor
+        return hidden.clone(memory_format=torch.contiguous_format)
     return x.to(dtype)
 
 
@@ -193,13 +195,16 @@ def _contemplate_torch(tokens, latent_mask, hidden, embed_weight, norm_weight, n
     """Torch path. On CPU an all-token or all-latent batch skips the other branch (reading
     the mask costs nothing there); on CUDA both branches run, to stay free of host syncs."""
     dtype = embed_weight.dtype
-    kinds = (bool(latent_mask.any()), bool(latent_mask.all())) if latent_mask.device.type == "cpu" else (True, False)
+    has_lat, has_tok = True, True
+    if latent_mask.device.type == "cpu":
+        has_lat = bool(latent_mask.any())
+        has_tok = not has_lat or not bool(latent_mask.all())  # an empty batch takes this branch
     emb = lat = None
-    if not kinds[1]:
+    if has_tok:
         emb = F.embedding(tokens.masked_fill(latent_mask, 0), embed_weight)  # (B, H)
         if embed_scale is not None:
             emb = (emb.float() * embed_scale).to(dtype)
-    if kinds[0]:
+    if has_lat:
         lat = _latent_torch(hidden, dtype, norm_weight, norm_eps, proj_weight, proj_bias, latent_scale)
     if lat is None or emb is None:
         y = lat if emb is None else emb
