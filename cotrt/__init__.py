@@ -12,6 +12,8 @@ _LAZY = {
     "ThinkFormat": "cotrt.control.think",
     "Engine": "cotrt.engine",
     "load_model": "cotrt.models",
+    "AsyncEngine": "cotrt.async_engine",
+    "QueueFull": "cotrt.async_engine",
     "Policy": "cotrt.control.policy",
     "Probe": "cotrt.control.policy",
     "Exit": "cotrt.control.policy",

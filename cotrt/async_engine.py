@@ -138,7 +138,8 @@ class AsyncEngine:
         if thread is not None:
             thread.join(timeout)
         with self._cond:
-            self._thread = None
+            if thread is None or not thread.is_alive():  # a stuck step keeps its thread
+                self._thread = None
 
     @property
     def running(self) -> bool:
@@ -187,8 +188,12 @@ class AsyncEngine:
                      chat_template_kwargs: dict | None = None) -> AsyncIterator[Event]:
         """Events of one request as they come; closing the generator aborts the request."""
         req = await self.submit(prompt, params, chat_template_kwargs)
-        async for ev in req:
-            yield ev
+        try:
+            async for ev in req:
+                yield ev
+        finally:  # at once, not when the inner iterator is garbage-collected
+            if req.output is None:
+                req.abort()
 
     async def generate(self, prompt, params: Params | dict | None = None,
                        chat_template_kwargs: dict | None = None) -> Output:

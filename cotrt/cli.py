@@ -128,6 +128,11 @@ def main(argv=None) -> int:
     d.add_argument("--max-len", type=int, default=1024)
     d.add_argument("--max-new-tokens", type=int, default=160)
     d.set_defaults(fn=cmd_demo)
+    s = sub.add_parser("serve", help="OpenAI-compatible server (loopback by default)")
+    from .server import add_serve_arguments, run_serve
+
+    add_serve_arguments(s)
+    s.set_defaults(fn=run_serve)
     args = ap.parse_args(argv)
     return args.fn(args)
 

@@ -126,6 +126,18 @@ def test_torch_path_matches_ref(B, H, Hh, proj, mode):
     assert_close(contemplate(**c, impl="torch"), contemplate_ref(**c), msg=_grid_id(B, H, Hh, proj, mode))
 
 
+@pytest.mark.parametrize("B,H,Hh,proj,mode", GRID[::4], ids=[_grid_id(*g) for g in GRID[::4]])
+def test_sync_free_torch_path_matches_ref(B, H, Hh, proj, mode):
+    """The torch path CUDA takes without triton (both branches, then a select), run on CPU."""
+    from cotrt.ops.contemplate import _contemplate_torch_where
+
+    c = _grid_case(B, H, Hh, proj, mode)
+    args = [c[k] for k in ("tokens", "latent_mask", "hidden", "embed_weight", "norm_weight", "norm_eps",
+                           "proj_weight", "proj_bias", "embed_scale", "latent_scale")]
+    out = torch.full((B, H), float("nan")) if B % 2 else None
+    assert_close(_contemplate_torch_where(*args, out), contemplate_ref(**c), msg=_grid_id(B, H, Hh, proj, mode))
+
+
 @interp
 @pytest.mark.parametrize("B,H,Hh,proj,mode", GRID, ids=[_grid_id(*g) for g in GRID])
 def test_triton_fp32_matches_ref(B, H, Hh, proj, mode):
@@ -160,7 +172,8 @@ def test_token_rows_are_exact_embedding_lookups(impl, dtype):
 def test_latent_rows_without_stages_copy_the_state():
     c = make_case(3, 111, 111, mode="latent", seed=1)
     assert torch.equal(contemplate(**c, impl="triton"), c["hidden"])
-    assert torch.equal(contemplate(**c, impl="torch"), c["hidden"])
+    y = contemplate(**c, impl="torch")
+    assert torch.equal(y, c["hidden"]) and y.data_ptr() != c["hidden"].data_ptr()  # a copy, not an alias
 
 
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=interp)])
@@ -246,7 +259,7 @@ def test_validation_names_the_argument(mutate, match):
 
 # ------------------------------------------------------------------------------ CUDA codegen, no GPU
 
-# Compiles the kernel to cubin for sm_80/90 with Triton's bundled ptxas (every flag on and
+# Compiles the kernel to cubin for sm_80/89/90 with Triton's bundled ptxas (each flag on and
 # off): catches codegen errors on a CPU-only machine. A subprocess, because this process
 # runs Triton in interpreter mode.
 _COMPILE = """
@@ -261,10 +274,13 @@ try:
 except ModuleNotFoundError:
     from kernels.contemplate import _contemplate_kernel as k
 k = JITFunction(k.fn)
-for dt, on, bh, bk, arch in [("fp16", True, 64, 128, 90), ("bf16", False, 1024, 1024, 90),
-                             ("fp32", True, 64, 128, 80), ("bf16", False, 64, 128, 90)]:
-    cfg = dict(HAS_NORM=on, HAS_PROJ=on or bh == 64, HAS_BIAS=on, HAS_EMBED_SCALE=on,
-               HAS_LATENT_SCALE=not on, BLOCK_H=bh, BLOCK_K=bk)
+# (dtype, HAS_NORM, HAS_PROJ, HAS_BIAS, HAS_EMBED_SCALE, HAS_LATENT_SCALE, BLOCK_H, BLOCK_K, sm)
+for dt, norm, proj, bias, es, ls, bh, bk, arch in [
+        ("fp16", 1, 1, 1, 1, 0, 64, 128, 90), ("bf16", 0, 0, 0, 0, 1, 1024, 1024, 90),
+        ("fp32", 1, 1, 1, 1, 1, 64, 128, 80), ("bf16", 0, 1, 0, 0, 1, 64, 128, 90),
+        ("fp16", 1, 0, 0, 1, 0, 1024, 1024, 89)]:
+    cfg = dict(HAS_NORM=bool(norm), HAS_PROJ=bool(proj), HAS_BIAS=bool(bias), HAS_EMBED_SCALE=bool(es),
+               HAS_LATENT_SCALE=bool(ls), BLOCK_H=bh, BLOCK_K=bk)
     sig = {}
     for n in k.arg_names:
         if n.endswith("_ptr"):

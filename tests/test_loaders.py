@@ -219,7 +219,8 @@ def test_bundle_roundtrip_matches_peft(ccot, smol_tokenizer):
     assert isinstance(vs, ValveSet) and vs.names == ["contemplate", "answer"]
     b = latent.bind(model, tok, valve_names=vs.names)
     assert b.layer == 1 and b.max_steps == 5 and b.proj_weight is not None
-    assert Latent(end_head="ccot-tiny", max_steps=2).bind(model, tok).end_head.module is latent.end_head
+    by_name = Latent(end_head="ccot-tiny", max_steps=2, begin_token=None, end_token=None, latent_token=None)
+    assert by_name.bind(model, tok).end_head.module is latent.end_head
 
     x = torch.tensor([[3, 14, 15, 92, 65, 35]])
     with torch.no_grad():
@@ -291,7 +292,7 @@ def _head_file(weight):
 def _break_answer(root):
     p = root / "valves" / "answer" / "adapter_config.json"
     cfg = json.loads(p.read_text())
-    p.write_text(json.dumps({**cfg, "target_modules": ["o_proj", "down_proj", "nope_proj"]}))
+    p.write_text(json.dumps({**cfg, "target_modules": ["o_proj", "down_proj", "gate_proj"]}))
 
 
 BUNDLE_ERRORS = [
