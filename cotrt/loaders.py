@@ -220,8 +220,6 @@ def save_ccot_bundle(path, *, contemplate, answer, end_head, feedback_layer: int
     path = Path(path)
     head = _linear_tensors(end_head, "end_head", n_out=(1, 2))
     proj = None if projection is None else _linear_tensors(projection, "projection")
-    if isinstance(feedback_layer, bool) or not isinstance(feedback_layer, int):
-        raise ValueError(f"feedback_layer must be an int, got {feedback_layer!r}")
     tokens = dict(tokens or {})
     _check_tokens(tokens)
     for vname, src in (("contemplate", contemplate), ("answer", answer)):
@@ -303,6 +301,8 @@ def _check_manifest(m, root: Path) -> None:
         fail(f"name must be a non-empty string, got {m['name']!r}")
     if m.get("base") is not None and not isinstance(m["base"], str):
         fail(f"base must be a string or null, got {m['base']!r}")
+    if isinstance(m["feedback_layer"], bool) or not isinstance(m["feedback_layer"], int):
+        fail(f"feedback_layer must be an int (a decoder layer index), got {m['feedback_layer']!r}")
     try:
         _check_tokens(m.get("tokens") or {})
     except ValueError as e:
@@ -393,43 +393,36 @@ def load_ccot_bundle(path, model=None, tokenizer=None, runtime=None, *, valves=N
     latent.bind(model, tokenizer)  # feedback layer, head and projection sizes, tokens: reads only
 
     # The valves: read and check all against the model before loading any.
-    if runtime is not None and hasattr(runtime, "load_valve"):
-        target = None
-        loaded_names = set(getattr(runtime, "valve_names", ()) or ())
-    else:
-        target = valves if valves is not None else getattr(model, "cotrt_valves", None)
-        if target is not None and not isinstance(target, ValveSet):
-            raise ValueError(f"load_ccot_bundle: valves must be a cotrt.valve.ValveSet, got {type(target).__name__}")
-        loaded_names = set(target.names) if target is not None else set()
-    clash = sorted(set(m["valves"]) & loaded_names)
+    use_rt = runtime is not None and hasattr(runtime, "load_valve")
+    target = None if use_rt else valves if valves is not None else getattr(model, "cotrt_valves", None)
+    if target is not None and not isinstance(target, ValveSet):
+        raise ValueError(f"load_ccot_bundle: valves must be a cotrt.valve.ValveSet, got {type(target).__name__}")
+    loaded = getattr(runtime, "valve_names", None) if use_rt else target.names if target is not None else None
+    clash = sorted(set(m["valves"]) & set(loaded or ()))
     if clash:
         raise ValueError(f"bundle {root}: valve name(s) {clash} are already loaded")
     checker = ValveSet(model)  # never committed to: its _validate only reads
     folders = {}
     for vname, rel in m["valves"].items():
-        folder = _inside(root, rel, f"valves[{vname!r}]")
-        config, tensors = _read_peft_folder(folder, vname)
-        checker._validate(config, tensors, None, vname)
-        folders[vname] = folder
+        folders[vname] = _inside(root, rel, f"valves[{vname!r}]")
+        checker._validate(*_read_peft_folder(folders[vname], vname), None, vname)
 
-    if target is None and not (runtime is not None and hasattr(runtime, "load_valve")):
+    new_set = not use_rt and target is None
+    if new_set:
         target = ValveSet(model)
+    load, unload = (runtime.load_valve, getattr(runtime, "unload_valve", None)) if use_rt else \
+        (lambda folder, name: target.load(folder, name), target.unload)
     done = []
     try:
         for vname, folder in folders.items():
-            if target is None:
-                runtime.load_valve(str(folder), name=vname)
-            else:
-                target.load(str(folder), vname)
+            load(str(folder), name=vname)
             done.append(vname)
     except Exception:
         # Only a clash inside the runtime gets here (all was validated): undo what loaded.
-        undo = target.unload if target is not None else getattr(runtime, "unload_valve", None)
-        for vname in reversed(done):
-            if undo is not None:
-                undo(vname)
+        for vname in reversed(done if unload is not None else []):
+            unload(vname)
         raise
-    if target is not None and getattr(model, "cotrt_valves", None) is None and valves is None:
+    if new_set:
         model.cotrt_valves = target
     model.cotrt_end_heads = {**(getattr(model, "cotrt_end_heads", None) or {}), m.get("name") or root.name: head}
     return model, tokenizer, latent

@@ -48,6 +48,7 @@ def default_model_dir(quiet: bool = False) -> Path:
     out = cache_dir() / DEFAULT_MODEL
     marker = out / "cotrt-converted.json"
     if marker.exists():
+        _portable_tokenizer_config(out)
         return out
     gguf = default_gguf_path()
     _log(f"converting {gguf.name} to safetensors in {out} (once, ~30 s)...", quiet)
@@ -65,6 +66,7 @@ def default_model_dir(quiet: bool = False) -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    _portable_tokenizer_config(tmp)
     (tmp / "cotrt-converted.json").write_text(json.dumps({"source": str(gguf)}))
     if out.exists():  # another process won the race
         import shutil
@@ -74,6 +76,19 @@ def default_model_dir(quiet: bool = False) -> Path:
         os.replace(tmp, out)
     _log("conversion done", quiet)
     return out
+
+
+def _portable_tokenizer_config(path: Path) -> None:
+    """transformers 5 saves ``tokenizer_class: TokenizersBackend``, which 4.x cannot load;
+    the tokenizer.json is the same either way, so name the class both read."""
+    cfg_path = path / "tokenizer_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
 def resolve_model_path(name_or_path: str, quiet: bool = False) -> Path:

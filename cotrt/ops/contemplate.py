@@ -130,8 +130,9 @@ def contemplate(tokens, latent_mask, hidden, embed_weight, norm_weight=None, nor
 
     Returns:
         [B, H] of embed_weight's dtype (``out`` when given). Without embed_scale, token rows
-        equal ``F.embedding(tokens, embed_weight)`` bit for bit; latent rows are computed
-        in fp32 and rounded once.
+        equal ``F.embedding(tokens, embed_weight)`` bit for bit. The kernel computes latent
+        rows in fp32 and rounds once; the torch path does too for fp32, and for 16-bit
+        weights runs the projection in their dtype.
     """
     B, H, Hh, V = _check_args(tokens, latent_mask, hidden, embed_weight, norm_weight, norm_eps, proj_weight,
                               proj_bias, embed_scale, latent_scale, out)
@@ -154,7 +155,7 @@ def contemplate_ref(tokens, latent_mask, hidden, embed_weight, norm_weight=None,
                 embed_scale, latent_scale, None)
     # token rows: E[tok] · embed_scale
     tok = tokens.long().masked_fill(latent_mask, 0)  # latent rows' ids are ignored, maybe -1
-    emb = embed_weight.float()[tok]  # (B, H)
+    emb = embed_weight[tok].float()  # (B, H)
     if embed_scale is not None:
         emb = emb * embed_scale
     # latent rows: latent_scale · (W · rmsnorm(h) + b)
