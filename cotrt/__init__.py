@@ -13,6 +13,7 @@ _LAZY = {
     "Engine": "cotrt.engine",
     "load_model": "cotrt.models",
     "AsyncEngine": "cotrt.async_engine",
+    "Latent": "cotrt.latent",
     "QueueFull": "cotrt.async_engine",
     "Policy": "cotrt.control.policy",
     "Probe": "cotrt.control.policy",

@@ -17,6 +17,7 @@ import torch
 
 from .control.automaton import compile_cached, token_bytes
 from .control.exits import ExitControl
+from .control.latent_run import LatentRun
 from .control.row import PHASE_NAMES, Row, RowPatterns
 from .control.think import ThinkFormat
 from .params import Params
@@ -50,6 +51,7 @@ class Output:
     finish_reason: str
     stats: dict = field(default_factory=dict)
     error: str | None = None
+    latent_states: list | None = None  # the states fed back by latent steps ([H] each)
 
 
 class Engine:
@@ -112,6 +114,14 @@ class Engine:
         if bad:
             raise ValueError(f"logit_bias: token id {bad[0]} outside the vocabulary")
         self.check_valve_names(params.valve)
+        bound = None
+        if params.latent is not None:
+            names = self.valves.names if self.valves is not None else []
+            bound = params.latent.bind(self.runner.model, self.tokenizer, valve_names=names)
+            ids = bound.prepare_prompt(ids)
+            if len(ids) + bound.max_steps + 1 >= self.max_len:
+                raise ValueError(f"prompt: {len(ids)} tokens and {bound.max_steps} latent steps leave no room "
+                                 f"within max_len={self.max_len}")
         cues = params.step_cues + tuple(c for p in params.exit for c in getattr(p, "cues", ()) if c not in params.step_cues)
         patterns = RowPatterns.pattern_list(self.fmt, params.stop, cues)
         if len(patterns) > 63:
@@ -124,6 +134,10 @@ class Engine:
         if params.exit:
             row.exits = ExitControl(params.exit, self.tokenizer, self.eos_ids)
         row.valve_check = self._valve_check
+        if bound is not None:
+            row.latent = LatentRun(bound)
+            if bound.valve_during:
+                row.valve = dict(bound.valve_during)
         row.t_add = time.perf_counter()
         self.requests[rid] = row
         self.queue.append(row)
@@ -243,13 +257,15 @@ class Engine:
         meta = runner.make_meta([r.slot for r in rows], [len(f) for f in feeds],
                                 starts=[plans[r.id][1] for r in rows])
         self._set_valves(rows, T)
-        hidden = runner.forward(meta, input_ids=ids.to(self.device))
+        taps = _taps(rows)
+        hidden = runner.forward(meta, input_ids=ids.to(self.device), taps=taps)
         self.stats["prefill_tokens"] += sum(map(len, feeds))
         now = time.perf_counter()
         for r in rows:
             if not hasattr(r, "t_first"):
                 r.t_first = now
-        self._after_forward(rows, runner.last_hidden(hidden, meta))
+        tapped = {l: runner.last_hidden(runner.tapped[l], meta) for l in taps}
+        self._after_forward(rows, runner.last_hidden(hidden, meta), tapped)
 
     def _decode(self, rows: list[Row], plans) -> None:
         """One token per row."""
@@ -277,12 +293,37 @@ class Engine:
             self._set_valves([by_slot.get(s) for s in slots], 1)
         else:
             self._set_valves(rows, 1)
-        hidden = runner.forward(meta, input_ids=ids)[:, 0]
+        taps = _taps(rows)
+        latent_in = [r.latent is not None and r.latent.pending is not None for r in rows]
+        if any(latent_in):
+            # Latent rows feed back a state instead of a token: one pass builds every row's
+            # input embedding (contemplate op); token rows get E[tok].
+            hidden = runner.forward(meta, inputs_embeds=self._latent_inputs(rows, slots, ids[:, 0])[:, None],
+                                    taps=taps)[:, 0]
+        else:
+            hidden = runner.forward(meta, input_ids=ids, taps=taps)[:, 0]
+        tapped = {l: runner.tapped[l][:, 0] for l in taps}
         if len(slots) != len(rows):
             keep = torch.tensor([r.slot - slots[0] for r in rows], device=hidden.device)
             hidden = hidden.index_select(0, keep)
+            tapped = {l: t.index_select(0, keep) for l, t in tapped.items()}
         self.stats["decode_tokens"] += len(rows)
-        self._after_forward(rows, hidden)
+        self._after_forward(rows, hidden, tapped)
+
+    def _latent_inputs(self, rows, slots, tokens: torch.Tensor) -> torch.Tensor:
+        """``[len(slots), E]`` next inputs: fed-back vectors on latent rows, E[tok] on others."""
+        from .ops.contemplate import contemplate
+
+        emb = self.runner.embed.weight
+        by_slot = {r.slot: r for r in rows}
+        states = torch.zeros(len(slots), emb.shape[1], dtype=emb.dtype, device=emb.device)
+        mask = torch.zeros(len(slots), dtype=torch.bool, device=emb.device)
+        for i, s in enumerate(slots):
+            r = by_slot.get(s)
+            if r is not None and r.latent is not None and r.latent.pending is not None:
+                states[i] = r.latent.pending
+                mask[i] = True
+        return contemplate(tokens.to(emb.device), mask, states, emb)
 
     def _set_valves(self, rows, tokens_per_row: int) -> None:
         """Per-token valve alpha and adapter index for this forward (None rows: padding).
@@ -305,14 +346,16 @@ class Engine:
         else:
             state.set_rows(alphas, adapters, tokens_per_row)
 
-    def _after_forward(self, rows: list[Row], h: torch.Tensor) -> None:
+    def _after_forward(self, rows: list[Row], h: torch.Tensor, tapped: dict | None = None) -> None:
         """LM head on the rows that need logits (sampling rows, probes); forced tokens for
         the others; then each row's controls and policies."""
         if self.valves is not None:
             self.valves.state.clear()  # a user's own model.generate must see no valve
         probing = [i for i, r in enumerate(rows) if r.exits is not None and r.exits.probe is not None]
         probe_set = set(probing)
-        sampling = [i for i, r in enumerate(rows) if i not in probe_set and not r.forced and not r.finished]
+        latent = [i for i, r in enumerate(rows) if r.latent is not None and r.latent.active and not r.finished]
+        skip = probe_set | set(latent)
+        sampling = [i for i, r in enumerate(rows) if i not in skip and not r.forced and not r.finished]
         need = sampling + probing
         logits = None
         if need:
@@ -334,8 +377,13 @@ class Engine:
             toks = dict(zip(sampling, out))
         for j, i in enumerate(probing):
             _isolated(rows[i], lambda r=rows[i], j=j: r.exits.consume(r, logits[len(sampling) + j]))
+        emb = self.runner.embed.weight
+        for i in latent:
+            r = rows[i]
+            tap = tapped.get(r.latent.tap)[i] if r.latent.tap is not None else None
+            _isolated(r, lambda r=r, i=i, tap=tap: r.latent.step(r, h[i], tap, emb))
         for i, r in enumerate(rows):
-            if r.finished or i in probe_set:
+            if r.finished or i in skip:
                 continue
             if i in toks:
                 _isolated(r, lambda r=r, t=toks[i]: self._accept_sampled(r, t))
@@ -429,7 +477,13 @@ class Engine:
             stats["ttft_s"] = round(row.t_first - row.t_add, 6)
         stats["phase"] = PHASE_NAMES[row.phase]
         return Output(row.id, row.prompt, list(row.gen), text, reasoning, answer,
-                      row.finish_reason or "length", stats, row.error)
+                      row.finish_reason or "length", stats, row.error,
+                      list(row.latent.fed_back) if row.latent is not None else None)
+
+
+def _taps(rows) -> tuple:
+    """Decoder layers whose residual some latent row feeds back this step."""
+    return tuple(sorted({r.latent.tap for r in rows if r.latent is not None and r.latent.tap is not None}))
 
 
 def _isolated(row: Row, fn) -> None:

@@ -362,13 +362,18 @@ class ModelRunner:
     # -- the forward --------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, meta: StepMeta, input_ids: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                inputs_embeds: torch.Tensor | None = None, taps: tuple = ()) -> torch.Tensor:
         """Run the decoder for ``[B, T]`` new tokens; returns the final hidden states ``[B, T, H]``.
 
         The cache rows are written at positions ``starts[b] + t``; lengths are not advanced.
+        ``taps``: decoder layer indices whose output residual ``[B, T, H]`` to keep; they
+        land in ``self.tapped[layer]`` (a forward hook on those layers only, so no other
+        layer's states are kept).
         """
         self.cache.meta = meta
         meta.runner = self  # type: ignore[attr-defined]  (flash-attn decode reads the buffers)
+        self.tapped = {}
+        hooks = [self._layers()[l].register_forward_hook(self._tap_hook(l)) for l in taps]
         try:
             out = self.decoder(
                 input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=meta.mask,
@@ -377,8 +382,21 @@ class ModelRunner:
             )
         finally:
             self.cache.meta = None
+            for h in hooks:
+                h.remove()
         self._calls += 1
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def _layers(self):
+        layers = getattr(self.decoder, "layers", None)
+        if layers is None:
+            raise UnsupportedModelError(f"{type(self.model).__name__}: no decoder.layers to tap")
+        return layers
+
+    def _tap_hook(self, layer: int):
+        def hook(module, args, output):
+            self.tapped[layer] = output[0] if isinstance(output, tuple) else output
+        return hook
 
     def last_hidden(self, hidden: torch.Tensor, meta: StepMeta) -> torch.Tensor:
         """``[B, T, H]`` -> ``[B, H]`` at each row's last real token."""

@@ -70,6 +70,10 @@ class Params:
     logit_bias: dict = field(default_factory=dict)
     exit: object = None
     valve: dict = field(default_factory=dict)
+    latent: object = None
+
+    # ``latent``: a cotrt.Latent (or its dict form): a dense latent phase (Coconut's k
+    # steps, or CCoT's END head) right after the prompt; see cotrt/latent.py.
 
     # ``valve``: {"name": alpha} of a loaded valve (``Runtime.load_valve``): the request
     # runs θ + alpha·Δθ for that LoRA. One valve per request; alpha may be any finite
@@ -110,6 +114,13 @@ class Params:
             _check_float(f"logit_bias[{k}]", v, lo=-100.0, hi=100.0)
         object.__setattr__(self, "exit", _policies(self.exit))
         check_valve(self.valve, "valve")
+        if self.latent is not None:
+            from .latent import Latent
+
+            if isinstance(self.latent, dict):
+                object.__setattr__(self, "latent", Latent.from_dict(self.latent))
+            elif not isinstance(self.latent, Latent):
+                raise ValueError(f"latent must be a cotrt.Latent or a dict, got {type(self.latent).__name__}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import bisect
 from collections import deque
 
-PRE, THINK, ANSWER = 0, 1, 2
-PHASE_NAMES = ("pre", "think", "answer")
+PRE, THINK, ANSWER, LATENT = 0, 1, 2, 3
+PHASE_NAMES = ("pre", "think", "answer", "latent")
 
 
 def _incomplete_utf8_tail(buf: bytes) -> int:
@@ -97,6 +97,7 @@ class Row:
         self.last_cue: str | None = None
         self.valve = dict(getattr(params, "valve", None) or {})
         self.exits = None  # ExitControl, set by the engine when the request has policies
+        self.latent = None  # LatentRun, set by the engine for a request with a latent phase
         # Phase at the end of the prompt: a template may pre-open thinking, earlier turns
         # may hold closed markers; the last marker seen decides.
         phase = THINK if fmt.plain else PRE
@@ -291,6 +292,19 @@ class Row:
         self.forced.extend(self.encode(prefix.decode("utf-8", "ignore") + p.wait_text))
         return True
 
+    def accept_latent(self, placeholder: int) -> None:
+        """Append a latent step: a KV position whose input is a fed-back state. The
+        placeholder id is never embedded or matched; it keeps positions and lengths."""
+        self.states.append(self.state)
+        self.gen.append(placeholder)
+        self.gen_forced.append(True)
+        self.byte_ends.append(len(self.gen_bytes))
+        self.gen_phase.append(LATENT)
+        if len(self.gen) >= self.params.max_new_tokens:
+            return self._finish("max_new_tokens", "length")
+        if self.seq_len >= self.max_len:
+            return self._finish("max_len", "length")
+
     def truncate(self, n: int) -> None:
         """Roll back to the first ``n`` generated tokens (the engine sets the slot length)."""
         k = len(self.gen) - n
@@ -318,6 +332,7 @@ class Row:
             "think_sampled": self.think_sampled,
             "forced_tokens": sum(self.gen_forced),
             "steps": self.steps,
+            "latent_steps": self.count(LATENT),
             "waits": self.waits,
             "rolled_back": self.rolled_back,
             "think_end": self.think_end,

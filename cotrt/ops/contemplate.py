@@ -186,7 +186,7 @@ def _latent_torch(hidden, dtype, norm_weight, norm_eps, proj_weight, proj_bias, 
         x = F.linear(x.to(dtype), proj_weight, proj_bias)
     if latent_scale is not None:
         x = x.float() * latent_scale
-    return x.to(dtype)  # may be ``hidden`` itself (no stage): the caller copies it
+    return x.to(dtype)  # ``hidden`` itself when there is no stage: torch.where copies it
 
 
 def _scaled_embedding(tokens, embed_weight, embed_scale):
@@ -200,11 +200,13 @@ def _scaled_embedding(tokens, embed_weight, embed_scale):
 
 def _contemplate_torch(tokens, latent_mask, hidden, embed_weight, norm_weight, norm_eps, proj_weight, proj_bias,
                        embed_scale, latent_scale, out):
-    """Torch path. On CPU, where reading the mask costs no sync, each branch runs on its own
-    rows only: a decode step is a handful of small ops and the op count is the cost (B = 8,
-    H = 576: ~20 us, as much as the obvious ``emb[mask] = f(hidden[mask])``); elsewhere see
-    :func:`_contemplate_torch_where`."""
-    if latent_mask.device.type != "cpu":
+    """Torch path. A decode step is a handful of small ops and on CPU their count is the cost
+    (~3-5 us each). Latent rows that are the state as is (Coconut) cost one select: both
+    branches for every row (:func:`_contemplate_torch_where`, also the sync-free path for
+    CUDA without triton). With feedback stages, on CPU, where reading the mask costs no
+    sync, each branch runs on its own rows only (the projection on latent rows alone)."""
+    has_stage = norm_weight is not None or proj_weight is not None or latent_scale is not None
+    if latent_mask.device.type != "cpu" or not has_stage:
         return _contemplate_torch_where(tokens, latent_mask, hidden, embed_weight, norm_weight, norm_eps,
                                         proj_weight, proj_bias, embed_scale, latent_scale, out)
     dtype = embed_weight.dtype
@@ -212,8 +214,6 @@ def _contemplate_torch(tokens, latent_mask, hidden, embed_weight, norm_weight, n
     n_lat, B = rows.shape[0], tokens.shape[0]
     if 0 < n_lat == B:
         y = _latent_torch(hidden, dtype, norm_weight, norm_eps, proj_weight, proj_bias, latent_scale)
-        if out is None and y is hidden:  # no latent stage: never hand back the caller's tensor
-            y = hidden.clone(memory_format=torch.contiguous_format)
     else:
         y = _scaled_embedding(tokens if n_lat == 0 else tokens.masked_fill(latent_mask, 0), embed_weight,
                               embed_scale)

@@ -1,0 +1,55 @@
+"""A request's latent (contemplation) phase, as the engine runs it.
+
+Each latent step occupies one KV position, like a token, but its input is a fed-back state
+instead of a token embedding: the row's sequence holds a placeholder id there
+(``<|latent|>``, never embedded), and ``pending`` holds the input vector the next
+forward uses. No LM head, no sampling. The phase ends after k steps (Coconut) or when the
+END head fires or the cap is reached (CCoT); then the end token is forced and the row
+decodes tokens, under ``valve_after`` if the spec switches valves.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops.contemplate import contemplate
+
+
+class LatentRun:
+    def __init__(self, bound):
+        self.bound = bound
+        self.active = True
+        self.steps = 0
+        self.pending: torch.Tensor | None = None  # [E] input embedding of the last placeholder
+        self.fed_back: list[torch.Tensor] = []  # the vectors fed back, in order (tests, stats)
+
+    @property
+    def tap(self) -> int | None:
+        return self.bound.layer if self.active else None
+
+    def step(self, row, final: torch.Tensor, tapped: torch.Tensor | None, embed_weight: torch.Tensor) -> None:
+        """After a forward whose last position of this row produced ``final`` (final-norm
+        state ``[H]``) and ``tapped`` (layer-l residual ``[H]`` or None): take one more latent
+        step, or end the phase."""
+        b = self.bound
+        done = self.steps >= b.max_steps
+        if not done and b.end_head is not None:
+            done = bool(b.end_head(final[None])[0])
+        if done:
+            self.active = False
+            self.pending = None
+            if b.valve_after is not None:
+                row.set_valve(dict(b.valve_after))
+            elif b.valve_during is not None:
+                row.set_valve({})
+            if b.end_id is not None:
+                row.forced.append(b.end_id)
+                row.accept(row.forced.popleft(), forced=True)
+            return
+        state = final if b.layer is None else tapped
+        x = contemplate(torch.zeros(1, dtype=torch.long, device=state.device),
+                        torch.ones(1, dtype=torch.bool, device=state.device), state[None].to(embed_weight.dtype),
+                        embed_weight, **b.contemplate_kwargs())[0]
+        self.pending = x
+        self.fed_back.append(state.detach().float().clone())
+        self.steps += 1
+        row.accept_latent(b.latent_id if b.latent_id is not None else 0)

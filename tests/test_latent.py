@@ -1,0 +1,194 @@
+"""Latent (contemplation) rows against naive references that recompute the whole sequence
+without a cache: Coconut's own algorithm, and CCoT's (layer-l feedback, END head, cap,
+adapter switch)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import cotrt
+from conftest import tiny_model
+
+LATENT_TOKENS = ["<|start-latent|>", "<|end-latent|>", "<|latent|>"]
+
+
+@pytest.fixture(scope="module")
+def latent_tok(smol_tokenizer):
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.add_tokens(LATENT_TOKENS, special_tokens=True)
+    return tok
+
+
+def _model(arch, tok, seed):
+    m = tiny_model(arch, len(tok), seed=seed)
+    return m
+
+
+def _prompts(tok):
+    return [tok.encode(t, add_special_tokens=False) for t in
+            ["Q: 3+4*2 = ?", "Question: what is seven minus two?", "x=5, y=x+1; y?", "Hi"]]
+
+
+@torch.no_grad()
+def coconut_naive(model, prompt, k, begin_id, end_id, n_answer, layer=None, end_head=None, cap=None,
+                  valves=None, switch=None):
+    """Coconut's generate: embeddings of prompt+<begin>, then k times: run the whole
+    sequence, append the last position's state as the next input embedding; then <end>
+    and greedy answer tokens, each by a full recompute. With ``layer``: CCoT's layer-l
+    residual instead of the final-norm state; with ``end_head``: stop when it fires (on the
+    final-norm state), at most ``cap`` steps; with ``valves``/``switch``: positions before
+    the switch run under adapter 0, the rest under adapter 1 (one alpha per position)."""
+    emb = model.get_input_embeddings()
+    x = emb(torch.tensor([prompt + [begin_id]]))
+    fed = []
+
+    def run(x):
+        if valves is not None:
+            T = x.shape[1]
+            P = switch(len(fed)) if callable(switch) else T
+            valves.state.alpha = torch.ones(T)
+            valves.state.adapter = torch.tensor([0] * min(P, T) + [1] * max(0, T - P), dtype=torch.int32)
+        out = model.model(inputs_embeds=x, output_hidden_states=layer is not None)
+        if valves is not None:
+            valves.state.clear()
+        return out
+
+    steps = k if k is not None else cap
+    for i in range(steps):
+        out = run(x)
+        final = out.last_hidden_state[:, -1]
+        if end_head is not None and end_head(final) > 0:
+            break
+        h = final if layer is None else out.hidden_states[layer + 1][:, -1]
+        fed.append(h[0].clone())
+        x = torch.cat([x, h[:, None].to(x.dtype)], 1)
+    latent_end = x.shape[1]  # the end token and all after it: the answer adapter
+    x = torch.cat([x, emb(torch.tensor([[end_id]]))], 1)
+    toks = []
+    for _ in range(n_answer):
+        if valves is not None:
+            T = x.shape[1]
+            valves.state.alpha = torch.ones(T)
+            valves.state.adapter = torch.tensor([0] * latent_end + [1] * (T - latent_end), dtype=torch.int32)
+        h = model.model(inputs_embeds=x).last_hidden_state[:, -1]
+        if valves is not None:
+            valves.state.clear()
+        t = int(model.get_output_embeddings()(h).argmax())
+        toks.append(t)
+        x = torch.cat([x, emb(torch.tensor([[t]]))], 1)
+    return toks, fed
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_coconut_matches_naive_in_a_mixed_batch(arch, latent_tok):
+    tok = latent_tok
+    model = _model(arch, tok, seed=51)
+    begin, end, lat = tok.convert_tokens_to_ids(LATENT_TOKENS)
+    rt = cotrt.wrap(model, tok, max_batch=4, max_len=128)
+    prompts = _prompts(tok)
+    ks = [0, 1, 3, 6]
+    n = 6
+    # Latent rows at k in {0, 1, 3, 6} together with two plain token rows, 6 requests on 4 slots.
+    params = [cotrt.Params(max_new_tokens=k + 1 + n, ignore_eos=True, latent=cotrt.Latent(steps=k)) for k in ks]
+    params += [cotrt.Params(max_new_tokens=9, ignore_eos=True)] * 2
+    outs = rt.generate(prompts + prompts[:2], params)
+    for p, k, o in zip(prompts, ks, outs):
+        ref, fed = coconut_naive(model, p, k, begin, end, n)
+        assert o.prompt_token_ids == p + [begin]
+        assert o.token_ids[:k] == [lat] * k and o.token_ids[k] == end
+        assert o.token_ids[k + 1:] == ref, (arch, k)
+        assert o.stats["latent_steps"] == k and len(o.latent_states) == k
+        for a, b in zip(o.latent_states, fed):
+            torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
+    plain_alone = rt.generate(prompts[:2], cotrt.Params(max_new_tokens=9, ignore_eos=True))
+    assert [o.token_ids for o in outs[4:]] == [o.token_ids for o in plain_alone]
+
+
+class ScriptedHead(nn.Module):
+    """An END head that fires on its n-th call (and a fixed input size, for binding)."""
+
+    def __init__(self, hidden, n):
+        super().__init__()
+        self.lin = nn.Linear(hidden, 1)
+        self.n, self.calls = n, 0
+
+    def forward(self, x):
+        if not bool(x.abs().sum() > 0):  # the shape check at bind time calls with zeros
+            return torch.zeros(x.shape[0], 1)
+        self.calls += 1
+        fire = self.calls >= self.n
+        return torch.full((x.shape[0], 1), 1.0 if fire else -1.0) + 0 * self.lin(x)
+
+
+def _peft_valves(model, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    paths = []
+    for i, name in enumerate(["contemplate", "answer"]):
+        pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                             target_modules=["q_proj", "v_proj", "up_proj"]))
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for m in pm.modules():
+                if isinstance(m, LoraLayer):
+                    for lin in (m.lora_A["default"], m.lora_B["default"]):
+                        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.4)
+        pm.save_pretrained(str(tmp_path / name))
+        paths.append((name, str(tmp_path / name)))
+    return paths
+
+
+@pytest.mark.parametrize("fire_at,cap", [(3, 6), (9, 4)], ids=["end-head", "cap"])
+def test_ccot_matches_naive(latent_tok, tmp_path, fire_at, cap):
+    pytest.importorskip("peft")
+    tok = latent_tok
+    base = _model("llama", tok, seed=61)
+    begin, end, lat = tok.convert_tokens_to_ids(LATENT_TOKENS)
+    layer = 0  # the residual after layer 0 of 2 (l = L/2)
+    model = copy.deepcopy(base)
+    rt = cotrt.wrap(model, tok, max_batch=3, max_len=128)
+    for name, path in _peft_valves(base, tmp_path):
+        rt.load_valve(path, name=name)
+    head = ScriptedHead(model.config.hidden_size, fire_at)
+    spec = cotrt.Latent(end_head=head, max_steps=cap, feedback=layer,
+                        valve_during={"contemplate": 1.0}, valve_after={"answer": 1.0})
+    p = _prompts(tok)[0]
+    n = 5
+    out, plain = rt.generate([p, _prompts(tok)[1]], [
+        cotrt.Params(max_new_tokens=cap + 1 + n, ignore_eos=True, latent=spec),
+        cotrt.Params(max_new_tokens=7, ignore_eos=True)])
+    steps = min(fire_at - 1, cap)
+    assert out.stats["latent_steps"] == steps
+    ref_head = ScriptedHead(model.config.hidden_size, fire_at)
+    ref, fed = coconut_naive(model, p, None, begin, end, n, layer=layer, end_head=lambda s: ref_head(s)[0, 0],
+                             cap=cap, valves=rt.valves)
+    assert len(fed) == steps
+    assert out.token_ids[:steps] == [lat] * steps and out.token_ids[steps] == end
+    assert out.token_ids[steps + 1: steps + 1 + n] == ref
+    for a, b in zip(out.latent_states, fed):
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
+    # The plain row beside it ran without any valve.
+    assert plain.token_ids == rt.generate([_prompts(tok)[1]], cotrt.Params(max_new_tokens=7, ignore_eos=True))[0].token_ids
+
+
+def test_bad_latent_specs(latent_tok, smol_tokenizer):
+    model = _model("llama", latent_tok, seed=71)
+    rt = cotrt.wrap(model, latent_tok, max_batch=2, max_len=64)
+    with pytest.raises(ValueError, match="steps"):
+        cotrt.Latent(steps=-1)
+    with pytest.raises(ValueError, match="feedback"):
+        rt.engine.add([5, 6], cotrt.Params(latent=cotrt.Latent(end_head=nn.Linear(64, 1), max_steps=3, feedback=7)))
+    with pytest.raises(ValueError, match="projection"):
+        rt.engine.add([5, 6], cotrt.Params(latent=cotrt.Latent(steps=2, projection=torch.zeros(64, 32))))
+    with pytest.raises(ValueError, match="valve"):
+        rt.engine.add([5, 6], cotrt.Params(latent=cotrt.Latent(steps=1, valve_during={"nope": 1.0})))
+    assert not rt.engine.has_unfinished()
+    plain_model = _model("llama", smol_tokenizer, seed=72)
+    rt2 = cotrt.wrap(plain_model, smol_tokenizer, max_batch=1, max_len=64)
+    with pytest.raises(ValueError, match="missing"):
+        rt2.engine.add([5, 6], cotrt.Params(latent=cotrt.Latent(steps=2)))
+    assert not rt2.engine.has_unfinished()
