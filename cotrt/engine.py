@@ -334,8 +334,8 @@ class Engine:
         alphas, adapters = [], []
         for r in rows:
             valve = r.valve if r is not None else None
-            if valve:
-                (name, alpha), = valve.items()
+            (name, alpha), = valve.items() if valve else ((None, 0.0),)
+            if alpha != 0.0:  # alpha 0 is the base model exactly: no delta to compute
                 alphas.append(float(alpha))
                 adapters.append(self.valves.index(name))
             else:

@@ -4,7 +4,7 @@
   HF model is ``self.base_causallm``) onto its base model and tokenizer.
 - :func:`save_ccot_bundle` / :func:`load_ccot_bundle`: a directory holding what a CCoT-style
   method trains on top of a base model (two LoRA valves, an END head, the feedback layer,
-  an optional projection); the format is documented in ``docs/latent.md``.
+  an optional projection); the format is documented in README.md ("CCoT bundles").
 
 Every loader validates everything it reads against the model before it changes anything:
 after an error, model, tokenizer and loaded valves are as they were.
@@ -201,7 +201,7 @@ def _linear_tensors(obj, what: str, n_out=None) -> dict:
 def save_ccot_bundle(path, *, contemplate, answer, end_head, feedback_layer: int, max_steps: int,
                      projection=None, base: str | None = "default", tokens: Mapping | None = None,
                      insert_begin: bool = False, name: str | None = None, overwrite: bool = False) -> Path:
-    """Write a CCoT bundle directory (format ``cotrt-ccot/1``, see docs/latent.md).
+    """Write a CCoT bundle directory (format ``cotrt-ccot/1``, see README.md, "CCoT bundles").
 
     Args:
         contemplate, answer: the two LoRA valves: PEFT adapter folders (copied) or PEFT

@@ -124,20 +124,12 @@ class ScriptedHead(nn.Module):
 
 
 def _peft_valves(model, tmp_path):
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraLayer
+    from _peft import make_adapter
 
     paths = []
     for i, name in enumerate(["contemplate", "answer"]):
-        pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                                             target_modules=["q_proj", "v_proj", "up_proj"]))
-        g = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for m in pm.modules():
-                if isinstance(m, LoraLayer):
-                    for lin in (m.lora_A["default"], m.lora_B["default"]):
-                        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.4)
-        pm.save_pretrained(str(tmp_path / name))
+        make_adapter(model, tmp_path / name, seed=10 + i, std=0.4, r=4, lora_alpha=8,
+                     target_modules=["q_proj", "v_proj", "up_proj"])
         paths.append((name, str(tmp_path / name)))
     return paths
 
@@ -158,9 +150,11 @@ def test_ccot_matches_naive(latent_tok, tmp_path, fire_at, cap):
                         valve_during={"contemplate": 1.0}, valve_after={"answer": 1.0})
     p = _prompts(tok)[0]
     n = 5
-    out, plain = rt.generate([p, _prompts(tok)[1]], [
+    # A latent row (with its valve switch), a plain row and a valve row, in one batch.
+    out, plain, valved = rt.generate([p, _prompts(tok)[1], _prompts(tok)[2]], [
         cotrt.Params(max_new_tokens=cap + 1 + n, ignore_eos=True, latent=spec),
-        cotrt.Params(max_new_tokens=7, ignore_eos=True)])
+        cotrt.Params(max_new_tokens=7, ignore_eos=True),
+        cotrt.Params(max_new_tokens=7, ignore_eos=True, valve={"answer": 0.7})])
     steps = min(fire_at - 1, cap)
     assert out.stats["latent_steps"] == steps
     ref_head = ScriptedHead(model.config.hidden_size, fire_at)
@@ -171,8 +165,10 @@ def test_ccot_matches_naive(latent_tok, tmp_path, fire_at, cap):
     assert out.token_ids[steps + 1: steps + 1 + n] == ref
     for a, b in zip(out.latent_states, fed):
         torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
-    # The plain row beside it ran without any valve.
+    # The rows beside it got what they get alone.
     assert plain.token_ids == rt.generate([_prompts(tok)[1]], cotrt.Params(max_new_tokens=7, ignore_eos=True))[0].token_ids
+    assert valved.token_ids == rt.generate([_prompts(tok)[2]], cotrt.Params(
+        max_new_tokens=7, ignore_eos=True, valve={"answer": 0.7}))[0].token_ids
 
 
 def test_bad_latent_specs(latent_tok, smol_tokenizer):

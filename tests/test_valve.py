@@ -18,11 +18,11 @@ if not torch.cuda.is_available():
     # test_valve_lora.py's interpreter tests (collected after this file) would skip.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from _peft import make_adapter, set_peft_alpha
 from _tolerance import assert_close
 from cotrt.valve import ValveLinear, ValveSet, ValveState
 
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,  # noqa: E402
@@ -48,27 +48,6 @@ def _tiny(kind: str):
 @pytest.fixture(scope="module")
 def bases():
     return {k: _tiny(k) for k in ("llama", "qwen2", "gpt2")}
-
-
-def make_adapter(base, path, seed=1, **lora_kw):
-    """A PEFT LoRA with random non-zero A and B on a copy of ``base``, saved to ``path``.
-    Returns the PEFT model (eval) with its original scalings remembered."""
-    pm = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **lora_kw)).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in pm.modules():
-            if isinstance(m, LoraLayer):
-                for lin in (m.lora_A["default"], m.lora_B["default"]):
-                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.3)
-                m._valve_test_scaling = m.scaling["default"]
-    pm.save_pretrained(str(path))
-    return pm
-
-
-def set_peft_alpha(pm, alpha):
-    for m in pm.modules():
-        if isinstance(m, LoraLayer):
-            m.scaling["default"] = m._valve_test_scaling * alpha
 
 
 def prompts(n=4, seed=2, lengths=(5, 7, 3, 6)):

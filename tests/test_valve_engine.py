@@ -11,37 +11,17 @@ from _parity import hf_greedy
 from conftest import tiny_model
 
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from peft.tuners.lora import LoraLayer  # noqa: E402
+from _peft import make_adapter, set_peft_alpha  # noqa: E402
 
 ALPHAS = [0.0, 0.5, 1.0, 1.7]
-
-
-def _peft(base, path, seed, **kw):
-    pm = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **kw)).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in pm.modules():
-            if isinstance(m, LoraLayer):
-                for lin in (m.lora_A["default"], m.lora_B["default"]):
-                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.5)
-                m._scaling0 = m.scaling["default"]
-    pm.save_pretrained(str(path))
-    return pm
-
-
-def _set_alpha(pm, alpha):
-    for m in pm.modules():
-        if isinstance(m, LoraLayer):
-            m.scaling["default"] = m._scaling0 * alpha
 
 
 @pytest.fixture(scope="module")
 def setup(smol_tokenizer, tmp_path_factory):
     base = tiny_model("llama", len(smol_tokenizer), seed=41)
     d = tmp_path_factory.mktemp("valves")
-    short = _peft(base, d / "short", seed=1, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
-    other = _peft(base, d / "other", seed=2, r=4, lora_alpha=4, use_rslora=True, target_modules="all-linear")
+    short = make_adapter(base, d / "short", seed=1, std=0.5, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
+    other = make_adapter(base, d / "other", seed=2, std=0.5, r=4, lora_alpha=4, use_rslora=True, target_modules="all-linear")
     model = copy.deepcopy(base)
     rt = cotrt.wrap(model, smol_tokenizer, max_batch=4, max_len=128)
     assert rt.load_valve(str(d / "short"), name="short") == 0
@@ -62,7 +42,7 @@ def test_mixed_alphas_in_one_batch_match_peft(setup):
     outs = rt.generate(prompts, params)  # 5 requests, 4 slots: mixed alphas and adapters per batch
     for p, (name, alpha), o in zip(prompts, specs, outs):
         pm = short if name == "short" else other
-        _set_alpha(pm, alpha)
+        set_peft_alpha(pm, alpha)
         assert o.token_ids == hf_greedy(pm, p, 12, eos=None), (name, alpha)
         alone = rt.generate([p], cotrt.Params(max_new_tokens=12, ignore_eos=True, valve={name: alpha}))[0]
         assert alone.token_ids == o.token_ids
@@ -112,7 +92,7 @@ def test_valve_errors_leave_everything_unchanged(setup, tmp_path):
 
     narrow = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
-    _peft(narrow, tmp_path / "bad", seed=3, r=4, target_modules=["q_proj"])
+    make_adapter(narrow, tmp_path / "bad", seed=3, r=4, target_modules=["q_proj"])
     names = list(rt.valves.names)
     with pytest.raises(ValueError, match="q_proj"):
         rt.load_valve(str(tmp_path / "bad"), name="bad")

@@ -23,15 +23,14 @@ unscaled, so the engine passes no ``latent_scale`` for it.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 
 import torch
 import torch.nn.functional as F
+from ._triton import HAS_TRITON, load_kernel
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
-_HAS_TRITON = importlib.util.find_spec("triton") is not None  # an optional extra
 
 
 def _shape(t):
@@ -137,7 +136,7 @@ def contemplate(tokens, latent_mask, hidden, embed_weight, norm_weight=None, nor
     B, H, Hh, V = _check_args(tokens, latent_mask, hidden, embed_weight, norm_weight, norm_eps, proj_weight,
                               proj_bias, embed_scale, latent_scale, out)
     if impl == "auto":
-        impl = "triton" if embed_weight.is_cuda and _HAS_TRITON else "torch"
+        impl = "triton" if embed_weight.is_cuda and HAS_TRITON else "torch"
     if impl == "torch":
         return _contemplate_torch(tokens, latent_mask, hidden, embed_weight, norm_weight, norm_eps, proj_weight,
                                   proj_bias, embed_scale, latent_scale, out)
@@ -238,28 +237,8 @@ def _contemplate_torch_where(tokens, latent_mask, hidden, embed_weight, norm_wei
 # ---------------------------------------------------------------------------------- Triton
 
 
-@functools.lru_cache(maxsize=None)
 def _kernel(interpreted: bool):
-    if not _HAS_TRITON:
-        raise RuntimeError("contemplate: impl='triton' needs the triton package (pip install cotrt[triton])")
-    try:  # installed layout: kernels/ ships as cotrt.kernels
-        from cotrt.kernels.contemplate import _contemplate_kernel as kernel
-    except ModuleNotFoundError as e:
-        if e.name not in ("cotrt.kernels", "cotrt.kernels.contemplate"):
-            raise
-        from kernels.contemplate import _contemplate_kernel as kernel  # source checkout
-    if not interpreted:
-        return kernel
-    import triton.language.standard as tl_standard
-    from triton.runtime.interpreter import InterpretedFunction
-
-    # triton.language's own helpers (tl.zeros, tl.sum) pick compiler or interpreter when
-    # triton is first imported, so the variable must have been set by then.
-    if not isinstance(tl_standard.zeros, InterpretedFunction):
-        raise RuntimeError(
-            "contemplate: CPU tensors with impl='triton' run in Triton's interpreter, which needs "
-            "TRITON_INTERPRET=1 in the environment before triton is first imported")
-    return kernel if isinstance(kernel, InterpretedFunction) else InterpretedFunction(kernel.fn)
+    return load_kernel("contemplate", "_contemplate_kernel", interpreted)
 
 
 def _pow2(n: int) -> int:

@@ -19,14 +19,14 @@ kernel explicitly.
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
+
+from ._triton import HAS_TRITON, load_kernel
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 MAX_RANK = 128  # the kernel pads the rank to a power of two <= 128 (BLOCK_R)
-_HAS_TRITON = importlib.util.find_spec("triton") is not None  # an optional extra
 
 
 def _check_args(x, weight, lora_a, lora_b, alpha, adapter_idx, bias, out):
@@ -102,7 +102,7 @@ def valve_lora(x, weight, lora_a, lora_b, alpha, adapter_idx=None, bias=None, ou
     """
     M, N, K, n_adapters, r = _check_args(x, weight, lora_a, lora_b, alpha, adapter_idx, bias, out)
     if impl == "auto":
-        impl = "triton" if x.is_cuda and _HAS_TRITON else "torch"
+        impl = "triton" if x.is_cuda and HAS_TRITON else "torch"
     if impl == "torch":
         return _valve_lora_torch(x, weight, lora_a, lora_b, alpha, adapter_idx, bias, out)
     if impl == "triton":
@@ -167,30 +167,8 @@ def _valve_lora_torch(x, weight, lora_a, lora_b, alpha, adapter_idx, bias, out):
 # ---------------------------------------------------------------------------------- Triton
 
 
-@functools.lru_cache(maxsize=None)
 def _kernel(interpreted: bool):
-    if not _HAS_TRITON:
-        raise RuntimeError("valve_lora: impl='triton' needs the triton package (pip install cotrt[triton])")
-    try:  # installed layout: kernels/ ships as cotrt.kernels
-        from cotrt.kernels.valve_lora import _valve_lora_kernel as kernel
-    except ModuleNotFoundError as e:
-        if e.name not in ("cotrt.kernels", "cotrt.kernels.valve_lora"):
-            raise
-        from kernels.valve_lora import _valve_lora_kernel as kernel  # source checkout
-    if not interpreted:
-        return kernel
-    import triton.language.standard as tl_standard
-    from triton.runtime.interpreter import InterpretedFunction
-
-    # triton.jit chooses compiler or interpreter when a function is decorated, from
-    # TRITON_INTERPRET, and triton.language's own helpers (tl.zeros, tl.max) are decorated
-    # when triton is first imported: the interpreter works only if the variable was set then.
-    if not isinstance(tl_standard.zeros, InterpretedFunction):
-        raise RuntimeError(
-            "valve_lora: CPU tensors with impl='triton' run in Triton's interpreter, which needs "
-            "TRITON_INTERPRET=1 in the environment before triton is first imported")
-    # Our kernel may still have been decorated before the variable was set: interpret its source.
-    return kernel if isinstance(kernel, InterpretedFunction) else InterpretedFunction(kernel.fn)
+    return load_kernel("valve_lora", "_valve_lora_kernel", interpreted)
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,0 +1,41 @@
+"""Finding a Triton kernel, compiled or interpreted, for the launchers in cotrt/ops."""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+
+# Not imported here: importing triton fixes interpreter vs compiler (TRITON_INTERPRET).
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # an optional extra
+
+
+@functools.lru_cache(maxsize=None)
+def load_kernel(op: str, name: str, interpreted: bool):
+    """The @triton.jit function ``name`` of ``kernels/<op>.py``.
+
+    kernels/ installs as ``cotrt.kernels``; a source checkout imports it as ``kernels``.
+    With ``interpreted`` (CPU tensors), the kernel runs in Triton's interpreter, which needs
+    TRITON_INTERPRET=1 in the environment before triton is first imported: triton.jit
+    picks compiler or interpreter when a function is decorated, and triton.language's own
+    helpers (tl.zeros, tl.max) are decorated at import.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError(f"{op}: impl='triton' needs the triton package (pip install cotrt[triton])")
+    try:
+        module = importlib.import_module(f"cotrt.kernels.{op}")
+    except ModuleNotFoundError as e:
+        if e.name not in ("cotrt.kernels", f"cotrt.kernels.{op}"):
+            raise
+        module = importlib.import_module(f"kernels.{op}")  # source checkout
+    kernel = getattr(module, name)
+    if not interpreted:
+        return kernel
+    import triton.language.standard as tl_standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl_standard.zeros, InterpretedFunction):
+        raise RuntimeError(
+            f"{op}: CPU tensors with impl='triton' run in Triton's interpreter, which needs "
+            "TRITON_INTERPRET=1 in the environment before triton is first imported")
+    # Our kernel may still have been decorated before the variable was set: interpret its source.
+    return kernel if isinstance(kernel, InterpretedFunction) else InterpretedFunction(kernel.fn)

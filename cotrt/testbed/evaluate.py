@@ -1,0 +1,223 @@
+"""Drive the testbed models through cotrt: accuracy vs think tokens for each control.
+
+    python -m cotrt.testbed.evaluate --models DIR [--n 200] [--out bench/testbed_results.md]
+
+Every setting runs the same held-out problems (``task.held_out(seed, n)``, never trained
+on) greedily through ``cotrt.wrap``; a row is correct when the number after ``</think>``
+equals the exact answer (no answer after ``</think>``, e.g. thinking never closed, is
+wrong). Reported per setting: accuracy, mean think tokens (sampled, forced text not
+counted), think tokens saved against plain decoding, mean probe tokens (decoded by exit
+policies, then rolled back), and the wall time of the whole batch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import cotrt
+from cotrt.control.policies import DEER, EAT, Dynasor
+from cotrt.control.profiles import ModelProfile
+from cotrt.control.think import ThinkFormat
+
+from .task import END, INDUCER, THINK, held_out, parse_answer
+
+MAX_NEW = 256  # a LONG chain is ~60-140 think tokens; 256 leaves room for a runaway one
+BUDGETS = (16, 32, 48, 64, 96)
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
+LATENT_KS = (0, 2, 4, 6)
+
+# The exit policies' model knowledge for this task. Probes close thinking and ask for the
+# answer exactly as the training chains do ("</think>\nAnswer:"), a probe's answer ends at
+# the newline after the number, and re-checks start with "Wait" (DEER's cue).
+PROFILE = ModelProfile("testbed", ThinkFormat(THINK, END), answer_inducer=INDUCER, probe_close="\n",
+                       probe_max_tokens=6, dynasor_inducer=INDUCER, dynasor_ending="\n",
+                       step_cues=("Wait",), answer_methods=("last_number",))
+
+
+@dataclass
+class Setting:
+    control: str
+    setting: str
+    params: cotrt.Params
+    no_cot: bool = False  # prompt with thinking already closed
+    needs_valve: bool = False
+
+
+def settings(budgets=BUDGETS, alphas=ALPHAS) -> list[Setting]:
+    """The evaluated controls. Exit policies run at their published defaults (threshold,
+    every, k, alpha), with this task's inducer and cue; Dynasor and EAT also with a probe
+    interval that fits these short chains: at their defaults Dynasor (every 64, k=3) cannot
+    exit before 192 think tokens and EAT (every 32, 4 probes) before 128, while a LONG
+    chain here has ~80-140."""
+    P = lambda **kw: cotrt.Params(max_new_tokens=MAX_NEW, **kw)
+    out = [Setting("plain", "-", P()), Setting("no-CoT", "think closed in prompt", P(), no_cot=True)]
+    out += [Setting("think_budget", str(b), P(think_budget=b)) for b in budgets]
+    out += [Setting("DEER", "threshold 0.95, cue Wait", P(exit=DEER(profile=PROFILE, cues=("Wait",))))]
+    # "regenerate": end thinking and let the model write "Answer: N" itself. The template
+    # ending would inject the inducer, whose "</think>" follows the forced one.
+    out += [Setting("Dynasor", f"every {e}, k 3", P(exit=Dynasor(every=e, k=3, max_tokens=6, profile=PROFILE,
+                                                                   ending="regenerate")))
+            for e in (64, 16)]
+    # EAT reads the entropy of the token after its end text: after "Answer: " that is the
+    # answer's first digit (after "Answer:" it would be the space, always ~0 nats).
+    out += [Setting("EAT", f"every {e}", P(exit=EAT(every=e, end_text=INDUCER + " "))) for e in (32, 8)]
+    out += [Setting("valve", f"alpha {a:g}", P(valve={"short": a}), needs_valve=True) for a in alphas]
+    return out
+
+
+def run_setting(rt, problems, s: Setting) -> dict:
+    prompts = [p.no_cot_prompt if s.no_cot else p.prompt for p in problems]
+    t0 = time.perf_counter()
+    outs = rt.generate(prompts, s.params)
+    wall = time.perf_counter() - t0
+    n = len(problems)
+    correct = sum(parse_answer(o.answer) == p.answer for o, p in zip(outs, problems))
+    think = [o.stats.get("think_tokens", 0) for o in outs]
+    probe = [o.stats.get("probe_tokens", 0) for o in outs]
+    latent = [o.stats.get("latent_steps", 0) for o in outs]
+    return {"control": s.control, "setting": s.setting, "n": n, "accuracy": correct / n,
+            "think_tokens": sum(think) / n, "probe_tokens": sum(probe) / n,
+            "latent_steps": sum(latent) / n, "wall_s": wall,
+            "errors": sum(o.finish_reason == "error" for o in outs),
+            "example": outs[0].text}
+
+
+def _report(r: dict, log: bool) -> None:
+    if log:
+        print(f"{r['control']:>12} {r['setting']:<28} acc {r['accuracy']:.3f}  think {r['think_tokens']:6.1f}"
+              f"  probe {r['probe_tokens']:5.1f}  {r['wall_s']:6.1f}s", file=sys.stderr, flush=True)
+
+
+def evaluate_latent(models: Path, problems, ks=LATENT_KS, max_batch: int = 32, log=True) -> list[dict]:
+    """The Coconut-style model of stage k with k thoughts, loaded onto a fresh base by
+    ``cotrt.loaders.load_coconut``; stages not trained are skipped."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cotrt.loaders import load_coconut
+
+    rows = []
+    for k in ks:
+        ckpt = Path(models) / "coconut" / f"stage_{k}.pt"
+        if not ckpt.exists():
+            continue
+        base = Path(models) / "base"
+        model, tok, latent = load_coconut(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                          AutoTokenizer.from_pretrained(base), str(ckpt), steps=k)
+        rt = cotrt.wrap(model, tok, max_batch=max_batch, max_len=512)
+        s = Setting("latent (Coconut)", f"k {k} (stage {k} model)", cotrt.Params(max_new_tokens=MAX_NEW, latent=latent))
+        r = run_setting(rt, problems, s)
+        rows.append(r)
+        _report(r, log)
+    return rows
+
+
+def evaluate(models: Path, n: int = 200, seed: int = 0, max_batch: int = 32, only=None, log=True) -> list[dict]:
+    """Run every setting (or those whose control is in ``only``; "latent" for the Coconut
+    model); returns result rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = Path(models) / "base"
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    rt = cotrt.wrap(model, tok, max_batch=max_batch, max_len=512)
+    problems = held_out(seed, n)
+    todo = [s for s in settings() if only is None or s.control in only]
+    # Settings without a valve run first, before the LoRA is loaded: loading swaps the
+    # target linears for ValveLinear, and their timings should be the base model's.
+    todo.sort(key=lambda s: s.needs_valve)
+    rows = []
+    for s in todo:
+        if s.needs_valve and rt.valves is None:
+            rt.load_valve(str(Path(models) / "valve"), name="short")
+        r = run_setting(rt, problems, s)
+        rows.append(r)
+        _report(r, log)
+    if only is None or "latent" in only:
+        rows += evaluate_latent(models, problems, max_batch=max_batch, log=log)
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    plain = next((r for r in rows if r["control"] == "plain"), None)
+    lines = [
+        "# Testbed: accuracy vs think tokens through cotrt",
+        "",
+        (f"{meta.get('n')} held-out problems (seed {meta.get('seed')}), greedy, batch {meta.get('max_batch')}; "
+         f"{meta.get('device')}; torch {torch.__version__}; model: {meta.get('model')}."),
+        ("Think tokens: sampled thinking tokens per problem (forced text not counted); saved: "
+         "against plain decoding; probe tokens: decoded by exit-policy probes, then rolled back."),
+        "",
+        "| control | setting | accuracy | think tokens | saved | probe tokens | latent steps | wall s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        saved = "" if not plain or not plain["think_tokens"] else f"{1 - r['think_tokens'] / plain['think_tokens']:+.0%}"
+        lines.append(f"| {r['control']} | {r['setting']} | {r['accuracy']:.3f} | {r['think_tokens']:.1f} | {saved} "
+                     f"| {r['probe_tokens']:.1f} | {r.get('latent_steps', 0):.1f} | {r['wall_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    """Accuracy vs think tokens, one curve per control; False when matplotlib is missing
+    (it is not a dependency)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for control in dict.fromkeys(r["control"] for r in rows):
+        pts = sorted((r["think_tokens"], r["accuracy"]) for r in rows if r["control"] == control)
+        ax.plot(*zip(*pts), marker="o", label=control)
+    ax.set_xlabel("mean think tokens")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def device_line() -> str:
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(prog="python -m cotrt.testbed.evaluate")
+    ap.add_argument("--models", required=True, type=Path, help="the --out of cotrt.testbed.train")
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0, help="the seed the models were trained with")
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=None, help="markdown table (a .png plot beside it)")
+    ap.add_argument("--only", nargs="*", default=None, help="controls to run (default: all)")
+    args = ap.parse_args(argv)
+    rows = evaluate(args.models, args.n, args.seed, args.max_batch, only=args.only)
+    log_path = args.models / "train_log.json"
+    model = "?"
+    if log_path.exists():
+        c = json.loads(log_path.read_text())
+        b = c["base"]
+        model = (f"Llama {c['config']['layers']}x{c['config']['hidden']}, {b['params'] / 1e6:.2f}M params, "
+                 f"{c['config']['steps']} steps ({b['seconds']:.0f} s); valve LoRA r=8, "
+                 f"{c['config']['valve_steps']} steps ({c['valve']['seconds']:.0f} s)")
+    meta = {"n": args.n, "seed": args.seed, "max_batch": args.max_batch, "device": device_line(), "model": model}
+    text = markdown(rows, meta)
+    print(text)
+    (args.models / "eval_results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if args.out:
+        args.out.write_text(text)
+        if not plot(rows, args.out.with_suffix(".png")):
+            print("matplotlib is not installed: no plot", file=sys.stderr)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

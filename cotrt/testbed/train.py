@@ -1,0 +1,192 @@
+"""Train the testbed's models on this CPU, from a seed.
+
+    python -m cotrt.testbed.train --out DIR [--steps N] [--valve-steps N] [--stage-steps N]
+                                  [--stages S] [--seed S] [--quick] [--no-coconut]
+
+Writes
+    DIR/base/    an ordinary HF checkpoint (config.json, model.safetensors, tokenizer.json):
+                 a tiny LlamaForCausalLM trained on LONG chains (think, re-check twice, answer);
+    DIR/valve/   a CoT-Valve LoRA (PEFT, r=8) trained from the base on SHORT chains, so that
+                 alpha in [0, 1] moves between the two lengths (``rt.load_valve``);
+    DIR/coconut/stage_{s}.pt  a Coconut-style latent model after curriculum stage s (s
+                 thoughts replacing the first s chain lines; coconut.py), in Coconut's
+                 checkpoint format for ``cotrt.loaders.load_coconut``;
+    DIR/train_log.json  settings, losses and times.
+
+The loss covers the completion only (think, answer, eos): the question's numbers are
+random, so predicting them teaches nothing. ``--quick`` trains a 2-layer, 64-wide model
+for a few dozen steps (well under a minute on 2 cores): enough for the pipeline tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .task import EOS, build_tokenizer, check_tokenizer, held_out, train_stream
+
+TEST_SIZE = 200  # held-out problems excluded from training (evaluate.py uses a prefix)
+
+FULL = {"hidden": 128, "layers": 4, "heads": 4, "inter": 384, "steps": 1500, "valve_steps": 300, "batch": 32,
+        "lr": 3e-3, "stages": 6, "stage_steps": 150}
+QUICK = {"hidden": 64, "layers": 2, "heads": 4, "inter": 128, "steps": 60, "valve_steps": 20, "batch": 16,
+         "lr": 3e-3, "stages": 2, "stage_steps": 5}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def model_config(tok, hidden: int, layers: int, heads: int, inter: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True,
+                       bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def make_batch(problems, tok, style: str):
+    """input_ids / labels / attention_mask ``[B, T]``, right-padded; labels are -100 on the
+    prompt and padding."""
+    rows, masks = [], []
+    for p in problems:
+        prompt = tok.encode(p.prompt, add_special_tokens=False)
+        comp = tok.encode(p.completion(style), add_special_tokens=False) + [tok.eos_token_id]
+        rows.append(prompt + comp)
+        masks.append(len(prompt))
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    attn = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (r, m) in enumerate(zip(rows, masks)):
+        ids[i, : len(r)] = torch.tensor(r)
+        labels[i, m: len(r)] = torch.tensor(r[m:])
+        attn[i, : len(r)] = 1
+    return ids, labels, attn
+
+
+def optimizer(params, lr: float, steps: int):
+    """AdamW, linear warm-up over 10% of the steps (at most 50), cosine decay to 10%."""
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warm = max(1, min(50, steps // 10))
+
+    def lr_at(s):
+        if s < warm:
+            return (s + 1) / warm
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+def fit(model, tok, stream, style: str, steps: int, batch: int, lr: float, log_every: int = 25,
+        label: str = "") -> list[float]:
+    """Train on ``style`` chains from ``stream``; returns the loss of every step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = optimizer(params, lr, steps)
+    model.train()
+    losses, t0 = [], time.perf_counter()
+    for step in range(steps):
+        ids, labels, attn = make_batch([next(stream) for _ in range(batch)], tok, style)
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"[{label}] step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - t0:6.1f}s",
+                  file=sys.stderr, flush=True)
+    model.eval()
+    return losses
+
+
+def train_base(out: Path, seed: int, cfg: dict) -> dict:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    check_tokenizer(tok)
+    model = LlamaForCausalLM(model_config(tok, cfg["hidden"], cfg["layers"], cfg["heads"], cfg["inter"]))
+    stream = train_stream(seed, exclude=held_out(seed, TEST_SIZE))
+    t0 = time.perf_counter()
+    losses = fit(model, tok, stream, "long", cfg["steps"], cfg["batch"], cfg["lr"], label="base")
+    secs = time.perf_counter() - t0
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out / "base")
+    tok.save_pretrained(str(out / "base"))
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"losses": losses, "seconds": secs, "params": n_params}
+
+
+def train_valve(out: Path, seed: int, cfg: dict) -> dict:
+    """A LoRA trained from the saved base towards SHORT chains (CoT-Valve's long-to-short
+    delta): at alpha=0 the runtime serves the base (long chains), at 1 the short ones."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed + 1)
+    tok = AutoTokenizer.from_pretrained(out / "base")
+    base = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
+    lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none",
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(base, lcfg)
+    stream = train_stream(seed + 1, exclude=held_out(seed, TEST_SIZE))
+    t0 = time.perf_counter()
+    losses = fit(model, tok, stream, "short", cfg["valve_steps"], cfg["batch"], cfg["lr"], label="valve")
+    secs = time.perf_counter() - t0
+    model.save_pretrained(out / "valve")
+    return {"losses": losses, "seconds": secs}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m cotrt.testbed.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--steps", type=int, default=None, help="base model steps")
+    ap.add_argument("--valve-steps", type=int, default=None)
+    ap.add_argument("--stage-steps", type=int, default=None, help="steps per Coconut stage")
+    ap.add_argument("--stages", type=int, default=None, help="last Coconut stage (thoughts)")
+    ap.add_argument("--no-coconut", action="store_true", help="skip the latent model")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="a reduced model and run (pipeline tests)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = ap.parse_args(argv)
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.steps is not None:
+        cfg["steps"] = args.steps
+    if args.valve_steps is not None:
+        cfg["valve_steps"] = args.valve_steps
+    for k in ("stage_steps", "stages"):
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    for k in ("steps", "valve_steps", "stage_steps"):
+        if cfg[k] < 1:
+            raise SystemExit(f"--{k.replace('_', '-')} must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = train_base(args.out, args.seed, cfg)
+    valve = train_valve(args.out, args.seed, cfg)
+    coconut = None
+    if not args.no_coconut:
+        from .coconut import train_coconut
+
+        coconut = train_coconut(args.out, args.seed, cfg["stages"], cfg["stage_steps"], cfg["batch"], cfg["lr"])
+    log = {"seed": args.seed, "quick": args.quick, "config": cfg, "test_size": TEST_SIZE,
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "eos": EOS,
+           "base": base, "valve": valve, "coconut": coconut}
+    (args.out / "train_log.json").write_text(json.dumps(log))
+    print(f"base: {base['params']} params, loss {base['losses'][0]:.3f} -> {base['losses'][-1]:.3f} "
+          f"in {base['seconds']:.0f}s; valve: loss {valve['losses'][0]:.3f} -> {valve['losses'][-1]:.3f} "
+          f"in {valve['seconds']:.0f}s; saved to {args.out}", file=sys.stderr)
+    return log
+
+
+if __name__ == "__main__":
+    main()

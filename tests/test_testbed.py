@@ -1,0 +1,147 @@
+"""The testbed pipeline end to end, reduced: task, tokenizer, --quick training (seeded),
+reload with from_pretrained, and generation through cotrt (budget, valve, latent, probes)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import cotrt
+from cotrt.control.automaton import token_bytes
+from cotrt.testbed import task
+
+
+def _recompute(p: task.Problem) -> int:
+    x = p.start
+    for _var, _src, op, k, value in p.steps:
+        x = x + k if op == "+" else x - k if op == "-" else x * k
+        assert value == x
+        assert 0 <= x <= task.MAX_VALUE
+    return x
+
+
+def test_problems_seeded_exact_and_held_out():
+    a, b = task.held_out(0, 200), task.held_out(0, 200)
+    assert a == b and len({p.question for p in a}) == 200
+    assert task.held_out(1, 20) != a[:20]
+    for p in a:
+        assert _recompute(p) == p.answer
+        assert task.MIN_STEPS <= len(p.steps) + 1 <= task.MAX_STEPS
+    stream = task.train_stream(0, exclude=a)
+    test_q = {p.question for p in a}
+    assert not any(next(stream).question in test_q for _ in range(3000))
+
+
+def test_chains_tokenize_and_parse():
+    tok = task.build_tokenizer()
+    task.check_tokenizer(tok)
+    for p in task.held_out(0, 50):
+        long, short = p.completion("long"), p.completion("short")
+        assert task.parse_answer(long.split(task.END)[1]) == p.answer
+        assert task.parse_answer(short.split(task.END)[1]) == p.answer
+        assert long.startswith(p.first_pass()) and short.startswith(p.first_pass())
+        assert long.count("Wait") == 2 and "Wait" not in short
+        n_long = len(tok.encode(p.think("long"), add_special_tokens=False))
+        n_short = len(tok.encode(p.think("short"), add_special_tokens=False))
+        assert n_long > 2 * n_short  # the re-checks are most of a LONG chain
+    # cotrt matches cues and markers on each token's bytes: they must be the text itself.
+    tb = token_bytes(tok)
+    for text in ("Wait", "\n", " ", task.THINK, task.END):
+        (i,) = tok.encode(text, add_special_tokens=False)
+        assert tb[i] == text.encode()
+    assert task.parse_answer("no number") is None
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    from cotrt.testbed import train
+
+    out = tmp_path_factory.mktemp("testbed")
+    torch.manual_seed(0)
+    log = train.main(["--out", str(out), "--quick", "--seed", "0"])
+    return out, log
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_quick_training_loss_falls(quick):
+    out, log = quick
+    base = log["base"]["losses"]
+    assert _mean(base[-10:]) < 0.6 * _mean(base[:5]), (base[:5], base[-10:])
+    valve = log["valve"]["losses"]
+    assert _mean(valve[-5:]) < _mean(valve[:3])  # the short chains' "</think>" is learned
+    for losses in log["coconut"]["losses"].values():
+        assert all(math.isfinite(x) and x < 10 for x in losses)  # finite through the fed-back states
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (out / "base" / name).exists()
+    assert (out / "valve" / "adapter_config.json").exists()
+
+
+@pytest.fixture(scope="module")
+def runtime(quick):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = quick
+    model = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(out / "base")
+    rt = cotrt.wrap(model, tok, max_batch=4, max_len=512)
+    assert rt.think_format.start == task.THINK and rt.think_format.end == task.END
+    return rt
+
+
+def test_reloaded_checkpoint_runs_through_cotrt(runtime):
+    problems = task.held_out(0, 4)
+    outs = runtime.generate([p.prompt for p in problems], cotrt.Params(max_new_tokens=96, think_budget=24))
+    for o in outs:
+        assert o.finish_reason in ("stop", "length") and o.error is None
+        assert 0 < o.stats["think_tokens"] <= 24
+        assert task.END in o.text  # thinking closed, by the model or by the budget
+    # The quick model is undertrained; it has learned the format: an answer line parses.
+    assert sum(task.parse_answer(o.answer) is not None for o in outs) >= 2, [o.text for o in outs]
+
+
+def test_exit_policies_probe_the_testbed_format(runtime):
+    from cotrt.control.policies import DEER, EAT
+    from cotrt.testbed.evaluate import PROFILE
+
+    p = task.held_out(0, 1)[0]
+    params = cotrt.Params(max_new_tokens=160, exit=[DEER(profile=PROFILE, cues=("Wait",)),
+                                                    EAT(every=8, end_text=task.INDUCER + " ")])
+    (o,) = runtime.generate([p.prompt], params)
+    assert o.error is None
+    assert o.stats["probe_tokens"] > 0  # the EAT probes at least ran
+
+
+def test_valve_and_latent_load(quick, runtime):
+    out, _ = quick
+    problems = task.held_out(0, 2)
+    rt = runtime
+    rt.load_valve(str(out / "valve"), name="short")
+    outs = rt.generate([p.prompt for p in problems], [cotrt.Params(max_new_tokens=64, valve={"short": a})
+                                                       for a in (0.0, 1.0)])
+    assert all(o.error is None for o in outs)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cotrt.loaders import load_coconut
+
+    model, tok, latent = load_coconut(AutoModelForCausalLM.from_pretrained(out / "base"),
+                                      AutoTokenizer.from_pretrained(out / "base"),
+                                      str(out / "coconut" / "stage_2.pt"), steps=2)
+    lrt = cotrt.wrap(model, tok, max_batch=2, max_len=512)
+    outs = lrt.generate([p.prompt for p in problems], cotrt.Params(max_new_tokens=64, latent=latent))
+    assert [o.stats["latent_steps"] for o in outs] == [2, 2]
+
+
+def test_evaluate_writes_a_table(quick):
+    from cotrt.testbed import evaluate
+
+    out, _ = quick
+    rows = evaluate.evaluate(out, n=4, max_batch=4, only={"plain", "think_budget", "valve"}, log=False)
+    assert {r["control"] for r in rows} == {"plain", "think_budget", "valve"}
+    assert all(0 <= r["accuracy"] <= 1 and r["errors"] == 0 for r in rows)
+    md = evaluate.markdown(rows, {"n": 4, "seed": 0, "max_batch": 4, "device": "cpu", "model": "quick"})
+    assert md.count("\n| ") == len(rows) + 1
