@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cotrt  # noqa: E402
 from cotrt.async_engine import AsyncEngine  # noqa: E402
-from cotrt.engine import Event, Output  # noqa: E402
+from cotrt.output import Event, Output  # noqa: E402
 from cotrt.models import load_model  # noqa: E402
 from cotrt.server import create_app  # noqa: E402
 

@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "wrap": "cotrt.api",
     "Runtime": "cotrt.api",
-    "Output": "cotrt.api",
+    "Output": "cotrt.output",
     "Params": "cotrt.params",
     "ThinkFormat": "cotrt.control.think",
     "Engine": "cotrt.engine",

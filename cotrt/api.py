@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Iterable, Iterator, Sequence
 
 from .control.think import ThinkFormat
-from .engine import Engine, Event, Output
+from .engine import Engine
+from .output import Event, Output
 from .model import ModelRunner
 from .params import Params
 

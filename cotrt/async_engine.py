@@ -26,7 +26,7 @@ from collections import defaultdict
 from typing import AsyncIterator
 
 from .control.row import THINK
-from .engine import Event, Output
+from .output import Event, Output
 from .params import Params
 
 log = logging.getLogger("cotrt.async_engine")

@@ -11,47 +11,21 @@ import itertools
 import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 import torch
 
 from .control.automaton import compile_cached, token_bytes
 from .control.exits import ExitControl
 from .control.latent_run import LatentRun
-from .control.row import PHASE_NAMES, Row, RowPatterns
+from .control.row import Row, RowPatterns
 from .control.think import ThinkFormat
+from .output import Event, OutputBuilder
 from .params import Params
 from .sampling import sample
 
 # Prefill at most this many (padded) tokens per forward: bounds the memory of the
 # attention scores and of the mask when many long prompts arrive at once.
 PREFILL_TOKENS = 4096
-
-
-@dataclass
-class Event:
-    """What one step did for one request: newly committed tokens and their text; the final
-    output when the request finished."""
-
-    request_id: int
-    token_ids: list
-    text: str
-    finished: bool = False
-    output: object = None
-
-
-@dataclass
-class Output:
-    request_id: int
-    prompt_token_ids: list
-    token_ids: list
-    text: str
-    reasoning: str
-    answer: str
-    finish_reason: str
-    stats: dict = field(default_factory=dict)
-    error: str | None = None
-    latent_states: list | None = None  # the states fed back by latent steps ([H] each)
 
 
 class Engine:
@@ -77,6 +51,7 @@ class Engine:
         self.device = runner.device
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
         self.valves = None  # cotrt.valve.ValveSet once a valve is loaded
+        self.out = OutputBuilder(tokenizer, think_format)
 
     # -- requests ---------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -195,7 +170,7 @@ class Engine:
         events: list[Event] = []
         for row in self._aborted:
             self._release(row)
-            events.append(self._final_event(row))
+            events.append(self.out.final_event(row))
         self._aborted.clear()
         running = [self.running[s] for s in sorted(self.running)]
         admitted = self._admit()
@@ -212,7 +187,7 @@ class Engine:
             self._guarded(group, lambda rs: self._extend(rs, plans))
         self.stats["steps"] += 1
         for row in rows:
-            ev = self._event(row)
+            ev = self.out.event(row)
             if ev is not None:
                 events.append(ev)
             if row.finished:
@@ -417,69 +392,6 @@ class Engine:
         row.t_done = time.perf_counter()
         self.requests.pop(row.id, None)
 
-    def _event(self, row: Row) -> Event | None:
-        if row.finished:
-            return self._final_event(row)
-        commit = len(row.gen) - row.holdback()
-        if commit <= row.emitted:
-            return None
-        new = row.gen[row.emitted:commit]
-        row.emitted = commit
-        return Event(row.id, new, self._text_delta(row, commit))
-
-    def _final_event(self, row: Row) -> Event:
-        out = self.output(row)
-        new = row.gen[row.emitted:]
-        row.emitted = len(row.gen)
-        # The stream's text ends exactly where the final text does (stop strings cut).
-        streamed = getattr(row, "streamed_text", "")
-        delta = out.text[len(streamed):] if out.text.startswith(streamed) else ""
-        return Event(row.id, new, delta, finished=True, output=out)
-
-    def _text_delta(self, row: Row, upto: int) -> str:
-        # Incremental detokenization over a small window (a token's text can depend on its
-        # neighbours, e.g. SentencePiece's leading space).
-        dec = lambda a, b: self._clean(self.tokenizer.decode(row.gen[a:b], skip_special_tokens=False))
-        prefix = dec(row.stream_prefix, row.stream_read)
-        full = dec(row.stream_prefix, upto)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return ""
-        delta = full[len(prefix):]
-        row.stream_prefix, row.stream_read = row.stream_read, upto
-        row.streamed_text = getattr(row, "streamed_text", "") + delta
-        return delta
-
-    def _clean(self, s: str) -> str:
-        """Text without special tokens (EOS, BOS, pad), but with the think markers."""
-        specials = getattr(self, "_specials", None)
-        if specials is None:
-            # Keep specials that are part of a marker (s1's "<|im_start|>think").
-            markers = (self.fmt.start or "") + "\0" + self.fmt.end
-            all_sp = getattr(self.tokenizer, "all_special_tokens", []) or []
-            specials = self._specials = [t for t in all_sp if t and t not in markers]
-        for sp in specials:
-            if sp in s:
-                s = s.replace(sp, "")
-        return s
-
-    def output(self, row: Row) -> Output:
-        tok = self.tokenizer
-        raw = tok.decode(row.gen, skip_special_tokens=False)
-        raw = _cut_stop(raw, row.params.stop) if row.finished == "stop_string" else raw
-        reasoning, answer = _split(raw, self.fmt, row.phase0)
-        clean = self._clean
-        reasoning, answer = clean(reasoning).strip(), _drop(clean(answer), self.fmt).strip()
-        text = clean(raw)
-        stats = row.stats()
-        now = time.perf_counter()
-        stats["time_s"] = round(getattr(row, "t_done", now) - row.t_add, 6)
-        if hasattr(row, "t_first"):
-            stats["ttft_s"] = round(row.t_first - row.t_add, 6)
-        stats["phase"] = PHASE_NAMES[row.phase]
-        return Output(row.id, row.prompt, list(row.gen), text, reasoning, answer,
-                      row.finish_reason or "length", stats, row.error,
-                      list(row.latent.fed_back) if row.latent is not None else None)
-
 
 def _taps(rows) -> tuple:
     """Decoder layers whose residual some latent row feeds back this step."""
@@ -519,31 +431,3 @@ def _extend_groups(rows: list[Row], plans):
     if group:
         yield group
 
-
-def _cut_stop(text: str, stops) -> str:
-    cut = min((text.find(s) for s in stops if s in text), default=-1)
-    return text if cut < 0 else text[:cut]
-
-
-def _split(raw: str, fmt: ThinkFormat, phase0: int) -> tuple[str, str]:
-    """(reasoning, answer) of the generated text."""
-    from .control.row import THINK
-
-    if fmt.plain:
-        i = raw.find(fmt.end)
-        return (raw, "") if i < 0 else (raw[:i], raw[i + len(fmt.end):])
-    body = raw
-    if phase0 != THINK:
-        i = raw.find(fmt.start)
-        if i < 0:
-            return "", raw
-        body = raw[i + len(fmt.start):]
-    j = body.find(fmt.end)
-    if j < 0:
-        return body, ""
-    return body[:j], body[j + len(fmt.end):]
-
-
-def _drop(answer: str, fmt: ThinkFormat) -> str:
-    # A second end marker after a forced one carries no content.
-    return answer.replace(fmt.end, "") if not fmt.plain else answer

@@ -19,7 +19,7 @@ import pytest
 import cotrt
 from conftest import tiny_model
 from cotrt.async_engine import AsyncEngine, Request
-from cotrt.engine import _drop, _split
+from cotrt.output import _drop, _split
 from cotrt.server import ReasoningSplitter, create_app
 
 # A template that pre-opens thinking (R1 / Qwen3 style), for the think-marker model.
