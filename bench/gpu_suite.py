@@ -2,6 +2,10 @@
 
     python3 bench/gpu_suite.py --out $OUT/gpu_suite.json      # one H100, under 8 minutes
     python3 bench/gpu_suite.py --smoke                        # CPU, tiny configs, < 1 minute
+    python3 bench/gpu_suite.py --sections correctness --strict   # exit 1 on a failed check
+
+Builds cotrt._C in place first if this Python cannot import it (the .so is per ABI and
+git-ignored, so it does not travel to the GPU machine).
 
 Random-weight models built from the real configs of SmolLM2-135M, Qwen2.5-0.5B and
 Llama-3.2-1B (bf16 on CUDA; no hub, no checkpoint: the configs are written below) and a
@@ -14,8 +18,9 @@ listed under "skipped"; a failing section is recorded under "errors" and the res
 1. correctness: valve_lora and contemplate against their fp32 references in bf16 under
    tests/_tolerance.py's rules; greedy parity of cotrt vs HF ``generate`` (3 prompts of
    ragged lengths, 32 tokens) per model, reporting the first divergence and the logit gap
-   there (random bf16 models have near-ties: a divergence whose gap is inside the bf16
-   tolerance is a tie, one outside it a mismatch);
+   there (HF's logits over the common prefix, one full forward; random bf16 models have
+   near-ties, exact ones too: a divergence whose gap is inside the bf16 tolerance is a tie,
+   one outside it a mismatch), plus the SmolLM2 config in fp32 as the exact anchor;
 2. decode: tokens/s of cotrt and HF ``generate`` (eager, SDPA) at batch 1, 8, 32, prompt
    128, 128 new tokens (EOS off); decode rate = B·(N-1) / (t(N) - t(1)), i.e. prefill and
    the first token excluded; achieved GB/s = (weights + KV read per step) / step time,
@@ -40,6 +45,7 @@ import gc
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -92,10 +98,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 class Plan:
     """Sizes and the time budget of a run (full on CUDA, tiny with --smoke)."""
 
-    def __init__(self, smoke: bool, budget_s: float | None):
+    def __init__(self, smoke: bool, budget_s: float | None, dtype: str | None = None):
         self.smoke = smoke
         self.device = torch.device("cpu" if smoke else "cuda")
-        self.dtype = torch.float32 if smoke else torch.bfloat16
+        self.dtype = getattr(torch, dtype) if dtype else torch.float32 if smoke else torch.bfloat16
         self.configs = SMOKE_CONFIGS if smoke else CONFIGS
         self.prompt, self.new = (16, 8) if smoke else (128, 128)
         self.batches = (1, 4) if smoke else (1, 8, 32)
@@ -145,7 +151,7 @@ def ensure_extension() -> dict:
         pass
     t = time.perf_counter()
     r = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, check=False)
     if r.returncode != 0:
         raise RuntimeError(f"building cotrt._C failed:\n{r.stderr[-2000:]}")
     import cotrt._C  # noqa: F401
@@ -230,7 +236,7 @@ def versions(device) -> dict:
     for mod in ("triton", "peft", "tokenizers", "flash_attn"):
         try:
             out[mod] = __import__(mod).__version__
-        except Exception:
+        except Exception:  # noqa: BLE001 - absent or broken optional package: recorded as None
             out[mod] = None
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
@@ -467,8 +473,9 @@ def bench_valve_lora(plan: Plan) -> list[dict]:
 
         cfg = peft.LoraConfig(r=R, lora_alpha=2 * R, target_modules=["proj"], init_lora_weights=False)
         layer = peft.get_peft_model(One(), cfg).base_model.model.proj.to(dev, dt).eval()
-    except ImportError:
-        layer = None
+        peft_note = None
+    except Exception as e:  # noqa: BLE001 - no peft, or one that refuses: the other providers still run
+        layer, peft_note = None, f"{type(e).__name__}: {e}"[:300]
     rows = []
     for M in Ms:
         x = torch.randn(M, K, generator=g).to(dev, dt)
@@ -477,7 +484,7 @@ def bench_valve_lora(plan: Plan) -> list[dict]:
                      "valve_lora": lambda: valve_lora(x, W, A, B, alpha)}
         if layer is not None:
             providers["peft_unmerged"] = lambda: layer(x)
-        row = {"M": M, "K": K, "N": K, "r": R, "dtype": str(dt)}
+        row = {"M": M, "K": K, "N": K, "r": R, "dtype": str(dt), **({"peft_note": peft_note} if peft_note else {})}
         for pname, fn in providers.items():
             s = bench_fn(fn, dev)
             moved = (K * K + (0 if pname == "F.linear" else 2 * R * K)) * W.element_size()
@@ -574,7 +581,7 @@ def hf_compiled_child(args) -> None:
     cell, HF generate with a static cache; one JSON line per finished cell. The warm-up
     (first call, with the full length so the static cache is sized once: transformers reuses
     the largest size, so t(1) does not recompile) is the compile time."""
-    plan = Plan(args.smoke, args.budget)
+    plan = Plan(args.smoke, args.budget, args.dtype)
     deadline = args.child_deadline  # time.time() by which to stop
     tok = build_tokenizer()
     bw = args.child_bw
@@ -606,6 +613,12 @@ def hf_compiled_child(args) -> None:
                 t = time_generate(run, plan.device, plan.repeats, plan.new, warm_n=plan.new)
             res = finish_cell("hf_static_compiled", name, model, batch, plan, t, bw)
             res["compile_s"] = t["warmup_s"]
+            try:  # did transformers compile at all? (it does on CUDA only)
+                from torch._dynamo.utils import counters
+
+                res["dynamo_unique_graphs_so_far"] = counters["stats"]["unique_graphs"]
+            except Exception:  # noqa: BLE001 - a private counter: best effort
+                pass
         except Exception as e:  # noqa: BLE001 - reported, not raised: the next cell may work
             res = {"provider": "hf_static_compiled", "model": name, "batch": batch,
                    "error": f"{type(e).__name__}: {str(e)[:500]}"}
@@ -627,12 +640,20 @@ def run_hf_compiled(plan: Plan, args, bw_gbps: float, result: dict) -> list[dict
         cmd.append("--smoke")
     if args.budget:
         cmd += ["--budget", str(args.budget)]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        # Its own process group, so that inductor's compile workers go with it when killed.
+        child = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
         try:
-            subprocess.run(cmd, stdout=out, stderr=err, timeout=left, env=env, check=False)
+            child.wait(timeout=left)
         except subprocess.TimeoutExpired:
             result["skipped"].append("hf_compiled: child killed at the deadline (cells not listed did not finish)")
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
         out.seek(0)
         err.seek(0)
         cells_out = [json.loads(line) for line in out if line.startswith("{")]
@@ -673,8 +694,8 @@ def table(result: dict) -> str:
     for c in result.get("decode", []) + result.get("hf_compiled", []):
         cells[(c["model"], c["batch"], c["provider"])] = c
     keys = sorted({(m, b) for m, b, _ in cells}, key=lambda k: (list(CONFIGS).index(k[0]), k[1]))
-    lines = ["| model | batch | cotrt tok/s | HF eager tok/s | HF static+compile tok/s | cotrt / HF eager "
-             "| cotrt GB/s (of copy BW) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| model | batch | cotrt tok/s | HF eager tok/s | HF static+compile tok/s | cotrt / HF eager "
+              "| cotrt GB/s (of copy BW) |"), "|---|---:|---:|---:|---:|---:|---:|"]
     for m, b in keys:
         co, he, hc = (cells.get((m, b, p), {}) for p in ("cotrt", "hf_eager", "hf_static_compiled"))
         ratio = (co["decode_tok_s"] / he["decode_tok_s"]
@@ -696,9 +717,12 @@ def summary(result: dict) -> str:
     corr = result.get("correctness", {})
     kern = corr.get("kernels", [])
     par = corr.get("parity", [])
-    out.append(f"correctness: kernels {sum(k['ok'] for k in kern)}/{len(kern)} ok; parity " + ", ".join(
-        f"{p['model']} [{' '.join(r['verdict'] + ('@%d gap %.3g' % (r['first_divergence'], r['gap']) if 'gap' in r else '') for r in p['rows'])}]"
-        for p in par))
+    def verdicts(p):  # "ok", or "tie@5 gap 0.012": first divergence and HF's logit gap there
+        return " ".join(r["verdict"] + (f"@{r['first_divergence']} gap {r['gap']:.3g}" if "gap" in r else "")
+                        for r in p["rows"])
+
+    out.append(f"correctness: kernels {sum(k['ok'] for k in kern)}/{len(kern)} ok; parity "
+               + ", ".join(f"{p['model']} {p['dtype'].replace('torch.', '')} [{verdicts(p)}]" for p in par))
     for r in result.get("valve_lora", []):
         out.append(f"valve_lora M={r['M']} K=N={r['K']} r={r['r']}: {r['valve_vs_linear']:.2f}x F.linear, "
                    f"PEFT unmerged {fmt(r.get('peft_vs_valve'), '.2f')}x slower than valve_lora"
@@ -733,6 +757,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="total seconds (default 450; smoke 50)")
     ap.add_argument("--sections", default="all",
                     help="comma list of correctness,decode,valve_lora,latent,valve_e2e,hf_compiled")
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                    help="model dtype (default bfloat16; float32 with --smoke)")
     ap.add_argument("--strict", action="store_true", help="exit 1 if a correctness check failed")
     ap.add_argument("--child-cells", help=argparse.SUPPRESS)
     ap.add_argument("--child-deadline", type=float, help=argparse.SUPPRESS)
@@ -748,11 +774,17 @@ def main(argv=None) -> int:
     out_path = args.out or (os.path.join(os.environ["OUT"], "gpu_suite.json") if os.environ.get("OUT") else None)
     want = set(args.sections.split(",")) if args.sections != "all" else {
         "correctness", "decode", "valve_lora", "latent", "valve_e2e", "hf_compiled"}
-    plan = Plan(args.smoke, args.budget)
+    plan = Plan(args.smoke, args.budget, args.dtype)
     result = {"meta": {}, "plan": {"smoke": plan.smoke, "dtype": str(plan.dtype), "prompt": plan.prompt,
                                    "new_tokens": plan.new, "batches": list(plan.batches),
                                    "budget_s": plan.total, "deadlines_s": plan.deadline},
               "configs": plan.configs, "skipped": [], "errors": []}
+
+    def save():
+        """Written after every section, so a run cut short still leaves its figures."""
+        if out_path:
+            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(out_path).write_text(json.dumps(result, indent=1, default=str))
 
     def section(name, fn):
         t = time.monotonic()
@@ -764,6 +796,7 @@ def main(argv=None) -> int:
         finally:
             result.setdefault("section_s", {})[name] = round(time.monotonic() - t, 2)
             print(f"[gpu_suite] {name} done at {now():.0f} s", file=sys.stderr, flush=True)
+            save()
 
     result["extension"] = section("extension", ensure_extension)
     result["meta"] = versions(plan.device)
@@ -772,14 +805,19 @@ def main(argv=None) -> int:
     tok = build_tokenizer()
     models, rts = {}, {}
 
-    def get(name):
-        import cotrt
-
+    def get_model(name):
         if name not in models:
             models[name] = build_model(name, plan, tok)
-            max_len = plan.prompt + plan.new + 16
-            rts[name] = cotrt.wrap(models[name], tok, max_batch=max(plan.batches), max_len=max_len)
-        return models[name], rts[name]
+        return models[name]
+
+    def get(name, with_rt=True):
+        """(model, runtime); HF cells ask for no runtime, so they run even if wrap fails."""
+        import cotrt
+
+        model = get_model(name)
+        if with_rt and name not in rts:
+            rts[name] = cotrt.wrap(model, tok, max_batch=max(plan.batches), max_len=plan.prompt + plan.new + 16)
+        return model, rts.get(name)
 
     if "correctness" in want:
         corr = result["correctness"] = {}
@@ -814,7 +852,7 @@ def main(argv=None) -> int:
                         continue
                     t = time.monotonic()
                     c = section(f"decode {provider} {name} b{batch}",
-                                lambda: decode_cell(provider, name, *get(name), batch, plan, bw))
+                                lambda: decode_cell(provider, name, *get(name, provider == "cotrt"), batch, plan, bw))
                     last[(name, provider)] = time.monotonic() - t
                     if c:
                         c["cell_s"] = last[(name, provider)]
@@ -845,9 +883,8 @@ def main(argv=None) -> int:
     result["goals"] = goals(result)
     result["total_s"] = round(now(), 1)
 
+    save()
     if out_path:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text(json.dumps(result, indent=1, default=str))
         print(f"[gpu_suite] wrote {out_path}", file=sys.stderr)
     print(summary(result))
     print()
