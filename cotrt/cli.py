@@ -100,10 +100,11 @@ def cmd_demo(args) -> int:
         steps = sum(o.stats["steps"] for o in outs)
         print(f"{name:<16} {n:>6} {think:>6} {ans:>6} {steps:>5} {dt:>7.2f} {n / dt:>6.1f}")
     print()
-    for q, free, short in zip(DEMO_QUESTIONS, rows[0][1], rows[1][1]):
+    for q, free, short in zip(DEMO_QUESTIONS, rows[0][1], rows[3][1]):
         print(f"Q: {q}")
         print(f"  free ({len(free.token_ids)} tokens): {_one_line(free.text)}")
-        print(f"  think_budget=48 ({len(short.token_ids)} tokens): {_one_line(short.text)}")
+        print(f"  think_budget=16 ({len(short.token_ids)} tokens): {_one_line(short.reasoning, 70)}"
+              f" | Final answer: {_one_line(short.answer, 80)}")
     return 0
 
 
