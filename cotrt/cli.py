@@ -105,7 +105,33 @@ def cmd_demo(args) -> int:
         print(f"  free ({len(free.token_ids)} tokens): {_one_line(free.text)}")
         print(f"  think_budget=16 ({len(short.token_ids)} tokens): {_one_line(short.reasoning, 70)}"
               f" | Final answer: {_one_line(short.answer, 80)}")
+    if args.testbed:
+        _demo_testbed(args.testbed_n)
     return 0
+
+
+def _demo_testbed(n: int) -> None:
+    """The same controls on the testbed's trained reasoning model, when it is built."""
+    from .models import cache_dir
+
+    models = cache_dir() / "testbed"
+    if not (models / "base" / "config.json").exists():
+        print("\nTestbed (a tiny model trained here to reason in long, re-checking chains): not built; "
+              "`python3 bench/bench_testbed.py` trains it (~12 min on 2 cores) and evaluates every control.")
+        return
+    from .testbed.evaluate import evaluate
+
+    print(f"\nTestbed model ({models}), {n} held-out arithmetic problems, greedy:\n")
+    rows = evaluate(models, n=n, only=["plain", "no-CoT", "think_budget", "DEER", "valve"], log=False)
+    keep = {("plain", "-"), ("no-CoT", "think closed in prompt"), ("think_budget", "64"),
+            ("DEER", "threshold 0.95, cue Wait"), ("valve", "alpha 0.5"), ("valve", "alpha 1")}
+    head = f"{'control':<14} {'setting':<26} {'accuracy':>8} {'think tok':>9} {'time s':>7}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if (r["control"], r["setting"]) in keep:
+            print(f"{r['control']:<14} {r['setting']:<26} {r['accuracy']:>8.2f} {r['think_tokens']:>9.1f} "
+                  f"{r['wall_s']:>7.1f}")
 
 
 def _one_line(s: str, n: int = 160) -> str:
@@ -128,6 +154,9 @@ def main(argv=None) -> int:
     d.add_argument("--max-batch", type=int, default=8)
     d.add_argument("--max-len", type=int, default=1024)
     d.add_argument("--max-new-tokens", type=int, default=160)
+    d.add_argument("--no-testbed", dest="testbed", action="store_false",
+                   help="skip the testbed part (the trained tiny reasoning model)")
+    d.add_argument("--testbed-n", type=int, default=50, help="testbed problems to run")
     d.set_defaults(fn=cmd_demo)
     s = sub.add_parser("serve", help="OpenAI-compatible server (loopback by default)")
     from .server import add_serve_arguments, run_serve

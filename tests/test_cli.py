@@ -27,6 +27,12 @@ def test_generate_rejects_bad_arguments(capsys):
 
 
 def test_demo_prints_the_table(capsys):
-    assert cli.main(["demo", "--max-new-tokens", "24", "--max-len", "256"]) == 0
+    assert cli.main(["demo", "--max-new-tokens", "24", "--max-len", "256", "--no-testbed"]) == 0
     out = capsys.readouterr().out
     assert "control" in out and "think_budget=16" in out and "tok/s" in out
+
+
+def test_demo_testbed_part(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("COTRT_CACHE", str(tmp_path))  # not built there: the demo says how
+    cli._demo_testbed(5)
+    assert "bench_testbed.py" in capsys.readouterr().out

@@ -176,6 +176,10 @@ def test_deer_end_to_end(rt, think_tokenizer, monkeypatch, factor, exits):
     if exits:
         assert o.stats["think_end"] == "deer:confident" and probes[-1]["decision"] == "exit"
         assert o.stats["answer_tokens"] > 0
+        # The probe replaced the transition word; exiting takes that word back.
+        assert o.stats["rolled_back"] == 1
+        end_at = o.token_ids.index(tok.convert_tokens_to_ids("</think>"))
+        assert end_at == probes[-1]["position"] - 1
     else:
         assert all(p["decision"] == "continue" for p in probes)
         assert o.stats["think_end"] is None and o.stats["answer_tokens"] == 0

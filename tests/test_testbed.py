@@ -97,7 +97,7 @@ def test_reloaded_checkpoint_runs_through_cotrt(runtime):
     outs = runtime.generate([p.prompt for p in problems], cotrt.Params(max_new_tokens=96, think_budget=24))
     for o in outs:
         assert o.finish_reason in ("stop", "length") and o.error is None
-        assert 0 < o.stats["think_tokens"] <= 24
+        assert 0 < o.stats["think_sampled"] <= 24
         assert task.END in o.text  # thinking closed, by the model or by the budget
     # The quick model is undertrained; it has learned the format: an answer line parses.
     assert sum(task.parse_answer(o.answer) is not None for o in outs) >= 2, [o.text for o in outs]

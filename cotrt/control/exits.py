@@ -161,6 +161,11 @@ class ExitControl:
         view = self.view(row)
         action = pr.policy.on_probe(view, result)
         decision = _decision_name(action)
+        if isinstance(action, Exit) and pr.spec.before_last and row.gen:
+            # The probe stood in for the row's last token (DEER replaces the transition
+            # word by the answer inducer): exiting on it takes that token back too, or the
+            # end marker would follow a dangling "Wait".
+            row.truncate(len(row.gen) - 1)
         self.records.append(ProbeRecord(
             position=pr.position, answer=getattr(pr.policy, "last_answer", None),
             confidence=getattr(pr.policy, "last_confidence", None), decision=decision,

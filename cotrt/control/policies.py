@@ -44,6 +44,11 @@ class DEER(Policy):
         self.require_end = (prof.probe_close == prof.think_format.end) if require_end is None else require_end
         self.close = prof.think_format.end if self.require_end else prof.probe_close
         self.before_last = before_last
+        # On exit the answer is led in as the probe elicited it: the inducer's text after the
+        # end marker (or all of it, after the marker, when it stays inside thinking), so the
+        # model writes the answer it was confident about instead of resuming its checks.
+        end = prof.think_format.end
+        self.answer_lead = self.inducer.split(end, 1)[1] if end in self.inducer else self.inducer
         self.probes = 0
         self.last_answer = self.last_confidence = None
 
@@ -65,7 +70,7 @@ class DEER(Policy):
         if self.last_answer is None or not ended:
             return None
         if self.last_confidence >= self.threshold:
-            return Exit(reason="confident")
+            return Exit(inject=self.answer_lead, reason="confident")
         return None
 
 

@@ -40,7 +40,8 @@ class Probe:
     before_last: probe from before the row's last token (DEER's "replace the transition
                  word": the cue token that triggered the boundary is left out of the
                  probe's context). Only the last token can be left out: everything before it
-                 is already in the cache.
+                 is already in the cache. If the policy then exits, that token is taken back
+                 (rolled back in place) before the end marker is forced.
     tag:         free label copied to the probe record
     until:       optional ``(generated_text) -> bool``: the probe's answer is complete
                  (e.g. the box it opened is closed, counting braces)

@@ -128,7 +128,7 @@ def train_coconut(out: Path, seed: int, stages: int, stage_steps: int, batch: in
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             if log_every and (step % log_every == 0 or step == stage_steps - 1):
                 print(f"[coconut {stage}] step {step:4d}  loss {loss.item():.4f}  {time.perf_counter() - t0:6.1f}s",
                       file=sys.stderr, flush=True)

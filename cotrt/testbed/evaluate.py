@@ -5,8 +5,8 @@
 Every setting runs the same held-out problems (``task.held_out(seed, n)``, never trained
 on) greedily through ``cotrt.wrap``; a row is correct when the number after ``</think>``
 equals the exact answer (no answer after ``</think>``, e.g. thinking never closed, is
-wrong). Reported per setting: accuracy, mean think tokens (sampled, forced text not
-counted), think tokens saved against plain decoding, mean probe tokens (decoded by exit
+wrong). Reported per setting: accuracy, mean think tokens (the think phase's tokens, its
+end marker included, forced or not), think tokens saved against plain decoding, mean probe tokens (decoded by exit
 policies, then rolled back), and the wall time of the whole batch.
 """
 from __future__ import annotations
@@ -59,6 +59,11 @@ def settings(budgets=BUDGETS, alphas=ALPHAS) -> list[Setting]:
     P = lambda **kw: cotrt.Params(max_new_tokens=MAX_NEW, **kw)
     out = [Setting("plain", "-", P()), Setting("no-CoT", "think closed in prompt", P(), no_cot=True)]
     out += [Setting("think_budget", str(b), P(think_budget=b)) for b in budgets]
+    # A forced "</think>" mid-chain is never seen in training: the base model goes on
+    # computing after it (the answer tokens show it). Capping the answer phase as well
+    # measures the budget with that escape closed ("\nAnswer: NN\n" + eos is 7-8 tokens).
+    out += [Setting("think_budget + answer_budget 8", str(b), P(think_budget=b, answer_budget=8))
+            for b in budgets[1::2]]
     out += [Setting("DEER", "threshold 0.95, cue Wait", P(exit=DEER(profile=PROFILE, cues=("Wait",))))]
     # "regenerate": end thinking and let the model write "Answer: N" itself. The template
     # ending would inject the inducer, whose "</think>" follows the forced one.
@@ -72,19 +77,33 @@ def settings(budgets=BUDGETS, alphas=ALPHAS) -> list[Setting]:
     return out
 
 
+def _first_answer(text: str) -> str:
+    """``text`` up to the end of its first "Answer:" line (all of it if there is none)."""
+    text = text or ""
+    i = text.find("Answer:")
+    if i < 0:
+        return text
+    j = text.find("\n", i)
+    return text if j < 0 else text[:j]
+
+
 def run_setting(rt, problems, s: Setting) -> dict:
     prompts = [p.no_cot_prompt if s.no_cot else p.prompt for p in problems]
     t0 = time.perf_counter()
     outs = rt.generate(prompts, s.params)
     wall = time.perf_counter() - t0
     n = len(problems)
-    correct = sum(parse_answer(o.answer) == p.answer for o, p in zip(outs, problems))
+    # The answer is the first "Answer: N" line after thinking: what a reader takes. A model
+    # that goes on writing after it (an early exit leaves it in a context it was not trained
+    # on, and it does not always stop) is graded on that line, not on what follows.
+    correct = sum(parse_answer(_first_answer(o.answer)) == p.answer for o, p in zip(outs, problems))
     think = [o.stats.get("think_tokens", 0) for o in outs]
     probe = [o.stats.get("probe_tokens", 0) for o in outs]
     latent = [o.stats.get("latent_steps", 0) for o in outs]
+    answer = [o.stats.get("answer_tokens", 0) for o in outs]
     return {"control": s.control, "setting": s.setting, "n": n, "accuracy": correct / n,
             "think_tokens": sum(think) / n, "probe_tokens": sum(probe) / n,
-            "latent_steps": sum(latent) / n, "wall_s": wall,
+            "latent_steps": sum(latent) / n, "answer_tokens": sum(answer) / n, "wall_s": wall,
             "errors": sum(o.finish_reason == "error" for o in outs),
             "example": outs[0].text}
 
@@ -151,16 +170,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         (f"{meta.get('n')} held-out problems (seed {meta.get('seed')}), greedy, batch {meta.get('max_batch')}; "
          f"{meta.get('device')}; torch {torch.__version__}; model: {meta.get('model')}."),
-        ("Think tokens: sampled thinking tokens per problem (forced text not counted); saved: "
-         "against plain decoding; probe tokens: decoded by exit-policy probes, then rolled back."),
+        ("Think tokens: tokens of the think phase per problem (the end marker included); saved: "
+         "against plain decoding; answer tokens: after the end marker (a model cut off mid-chain may "
+         "go on reasoning there, which the answer tokens show); probe "
+         "tokens: decoded by exit-policy probes, then rolled back."),
         "",
-        "| control | setting | accuracy | think tokens | saved | probe tokens | latent steps | wall s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| control | setting | accuracy | think tokens | saved | answer tokens | probe tokens | latent steps | wall s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         saved = "" if not plain or not plain["think_tokens"] else f"{1 - r['think_tokens'] / plain['think_tokens']:+.0%}"
         lines.append(f"| {r['control']} | {r['setting']} | {r['accuracy']:.3f} | {r['think_tokens']:.1f} | {saved} "
-                     f"| {r['probe_tokens']:.1f} | {r.get('latent_steps', 0):.1f} | {r['wall_s']:.1f} |")
+                     f"| {r.get('answer_tokens', 0):.1f} | {r['probe_tokens']:.1f} | {r.get('latent_steps', 0):.1f} "
+                     f"| {r['wall_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -198,7 +220,11 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--out", type=Path, default=None, help="markdown table (a .png plot beside it)")
     ap.add_argument("--only", nargs="*", default=None, help="controls to run (default: all)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default); "
+                    "1 because a ~1M-parameter model's decode steps are Python-bound, see train.py")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = evaluate(args.models, args.n, args.seed, args.max_batch, only=args.only)
     log_path = args.models / "train_log.json"
     model = "?"

@@ -28,13 +28,16 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .task import EOS, build_tokenizer, check_tokenizer, held_out, train_stream
 
 TEST_SIZE = 200  # held-out problems excluded from training (evaluate.py uses a prefix)
 
-FULL = {"hidden": 128, "layers": 4, "heads": 4, "inter": 384, "steps": 1500, "valve_steps": 300, "batch": 32,
-        "lr": 3e-3, "stages": 6, "stage_steps": 150}
+# FULL: ~0.5 s a base step at batch 24 on one CPU thread (fp32): ~8 minutes for the base,
+# ~12 in all with the valve and the Coconut stages.
+FULL = {"hidden": 128, "layers": 4, "heads": 4, "inter": 384, "steps": 900, "valve_steps": 200, "batch": 24,
+        "lr": 3e-3, "stages": 6, "stage_steps": 100}
 QUICK = {"hidden": 64, "layers": 2, "heads": 4, "inter": 128, "steps": 60, "valve_steps": 20, "batch": 16,
          "lr": 3e-3, "stages": 2, "stage_steps": 5}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -69,6 +72,14 @@ def make_batch(problems, tok, style: str):
     return ids, labels, attn
 
 
+def lm_loss(logits, labels):
+    """Next-token cross-entropy, -100 ignored (``logits [B, T, V]``, ``labels [B, T]``).
+    Computed here rather than with ``labels=``: one forward with labels took 0.57 s against
+    0.015 s without on the quick model (16 x 210 tokens), on a machine shared with another
+    job, so the cause is unconfirmed; this path costs milliseconds either way."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
 def optimizer(params, lr: float, steps: int):
     """AdamW, linear warm-up over 10% of the steps (at most 50), cosine decay to 10%."""
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -91,13 +102,13 @@ def fit(model, tok, stream, style: str, steps: int, batch: int, lr: float, log_e
     losses, t0 = [], time.perf_counter()
     for step in range(steps):
         ids, labels, attn = make_batch([next(stream) for _ in range(batch)], tok, style)
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        loss = lm_loss(model(input_ids=ids, attention_mask=attn).logits, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(f"[{label}] step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - t0:6.1f}s",
                   file=sys.stderr, flush=True)
@@ -144,31 +155,7 @@ def train_valve(out: Path, seed: int, cfg: dict) -> dict:
     return {"losses": losses, "seconds": secs}
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m cotrt.testbed.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--steps", type=int, default=None, help="base model steps")
-    ap.add_argument("--valve-steps", type=int, default=None)
-    ap.add_argument("--stage-steps", type=int, default=None, help="steps per Coconut stage")
-    ap.add_argument("--stages", type=int, default=None, help="last Coconut stage (thoughts)")
-    ap.add_argument("--no-coconut", action="store_true", help="skip the latent model")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="a reduced model and run (pipeline tests)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    args = ap.parse_args(argv)
-    cfg = dict(QUICK if args.quick else FULL)
-    if args.steps is not None:
-        cfg["steps"] = args.steps
-    if args.valve_steps is not None:
-        cfg["valve_steps"] = args.valve_steps
-    for k in ("stage_steps", "stages"):
-        if getattr(args, k) is not None:
-            cfg[k] = getattr(args, k)
-    for k in ("steps", "valve_steps", "stage_steps"):
-        if cfg[k] < 1:
-            raise SystemExit(f"--{k.replace('_', '-')} must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def run(args, cfg: dict) -> dict:
     random.seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     base = train_base(args.out, args.seed, cfg)
@@ -185,6 +172,41 @@ def main(argv=None) -> dict:
     print(f"base: {base['params']} params, loss {base['losses'][0]:.3f} -> {base['losses'][-1]:.3f} "
           f"in {base['seconds']:.0f}s; valve: loss {valve['losses'][0]:.3f} -> {valve['losses'][-1]:.3f} "
           f"in {valve['seconds']:.0f}s; saved to {args.out}", file=sys.stderr)
+    return log
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m cotrt.testbed.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--steps", type=int, default=None, help="base model steps")
+    ap.add_argument("--valve-steps", type=int, default=None)
+    ap.add_argument("--stage-steps", type=int, default=None, help="steps per Coconut stage")
+    ap.add_argument("--stages", type=int, default=None, help="last Coconut stage (thoughts)")
+    ap.add_argument("--no-coconut", action="store_true", help="skip the latent model")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="a reduced model and run (pipeline tests)")
+    # One thread by default: on 2 cores shared with another torch process, 2 threads made
+    # the quick base run 51 s instead of 4 s (OpenMP workers spinning against each other).
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.steps is not None:
+        cfg["steps"] = args.steps
+    if args.valve_steps is not None:
+        cfg["valve_steps"] = args.valve_steps
+    for k in ("stage_steps", "stages"):
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    for k in ("steps", "valve_steps", "stage_steps"):
+        if cfg[k] < 1:
+            raise SystemExit(f"--{k.replace('_', '-')} must be >= 1")
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:  # the thread count is process-wide: give it back (main() also runs inside tests)
+        log = run(args, cfg)
+    finally:
+        torch.set_num_threads(threads)
     return log
 
 
