@@ -145,3 +145,19 @@ def test_evaluate_writes_a_table(quick):
     assert all(0 <= r["accuracy"] <= 1 and r["errors"] == 0 for r in rows)
     md = evaluate.markdown(rows, {"n": 4, "seed": 0, "max_batch": 4, "device": "cpu", "model": "quick"})
     assert md.count("\n| ") == len(rows) + 1
+
+
+def test_svg_plot_draws_one_curve_per_control(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    from cotrt.testbed.evaluate import svg_plot
+
+    rows = [{"control": c, "think_tokens": t, "accuracy": a}
+            for c, t, a in [("plain", 120, 0.99), ("budget", 16, 0.7), ("budget", 64, 0.5), ("valve", 44, 1.0)]]
+    svg_plot(rows, tmp_path / "p.svg")
+    root = ET.parse(tmp_path / "p.svg").getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    lines = root.findall(f"{ns}polyline")
+    assert len(lines) == 3 and len(root.findall(f"{ns}circle")) == 4
+    texts = [t.text for t in root.iter(f"{ns}text")]
+    assert {"plain", "budget", "valve", "accuracy"} <= set(texts)

@@ -208,6 +208,43 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
+_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf")
+
+
+def svg_plot(rows: list[dict], path: Path, width: int = 640, height: int = 420) -> None:
+    """Accuracy vs mean think tokens, one polyline per control, as a self-contained SVG
+    (no plotting dependency)."""
+    left, right, top, bottom = 56, 190, 20, 44
+    xmax = max(1.0, max(r["think_tokens"] for r in rows)) * 1.05
+    X = lambda v: left + (width - left - right) * v / xmax
+    Y = lambda a: top + (height - top - bottom) * (1 - a)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           'font-family="sans-serif" font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>']
+    for a in (0, 0.25, 0.5, 0.75, 1.0):
+        out.append(f'<line x1="{left}" x2="{width - right}" y1="{Y(a):.1f}" y2="{Y(a):.1f}" stroke="#ddd"/>'
+                   f'<text x="{left - 6}" y="{Y(a) + 4:.1f}" text-anchor="end">{a:g}</text>')
+    step = max(10, round(xmax / 5, -1))
+    v = 0.0
+    while v <= xmax:
+        out.append(f'<text x="{X(v):.1f}" y="{height - bottom + 16}" text-anchor="middle">{v:g}</text>')
+        v += step
+    out.append(f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">mean think tokens</text>'
+               f'<text x="14" y="{(top + height - bottom) / 2}" transform="rotate(-90 14 {(top + height - bottom) / 2})" '
+               'text-anchor="middle">accuracy</text>')
+    for i, control in enumerate(dict.fromkeys(r["control"] for r in rows)):
+        color = _COLORS[i % len(_COLORS)]
+        pts = sorted((r["think_tokens"], r["accuracy"]) for r in rows if r["control"] == control)
+        xy = " ".join(f"{X(t):.1f},{Y(a):.1f}" for t, a in pts)
+        out.append(f'<polyline points="{xy}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+        out += [f'<circle cx="{X(t):.1f}" cy="{Y(a):.1f}" r="3" fill="{color}"/>' for t, a in pts]
+        ly = top + 14 * i + 6
+        out.append(f'<rect x="{width - right + 12}" y="{ly - 8}" width="10" height="10" fill="{color}"/>'
+                   f'<text x="{width - right + 26}" y="{ly + 1}">{control}</text>')
+    out.append("</svg>")
+    Path(path).write_text("\n".join(out))
+
+
 def device_line() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
@@ -240,8 +277,9 @@ def main(argv=None) -> list[dict]:
     (args.models / "eval_results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     if args.out:
         args.out.write_text(text)
+        svg_plot(rows, args.out.with_suffix(".svg"))
         if not plot(rows, args.out.with_suffix(".png")):
-            print("matplotlib is not installed: no plot", file=sys.stderr)
+            print("matplotlib is not installed: the plot is the SVG only", file=sys.stderr)
     return rows
 
 
