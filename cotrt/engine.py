@@ -341,6 +341,11 @@ class Engine:
             self._apply_biases(lg, [rows[i] for i in sampling])
             ps = [rows[i].params for i in sampling]
             dev = lg.device
+            hot = [j for j, p in enumerate(ps) if p.temperature > 0]
+            host = {"sampled_rows": hot,
+                    "filtered": any(ps[j].top_k > 0 or ps[j].top_p < 1 for j in hot),
+                    "kmax": lg.shape[-1] if any(ps[j].top_k == 0 for j in hot) else max((ps[j].top_k for j in hot),
+                                                                                          default=0)}
             out = sample(
                 lg,
                 temperature=torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=dev),
@@ -348,7 +353,8 @@ class Engine:
                 top_k=torch.tensor([p.top_k for p in ps], dtype=torch.long, device=dev),
                 seed=torch.tensor([p.seed for p in ps], dtype=torch.long, device=dev),
                 counter=torch.tensor([rows[i].seq_len for i in sampling], dtype=torch.long, device=dev),
-            ).tolist()
+                host=host,
+            ).tolist()  # the step's one host sync: the tokens
             toks = dict(zip(sampling, out))
         for j, i in enumerate(probing):
             _isolated(rows[i], lambda r=rows[i], j=j: r.exits.consume(r, logits[len(sampling) + j]))

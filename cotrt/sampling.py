@@ -32,21 +32,36 @@ def uniform(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-           seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+           seed: torch.Tensor, counter: torch.Tensor, host: dict | None = None) -> torch.Tensor:
     """Next token per row. logits fp32 ``[B, V]``; temperature/top_p fp32 ``[B]``;
     top_k/seed/counter int64 ``[B]``. Rows with temperature 0 take the argmax.
-    Returns int64 ``[B]``."""
+    Returns int64 ``[B]``.
+
+    ``host``: what the caller already knows on the host, to spare device syncs:
+    {"sampled_rows": [indices of rows with temperature > 0], "filtered": any top-k/top-p
+    among them, "kmax": the top-k to take (V when a row has no top-k)}.
+    """
     greedy = logits.argmax(dim=-1)
-    do_sample = temperature > 0
-    if not bool(do_sample.any()):
-        return greedy
-    rows = do_sample.nonzero().squeeze(1)
+    V = logits.shape[-1]
+    if host is not None:
+        if not host["sampled_rows"]:
+            return greedy
+        rows = torch.tensor(host["sampled_rows"], device=logits.device)
+    else:
+        do_sample = temperature > 0
+        if not bool(do_sample.any()):
+            return greedy
+        rows = do_sample.nonzero().squeeze(1)
     scaled = logits[rows] / temperature[rows, None]
     k, p = top_k[rows], top_p[rows]
-    V = scaled.shape[-1]
     u = uniform(seed[rows], counter[rows])
-    if bool((k > 0).any()) or bool((p < 1).any()):
-        kmax = V if bool((k == 0).any()) else int(k.max())
+    filtered = host["filtered"] if host is not None else bool((k > 0).any()) or bool((p < 1).any())
+    if filtered:
+        if host is not None:
+            kmax = host["kmax"]
+        else:
+            kmax = V if bool((k == 0).any()) else int(k.max())
+        kmax = min(kmax, V)  # a top_k past the vocabulary keeps everything
         vals, idx = torch.topk(scaled, kmax, dim=-1)  # sorted, descending
         rank = torch.arange(kmax, device=logits.device)[None, :]
         in_k = rank < torch.where(k > 0, k, V)[:, None]

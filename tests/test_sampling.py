@@ -87,3 +87,11 @@ def test_row_draw_independent_of_batch():
     for i in range(6):
         one = sample(logits[i:i + 1], temp[i:i + 1], top_p[i:i + 1], top_k[i:i + 1], seed[i:i + 1], ctr[i:i + 1])
         assert one.item() == full[i].item()
+
+
+def test_top_k_past_the_vocabulary_keeps_everything():
+    logits = torch.randn(2, 10)
+    f = lambda v, dt: torch.full((2,), v, dtype=dt)
+    out = sample(logits, f(1.0, torch.float32), f(1.0, torch.float32), f(500, torch.long),
+                 seed=torch.arange(2), counter=torch.arange(2))
+    assert out.shape == (2,) and bool((out < 10).all())
