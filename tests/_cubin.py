@@ -1,6 +1,6 @@
-"""Compiling a Triton kernel to cubin without a GPU, to catch codegen errors (dot shapes,
-dtypes, shared memory) on a CPU-only machine. In a subprocess: the test process runs Triton
-in interpreter mode."""
+"""Triton test helpers for a CPU-only machine: the interpreter marker, and compiling a
+kernel to cubin without a GPU to catch codegen errors (dot shapes, dtypes, shared memory),
+in a subprocess since the test process runs Triton in interpreter mode."""
 from __future__ import annotations
 
 import os
@@ -35,3 +35,17 @@ k = JITFunction(k.fn)
     if proc.returncode == 77:
         pytest.skip("triton has no NVIDIA backend here")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _interpreter_ready() -> bool:
+    try:
+        import triton.language.standard as tl_standard
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
+    return isinstance(tl_standard.zeros, InterpretedFunction)
+
+
+interp = pytest.mark.skipif(
+    not _interpreter_ready(),
+    reason="needs triton imported with TRITON_INTERPRET=1 (another module imported triton first?)")

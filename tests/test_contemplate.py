@@ -17,25 +17,11 @@ if not torch.cuda.is_available():
     # nothing can use compiled Triton anyway.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from _cubin import compile_kernel  # noqa: E402
+from _cubin import compile_kernel, interp  # noqa: E402
 from _tolerance import assert_close  # noqa: E402
 from cotrt.ops.contemplate import contemplate, contemplate_ref  # noqa: E402
 
 V = 997  # odd vocabulary
-
-
-def _interpreter_ready() -> bool:
-    try:
-        import triton.language.standard as tl_standard
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return False
-    return isinstance(tl_standard.zeros, InterpretedFunction)
-
-
-interp = pytest.mark.skipif(
-    not _interpreter_ready(),
-    reason="needs triton imported with TRITON_INTERPRET=1 (another module imported triton first?)")
 
 
 def make_case(B, H, Hh, *, mode="mixed", norm=False, proj=False, bias=False, embed_scale=None,

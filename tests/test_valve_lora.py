@@ -17,25 +17,11 @@ if not torch.cuda.is_available():
     # nothing can use compiled Triton anyway.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from _cubin import compile_kernel  # noqa: E402
+from _cubin import compile_kernel, interp  # noqa: E402
 from _tolerance import assert_close, assert_flash_rule, tolerance  # noqa: E402
 from cotrt.ops.valve_lora import valve_lora, valve_lora_ref  # noqa: E402
 
 ALPHAS = [0.0, 0.5, 1.0, 1.7, -0.8]
-
-
-def _interpreter_ready() -> bool:
-    try:
-        import triton.language.standard as tl_standard
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return False
-    return isinstance(tl_standard.zeros, InterpretedFunction)
-
-
-interp = pytest.mark.skipif(
-    not _interpreter_ready(),
-    reason="needs triton imported with TRITON_INTERPRET=1 (another module imported triton first?)")
 
 
 def make_case(M, K, N, r, n, *, dtype=torch.float32, device="cpu", seed=0, idx=True,

@@ -78,6 +78,7 @@ class Row:
         self.slot = -1
         self.gen: list[int] = []
         self.gen_phase: list[int] = []
+        self.phase_counts = [0] * len(PHASE_NAMES)
         self.gen_forced: list[bool] = []
         self.states: list[int] = []  # automaton state after each generated token
         self.byte_ends: list[int] = []
@@ -139,7 +140,12 @@ class Row:
         return self.states[-1] if self.states else self.state0
 
     def count(self, phase: int) -> int:
-        return sum(1 for p in self.gen_phase if p == phase)
+        """Generated tokens in ``phase`` (kept incrementally: the answer budget asks every token)."""
+        return self.phase_counts[phase]
+
+    def _push_phase(self, phase: int) -> None:
+        self.gen_phase.append(phase)
+        self.phase_counts[phase] += 1
 
     def holdback(self) -> int:
         """Tokens at the end of ``gen`` not safe to stream yet: they hold the start of a
@@ -186,7 +192,7 @@ class Row:
         phase = self.phase
         if phase == PRE and pats.start_bit and emit & pats.start_bit:
             phase = self.phase = THINK
-        self.gen_phase.append(ANSWER if phase == PRE else phase)
+        self._push_phase(ANSWER if phase == PRE else phase)
         if phase == THINK and not forced:
             self.think_sampled += 1
 
@@ -299,7 +305,7 @@ class Row:
         self.gen.append(placeholder)
         self.gen_forced.append(True)
         self.byte_ends.append(len(self.gen_bytes))
-        self.gen_phase.append(LATENT)
+        self._push_phase(LATENT)
         if len(self.gen) >= self.params.max_new_tokens:
             return self._finish("max_new_tokens", "length")
         if self.seq_len >= self.max_len:
@@ -314,6 +320,7 @@ class Row:
         for lst in (self.gen, self.gen_phase, self.gen_forced, self.states, self.byte_ends):
             del lst[n:]
         self.think_sampled = sum(1 for ph, f in zip(self.gen_phase, self.gen_forced) if ph == THINK and not f)
+        self.phase_counts = [sum(1 for ph in self.gen_phase if ph == k) for k in range(len(PHASE_NAMES))]
         del self.gen_bytes[(self.byte_ends[-1] if self.byte_ends else 0):]
         self.emitted = min(self.emitted, n)
         self.stream_read = min(self.stream_read, n)
