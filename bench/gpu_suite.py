@@ -15,22 +15,28 @@ are token ids, and sampled ids past the tokenizer have no text, which the engine
 Sections, in order, each with a wall-clock deadline (what does not fit is skipped and
 listed under "skipped"; a failing section is recorded under "errors" and the rest runs):
 
-1. correctness: valve_lora and contemplate against their fp32 references in bf16 under
-   tests/_tolerance.py's rules; greedy parity of cotrt vs HF ``generate`` (3 prompts of
-   ragged lengths, 32 tokens) per model, reporting the first divergence and the logit gap
-   there (HF's logits over the common prefix, one full forward; random bf16 models have
-   near-ties, exact ones too: a divergence whose gap is inside the bf16 tolerance is a tie,
-   one outside it a mismatch), plus the SmolLM2 config in fp32 as the exact anchor;
-2. decode: tokens/s of cotrt and HF ``generate`` (eager, SDPA) at batch 1, 8, 32, prompt
-   128, 128 new tokens (EOS off); decode rate = B·(N-1) / (t(N) - t(1)), i.e. prefill and
-   the first token excluded; achieved GB/s = (weights + KV read per step) / step time,
-   against the measured device copy bandwidth;
+1. correctness: valve_lora, decode_attention and contemplate against their fp32 references
+   in the run's dtype under tests/_tolerance.py's rules; greedy parity of cotrt (decode steps
+   as captured CUDA graphs) vs HF ``generate`` (3 prompts of ragged lengths, 32 tokens) per
+   model, reporting the first divergence and the logit gap there (HF's logits over the
+   common prefix, one full forward; random bf16 models have near-ties, exact ones too: a
+   divergence whose gap is inside the bf16 tolerance is a tie, one outside it a mismatch),
+   plus the SmolLM2 config in fp32 as the exact anchor;
+2. decode: tokens/s of cotrt (captured decode steps), HF ``generate`` (eager, SDPA) at
+   batch 1, 8, 32, and of cotrt with its graphs off at batch 1; prompt 128, 128 new tokens
+   (EOS off); decode rate = B·(N-1) / (t(N) - t(1)), i.e. prefill and the first token
+   excluded; achieved GB/s = (weights + KV read per step) / step time, against the
+   measured device copy bandwidth;
 3. valve_lora vs F.linear vs PEFT's unmerged lora.Linear, M in {1, 8, 16}, r=16, K=N=4096
    (triton.testing.do_bench: L2 flushed between calls, W is 32 MB and would sit in L2);
-4. a latent step vs a token step (SmolLM2 config, batch 1 and 8);
-5. a valve at mixed alphas vs no valve, end to end (SmolLM2 config, batch 8);
-6. HF ``generate`` with ``cache_implementation="static"`` (auto-compiled by transformers on
+4. decode attention: SDPA over live-length views (the eager step) vs the decode_attention
+   kernel (the captured step) vs flash-attn when installed, per head layout, B, length;
+5. a latent step vs a token step (SmolLM2 config, batch 1 and 8);
+6. a valve at mixed alphas vs no valve, end to end (SmolLM2 config, batch 8);
+7. HF ``generate`` with ``cache_implementation="static"`` (auto-compiled by transformers on
    CUDA: torch.compile, mode reduce-overhead) in a child process killed at the deadline.
+
+--smoke runs everything on CPU with the graphs' static-shape step uncaptured.
 
 Prints a short markdown table last; the full figures go to ``--out`` as JSON (default
 $OUT/gpu_suite.json when $OUT is set). Exit status 0 unless ``--strict`` and a
@@ -115,7 +121,8 @@ class Plan:
         # the compiled HF child gets what is left.
         f = self.total / 450.0
         self.deadline = {"correctness": 150 * f, "decode": 330 * f, "valve_lora": 345 * f,
-                         "latent": 360 * f, "valve_e2e": 375 * f, "hf_compiled": self.total - 15 * f}
+                         "decode_attention": 355 * f, "latent": 365 * f, "valve_e2e": 380 * f,
+                         "hf_compiled": self.total - 15 * f}
 
     def left(self, section: str) -> float:
         return self.deadline[section] - (time.monotonic() - T0)
@@ -295,6 +302,27 @@ def check_kernels(plan: Plan) -> list[dict]:
         except AssertionError as e:
             case.update(ok=False, error=str(e)[:1000])
         results.append(case)
+    from cotrt.ops.decode_attention import decode_attention, decode_attention_ref
+
+    for B, H, KVH, L, T, softcap, window in ((1, 9, 3, 300, 512, None, None), (8, 14, 2, 1000, 2048, None, None),
+                                             (33, 32, 8, 77, 256, None, None), (5, 8, 4, 300, 512, 20.0, 64)):
+        q = rnd(B, H, 64)
+        kc, vc = rnd(B + 3, T, KVH, 64), rnd(B + 3, T, KVH, 64)
+        slots = torch.randperm(B + 3, generator=g)[:B].to(dev)
+        lengths = (torch.arange(B) * 37 % L + 1).to(dev)  # ragged, 1 included
+        c = dict(q=q, k_cache=kc, v_cache=vc, slots=slots, lengths=lengths, softcap=softcap, window=window)
+        case = {"op": "decode_attention", "shape": f"B={B} H={H} KVH={KVH} T={T} L<={L} softcap={softcap} "
+                                                   f"window={window}", "dtype": str(dt)}
+        try:
+            out, ref = decode_attention(**c), decode_attention_ref(**c)
+            base = decode_attention(**c, impl="torch")  # fp32 math on low-precision inputs
+            case["max_abs_err"] = (out.float() - ref).abs().max().item()
+            assert_close(out, ref.to(dt), dtype=dt, msg=case["shape"])
+            assert_close(base, ref.to(dt), dtype=dt, msg=case["shape"] + " torch path")
+            case["ok"] = True
+        except AssertionError as e:
+            case.update(ok=False, error=str(e)[:1000])
+        results.append(case)
     for B, H, Hh, proj in ((1, 576, 576, False), (8, 2048, 2048, True), (33, 896, 576, True)):
         lat = torch.arange(B) % 2 == 0
         c = dict(tokens=torch.randint(0, 1000, (B,), generator=g).to(dev), latent_mask=lat.to(dev),
@@ -401,9 +429,16 @@ def decode_cell(provider: str, name: str, model, rt, batch: int, plan: Plan, bw_
     import cotrt
 
     prompts = prompts_for([plan.prompt] * batch, model.config.vocab_size, seed=batch)
-    if provider == "cotrt":
+    graphs = rt.engine.graphs if rt is not None else None
+    if provider in ("cotrt", "cotrt_eager"):
         def run(n):
-            outs = rt.generate(prompts, cotrt.Params(max_new_tokens=n, ignore_eos=True))
+            # cotrt: decode steps as CUDA graphs (static-shape steps on CPU); cotrt_eager:
+            # the same runtime with its graphs off (the eager step, SDPA over live lengths).
+            rt.engine.graphs = graphs if provider == "cotrt" else None
+            try:
+                outs = rt.generate(prompts, cotrt.Params(max_new_tokens=n, ignore_eos=True))
+            finally:
+                rt.engine.graphs = graphs
             assert all(len(o.token_ids) == n for o in outs)
     else:
         ids = torch.tensor(prompts, device=plan.device)
@@ -416,7 +451,11 @@ def decode_cell(provider: str, name: str, model, rt, batch: int, plan: Plan, bw_
 
     with torch.inference_mode():
         t = time_generate(run, plan.device, plan.repeats, plan.new, warm_n=4)
-    return finish_cell(provider, name, model, batch, plan, t, bw_gbps)
+    cell = finish_cell(provider, name, model, batch, plan, t, bw_gbps)
+    if provider == "cotrt" and graphs is not None:
+        cell["graphs"] = {"mode": "cuda" if graphs.capture else "static", **graphs.stats,
+                          "failed": {str(k): v for k, v in graphs._failed.items()}}
+    return cell
 
 
 def finish_cell(provider, name, model, batch, plan, t, bw_gbps) -> dict:
@@ -496,6 +535,49 @@ def bench_valve_lora(plan: Plan) -> list[dict]:
         # Goals of issue 3 at M <= 16, r = 16, K = N = 4096: <= 1.10x F.linear, >= 2x faster than PEFT.
         row["goal_met"] = row["valve_vs_linear"] <= 1.10 and row.get("peft_vs_valve", 0) >= 2.0
         rows.append(row)
+    return rows
+
+
+@torch.inference_mode()
+def bench_decode_attention(plan: Plan) -> list[dict]:
+    """Decode attention providers per head layout, batch and live length in a T-position
+    cache: SDPA over live-length views (the eager step), the decode_attention kernel (what
+    the captured step runs; on CPU its static torch path), flash-attn's kv-cache kernel
+    when installed. K/V bytes of the live length per second."""
+    from cotrt.ops.decode_attention import decode_attention
+
+    dev, dt = plan.device, plan.dtype
+    T = 256 if plan.smoke else 2048
+    heads = {"smollm2-135m": (9, 3), "qwen2.5-0.5b": (14, 2), "llama-3.2-1b": (32, 8)}
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError:
+        flash_attn_with_kvcache = None
+    rows = []
+    g = torch.Generator().manual_seed(3)
+    for model, (H, KVH) in heads.items():
+        G = H // KVH
+        for B in plan.batches:
+            kc = torch.randn(B + 1, T, KVH, 64, generator=g).to(dev, dt)
+            vc = torch.randn(B + 1, T, KVH, 64, generator=g).to(dev, dt)
+            q = torch.randn(B, H, 64, generator=g).to(dev, dt)
+            for L in ((64, 200) if plan.smoke else (256, 1024)):
+                slots = torch.arange(B, device=dev)
+                lengths = torch.full((B,), L, device=dev)
+                k, v = kc[:B, :L].transpose(1, 2), vc[:B, :L].transpose(1, 2)
+                fns = {"sdpa_views": lambda: F.scaled_dot_product_attention(q.view(B, KVH, G, 64), k, v),
+                       "decode_attention": lambda: decode_attention(q, kc, vc, slots, lengths)}
+                if flash_attn_with_kvcache is not None and dev.type == "cuda":
+                    l32, s32 = lengths.to(torch.int32), slots.to(torch.int32)
+                    fns["flash_attn"] = lambda: flash_attn_with_kvcache(q[:, None], kc, vc, cache_seqlens=l32,
+                                                                        cache_batch_idx=s32, causal=True)
+                row = {"model": model, "H": H, "KVH": KVH, "B": B, "L": L, "T": T, "dtype": str(dt)}
+                kv_bytes = 2 * B * L * KVH * 64 * kc.element_size()
+                for name, fn in fns.items():
+                    t = bench_fn(fn, dev)
+                    row[name] = {**t, "gbps": kv_bytes / t["median_s"] / 1e9}
+                row["kernel_vs_sdpa"] = row["decode_attention"]["median_s"] / row["sdpa_views"]["median_s"]
+                rows.append(row)
     return rows
 
 
@@ -694,16 +776,18 @@ def table(result: dict) -> str:
     for c in result.get("decode", []) + result.get("hf_compiled", []):
         cells[(c["model"], c["batch"], c["provider"])] = c
     keys = sorted({(m, b) for m, b, _ in cells}, key=lambda k: (list(CONFIGS).index(k[0]), k[1]))
-    lines = [("| model | batch | cotrt tok/s | HF eager tok/s | HF static+compile tok/s | cotrt / HF eager "
-              "| cotrt GB/s (of copy BW) |"), "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| model | batch | cotrt tok/s | cotrt no-graph tok/s | HF eager tok/s | HF static+compile tok/s "
+              "| cotrt / HF eager | cotrt GB/s (of copy BW) |"), "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m, b in keys:
-        co, he, hc = (cells.get((m, b, p), {}) for p in ("cotrt", "hf_eager", "hf_static_compiled"))
+        co, ce, he, hc = (cells.get((m, b, p), {})
+                          for p in ("cotrt", "cotrt_eager", "hf_eager", "hf_static_compiled"))
         ratio = (co["decode_tok_s"] / he["decode_tok_s"]
                  if co.get("decode_tok_s") and he.get("decode_tok_s") else None)
         hc_s = "error" if "error" in hc else fmt(hc.get("decode_tok_s"))
         gb = (f"{co['gbps']:.0f} ({co['roofline_frac']:.0%})" if co.get("gbps") and co.get("roofline_frac")
               else "-")
-        lines.append(f"| {m} | {b} | {fmt(co.get('decode_tok_s'))} | {fmt(he.get('decode_tok_s'))} | {hc_s} "
+        lines.append(f"| {m} | {b} | {fmt(co.get('decode_tok_s'))} | {fmt(ce.get('decode_tok_s'))} "
+                     f"| {fmt(he.get('decode_tok_s'))} | {hc_s} "
                      f"| {fmt(ratio, '.2f')}x | {gb} |")
     return "\n".join(lines)
 
@@ -731,6 +815,11 @@ def summary(result: dict) -> str:
         out.append(f"latent step vs token step, {r['model']} batch {r['batch']}: "
                    f"{r['latent_step_s'] * 1e3:.2f} ms vs {r['token_step_s'] * 1e3:.2f} ms "
                    f"({fmt(r['latent_vs_token'], '.2f')}x)")
+    da = result.get("decode_attention") or []
+    if da:
+        ratios = [r["kernel_vs_sdpa"] for r in da]
+        out.append(f"decode_attention kernel / SDPA over views: median {statistics.median(ratios):.2f}x the time "
+                   f"(range {min(ratios):.2f}-{max(ratios):.2f}x over {len(da)} shapes)")
     v = result.get("valve_e2e")
     if v:
         out.append(f"valve at mixed alphas vs none, {v['model']} batch {v['batch']}: "
@@ -756,7 +845,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny configs, few tokens")
     ap.add_argument("--budget", type=float, default=None, help="total seconds (default 450; smoke 50)")
     ap.add_argument("--sections", default="all",
-                    help="comma list of correctness,decode,valve_lora,latent,valve_e2e,hf_compiled")
+                    help="comma list of correctness,decode,valve_lora,decode_attention,latent,valve_e2e,"
+                         "hf_compiled")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                     help="model dtype (default bfloat16; float32 with --smoke)")
     ap.add_argument("--strict", action="store_true", help="exit 1 if a correctness check failed")
@@ -773,7 +863,7 @@ def main(argv=None) -> int:
         ap.error("no CUDA device: run with --smoke for the CPU check")
     out_path = args.out or (os.path.join(os.environ["OUT"], "gpu_suite.json") if os.environ.get("OUT") else None)
     want = set(args.sections.split(",")) if args.sections != "all" else {
-        "correctness", "decode", "valve_lora", "latent", "valve_e2e", "hf_compiled"}
+        "correctness", "decode", "valve_lora", "decode_attention", "latent", "valve_e2e", "hf_compiled"}
     plan = Plan(args.smoke, args.budget, args.dtype)
     result = {"meta": {}, "plan": {"smoke": plan.smoke, "dtype": str(plan.dtype), "prompt": plan.prompt,
                                    "new_tokens": plan.new, "batches": list(plan.batches),
@@ -816,7 +906,9 @@ def main(argv=None) -> int:
 
         model = get_model(name)
         if with_rt and name not in rts:
-            rts[name] = cotrt.wrap(model, tok, max_batch=max(plan.batches), max_len=plan.prompt + plan.new + 16)
+            # On CPU (--smoke) the graphs' static-shape step runs uncaptured: same code path.
+            rts[name] = cotrt.wrap(model, tok, max_batch=max(plan.batches), max_len=plan.prompt + plan.new + 16,
+                                   decode_graph="static" if plan.smoke else "cuda")
         return model, rts.get(name)
 
     if "correctness" in want:
@@ -845,14 +937,16 @@ def main(argv=None) -> int:
         last = {}
         for name in plan.configs:
             for batch in plan.batches:
-                for provider in ("cotrt", "hf_eager"):
+                # The eager cotrt step only at batch 1, where launch overhead matters most.
+                for provider in ("cotrt", "hf_eager") + (("cotrt_eager",) if batch == 1 else ()):
                     est = last.get((name, provider), 0.0)
                     if plan.left("decode") < est:
                         result["skipped"].append(f"decode {provider} {name} batch {batch}: decode deadline")
                         continue
                     t = time.monotonic()
                     c = section(f"decode {provider} {name} b{batch}",
-                                lambda: decode_cell(provider, name, *get(name, provider == "cotrt"), batch, plan, bw))
+                                lambda: decode_cell(provider, name, *get(name, provider != "hf_eager"), batch, plan,
+                                                    bw))
                     last[(name, provider)] = time.monotonic() - t
                     if c:
                         c["cell_s"] = last[(name, provider)]
@@ -863,6 +957,11 @@ def main(argv=None) -> int:
             result["valve_lora"] = section("valve_lora", lambda: bench_valve_lora(plan)) or []
         else:
             result["skipped"].append("valve_lora: deadline")
+    if "decode_attention" in want:
+        if plan.left("decode_attention") > 3:
+            result["decode_attention"] = section("decode_attention", lambda: bench_decode_attention(plan)) or []
+        else:
+            result["skipped"].append("decode_attention: deadline")
     if "latent" in want:
         if plan.left("latent") > 3:
             result["latent"] = section("latent", lambda: bench_latent(first, get(first)[1], plan)) or []

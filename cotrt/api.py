@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator, Sequence
 
+import torch
+
 from .control.think import ThinkFormat
 from .engine import Engine
 from .output import Event, Output
@@ -27,13 +29,17 @@ class Runtime:
     """A wrapped model: batch generation, chat, streaming, and the engine underneath."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int = 2048,
-                 think_format: ThinkFormat | None = None):
+                 think_format: ThinkFormat | None = None, decode_graph: str = "auto"):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
             raise ValueError(f"max_len must be an int >= 2, got {max_len!r}")
         if think_format is not None and not isinstance(think_format, ThinkFormat):
             raise ValueError(f"think_format must be a cotrt.ThinkFormat or None, got {type(think_format).__name__}")
+        from .graph import resolve_mode
+
+        param = next(model.parameters(), None)
+        resolve_mode(decode_graph, param.device if param is not None else torch.device("cpu"))  # checks it
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit and max_len > limit:
             raise ValueError(f"max_len={max_len} exceeds the model's max_position_embeddings={limit}")
@@ -44,7 +50,7 @@ class Runtime:
         self.runner = ModelRunner(model, max_batch=max_batch, max_len=max_len)
         self.valves = None
         self.engine = Engine(self.runner, tokenizer, self.think_format, max_batch, max_len,
-                             eos_ids=_eos_ids(model, tokenizer))
+                             eos_ids=_eos_ids(model, tokenizer), decode_graph=decode_graph)
 
     # -- valves ---------------------------------------------------------------------------------
     def load_valve(self, source, name: str, scale: float | None = None) -> int:
@@ -158,9 +164,15 @@ class Runtime:
 
 
 def wrap(model, tokenizer, max_batch: int = 8, max_len: int = 2048,
-         think_format: ThinkFormat | None = None) -> Runtime:
-    """Wrap an HF causal LM and its tokenizer for fast, controlled generation."""
-    return Runtime(model, tokenizer, max_batch=max_batch, max_len=max_len, think_format=think_format)
+         think_format: ThinkFormat | None = None, decode_graph: str = "auto") -> Runtime:
+    """Wrap an HF causal LM and its tokenizer for fast, controlled generation.
+
+    ``decode_graph``: "auto" captures decode steps as CUDA graphs on a CUDA model and runs
+    them eagerly elsewhere; "cuda" insists on graphs; "static" runs the graph's
+    static-shape step without capturing (tests, debugging); "off" is the eager step.
+    """
+    return Runtime(model, tokenizer, max_batch=max_batch, max_len=max_len, think_format=think_format,
+                   decode_graph=decode_graph)
 
 
 __all__ = ["wrap", "Runtime", "Output", "Params", "ThinkFormat"]

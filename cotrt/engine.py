@@ -32,7 +32,7 @@ class Engine:
     """The batching engine. ``add`` -> id, ``step`` -> events, ``abort``, ``has_unfinished``."""
 
     def __init__(self, runner, tokenizer, think_format: ThinkFormat, max_batch: int, max_len: int,
-                 eos_ids=None):
+                 eos_ids=None, decode_graph: str = "off"):
         self.runner = runner
         self.tokenizer = tokenizer
         self.fmt = think_format
@@ -52,6 +52,12 @@ class Engine:
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
         self.valves = None  # cotrt.valve.ValveSet once a valve is loaded
         self.out = OutputBuilder(tokenizer, think_format)
+        # Decode steps as captured CUDA graphs ("cuda"), the same static-shape step run
+        # eagerly ("static"), or the eager step with live-length attention ("off").
+        from .graph import DecodeGraphs, resolve_mode
+
+        mode = resolve_mode(decode_graph, self.device)
+        self.graphs = DecodeGraphs(runner, capture=mode == "cuda") if mode != "off" else None
 
     # -- requests ---------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -244,6 +250,8 @@ class Engine:
 
     def _decode(self, rows: list[Row], plans) -> None:
         """One token per row."""
+        if self.graphs is not None and self._decode_static(rows, plans):
+            return
         runner = self.runner
         slots = [r.slot for r in rows]
         inputs = [plans[r.id][0][0] for r in rows]
@@ -285,6 +293,34 @@ class Engine:
         self.stats["decode_tokens"] += len(rows)
         self._after_forward(rows, hidden, tapped)
 
+    def _decode_static(self, rows: list[Row], plans) -> bool:
+        """The decode step through ``self.graphs`` (cotrt.graph); False when this step's
+        key cannot be captured, and the eager step runs instead."""
+        graphs = self.graphs
+        n = len(rows)
+        B = graphs.bucket(n)
+        if self.valves is not None:
+            graphs.sync_valves(self.valves.generation)
+            self.valves.state.reserve_static(graphs.max_rows)
+        valve = self._set_valves(rows + [None] * (B - n), 1)
+        latent = any(r.latent is not None and r.latent.pending is not None for r in rows)
+        key = graphs.key(n, valve, latent, _taps(rows))
+        if graphs.failed(key):
+            return False
+        slots = [r.slot for r in rows]
+        tokens = [plans[r.id][0][0] for r in rows]
+        embeds = None
+        if latent:
+            ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+            embeds = self._latent_inputs(rows, slots, ids)
+        out = graphs.run(key, slots, tokens, [plans[r.id][1] for r in rows], embeds=embeds)
+        if out is None:
+            return False
+        hidden, logits, tapped = out
+        self.stats["decode_tokens"] += n
+        self._after_forward(rows, hidden, tapped, logits_all=logits)
+        return True
+
     def _latent_inputs(self, rows, slots, tokens: torch.Tensor) -> torch.Tensor:
         """``[len(slots), E]`` next inputs: fed-back vectors on latent rows, E[tok] on others."""
         from .ops.contemplate import contemplate
@@ -300,11 +336,11 @@ class Engine:
                 mask[i] = True
         return contemplate(tokens.to(emb.device), mask, states, emb)
 
-    def _set_valves(self, rows, tokens_per_row: int) -> None:
+    def _set_valves(self, rows, tokens_per_row: int) -> bool:
         """Per-token valve alpha and adapter index for this forward (None rows: padding).
-        With no valve in use the ValveLinears run plain F.linear."""
+        With no valve in use the ValveLinears run plain F.linear. True when a valve is on."""
         if self.valves is None:
-            return
+            return False
         state = self.valves.state
         alphas, adapters = [], []
         for r in rows:
@@ -318,12 +354,15 @@ class Engine:
                 adapters.append(-1)
         if all(a < 0 for a in adapters):
             state.clear()
-        else:
-            state.set_rows(alphas, adapters, tokens_per_row)
+            return False
+        state.set_rows(alphas, adapters, tokens_per_row)
+        return True
 
-    def _after_forward(self, rows: list[Row], h: torch.Tensor, tapped: dict | None = None) -> None:
+    def _after_forward(self, rows: list[Row], h: torch.Tensor, tapped: dict | None = None,
+                       logits_all: torch.Tensor | None = None) -> None:
         """LM head on the rows that need logits (sampling rows, probes); forced tokens for
-        the others; then each row's controls and policies."""
+        the others; then each row's controls and policies. ``logits_all``: every row's
+        logits, already computed (a captured step)."""
         if self.valves is not None:
             self.valves.state.clear()  # a user's own model.generate must see no valve
         probing = [i for i, r in enumerate(rows) if r.exits is not None and r.exits.probe is not None]
@@ -334,7 +373,9 @@ class Engine:
         need = sampling + probing
         logits = None
         if need:
-            logits = self.runner.logits(h.index_select(0, torch.tensor(need, device=h.device)))
+            need_t = torch.tensor(need, device=h.device)
+            logits = logits_all.index_select(0, need_t) if logits_all is not None else \
+                self.runner.logits(h.index_select(0, need_t))
         toks: dict[int, int] = {}
         if sampling:
             lg = logits[: len(sampling)]

@@ -62,6 +62,12 @@ class StepMeta:
     write_pos: torch.Tensor  # [B*T] position of each new token in its row
     slot_range: tuple | None  # (s0, s1) when slots are s0..s1-1: attend through views
     decode: bool  # T == 1 for every row
+    # Static decode (cotrt.graph): every shape is fixed by B alone, so the forward can be
+    # captured as a CUDA graph. Attention then reads the cache by slot, ``lengths[b]``
+    # keys per row (a device tensor, = starts + 1), with the decode_attention op; kv_len,
+    # mask and slot_range are unused.
+    lengths: torch.Tensor | None = None
+    static: bool = False
     _window_masks: dict = field(default_factory=dict)
 
     def mask_for(self, sliding_window: int | None) -> torch.Tensor:
@@ -118,6 +124,12 @@ def _make_cache_class():
                 raise RuntimeError("SlotCache used outside a cotrt forward")
             kc, vc = self.keys_[layer_idx], self.values_[layer_idx]
             B, H, T, D = key_states.shape
+            if meta.lengths is not None:
+                # Decode attention by slot and length (static decode: graph-safe: fixed
+                # shapes, no host values): the attention reads the buffers themselves.
+                kc.index_put_((meta.slots, meta.starts), key_states[:, :, 0])
+                vc.index_put_((meta.slots, meta.starts), value_states[:, :, 0])
+                return kc.transpose(1, 2), vc.transpose(1, 2)
             if meta.decode:
                 kc.index_put_((meta.slots, meta.starts), key_states[:, :, 0])
                 vc.index_put_((meta.slots, meta.starts), value_states[:, :, 0])
@@ -182,11 +194,9 @@ def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     kvh = key.shape[1]
     if scaling is None:
         scaling = D ** -0.5
+    if meta.lengths is not None:  # static decode, or decode_backend "by_slot"
+        return _decode_by_slot(module, query, meta, scaling, softcap, sliding_window), None
     mask = meta.mask_for(sliding_window)
-
-    if (meta.decode and flash_attn_with_kvcache is not None and query.is_cuda
-            and softcap is None and meta.slot_range is not None):  # pragma: no cover - GPU only
-        return _flash_decode(module, query, meta, scaling, sliding_window), None
 
     if softcap is None and T == 1 and kvh != H:
         # Decode: fold each KV head's query group into the query length, [B, KVH, G, D],
@@ -210,17 +220,24 @@ def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     return out.transpose(1, 2).contiguous(), None
 
 
-def _flash_decode(module, query, meta, scaling, sliding_window):  # pragma: no cover - GPU only
-    runner: ModelRunner = meta.runner  # type: ignore[attr-defined]
+def _decode_by_slot(module, query, meta, scaling, softcap, sliding_window):
+    """One query per row against its slot's first ``meta.lengths[b]`` keys, read straight
+    from the cache buffers (no views, no host values): flash-attn's kv-cache kernel when
+    installed, else cotrt's decode_attention op. Returns ``[B, 1, H, D]``."""
+    cache = meta.runner.cache  # type: ignore[attr-defined]
     layer = module.layer_idx
-    s0, s1 = meta.slot_range
-    q = query.transpose(1, 2)  # [B, 1, H, D]
-    window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
-    return flash_attn_with_kvcache(
-        q, runner.cache.keys_[layer][s0:s1], runner.cache.values_[layer][s0:s1],
-        cache_seqlens=(meta.starts + 1).to(torch.int32), softmax_scale=scaling, causal=True,
-        window_size=window,
-    )
+    kc, vc = cache.keys_[layer], cache.values_[layer]
+    if flash_attn_with_kvcache is not None and query.is_cuda and query.dtype != torch.float32:  # pragma: no cover
+        window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
+        return flash_attn_with_kvcache(
+            query.transpose(1, 2), kc, vc, cache_seqlens=meta.lengths.to(torch.int32),
+            cache_batch_idx=meta.slots.to(torch.int32), softmax_scale=scaling, causal=True,
+            window_size=window, softcap=softcap or 0.0)
+    from .ops.decode_attention import decode_attention
+
+    out = decode_attention(query[:, :, 0], kc, vc, meta.slots, meta.lengths,
+                           scale=scaling, softcap=softcap, window=sliding_window)
+    return out[:, None]
 
 
 def _hf_fallback(module, query, key, value, attention_mask, **kwargs):
@@ -321,6 +338,12 @@ class ModelRunner:
         self.logits_scaling = getattr(cfg, "logits_scaling", None)  # Granite divides
         self.logit_scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
         self.lengths = [0] * max_batch
+        # Attention of eager decode steps: "sdpa" over views of the live length, or
+        # "by_slot" (flash-attn's kv-cache kernel if installed, else the decode_attention
+        # op: by slot and per-row length, what a captured step always uses). Which is
+        # faster is a GPU measurement (bench/gpu_suite.py).
+        self.decode_backend = "by_slot" if flash_attn_with_kvcache is not None and self.device.type == "cuda" \
+            else "sdpa"
         self.embed = model.get_input_embeddings()
         self._arange = torch.arange(max_len + 64, device=self.device)
         self._calls = 0
@@ -353,10 +376,22 @@ class ModelRunner:
         else:
             write_rows, write_pos = slots_t, starts_t
         contiguous = slots == list(range(slots[0], slots[0] + B))
+        lengths = starts_t + 1 if T == 1 and self.decode_backend == "by_slot" else None
         return StepMeta(
             slots=slots_t, starts=starts_t, q_lens=list(q_lens), kv_len=kv_len,
             mask=causal[:, None], positions=positions, write_rows=write_rows, write_pos=write_pos,
-            slot_range=(slots[0], slots[0] + B) if contiguous else None, decode=T == 1,
+            slot_range=(slots[0], slots[0] + B) if contiguous else None, decode=T == 1, lengths=lengths,
+        )
+
+    def static_meta(self, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> StepMeta:
+        """Step metadata of a static decode step (cotrt.graph) over caller-owned device
+        buffers ``[B]``: one token per row at ``starts``, attending ``lengths`` keys."""
+        B = slots.shape[0]
+        return StepMeta(
+            slots=slots, starts=starts, q_lens=[1] * B, kv_len=self.max_len,
+            mask=torch.ones(B, 1, 1, 1, dtype=torch.bool, device=slots.device),  # HF needs a 4-D mask to skip its own
+            positions=starts[:, None], write_rows=slots, write_pos=starts, slot_range=None, decode=True,
+            lengths=lengths, static=True,
         )
 
     # -- the forward --------------------------------------------------------------------------

@@ -45,7 +45,10 @@ class ValveState:
             makes the row base-only.
 
     The setters refill preallocated device buffers in place (reallocating only to grow),
-    so the tensors ValveLinear reads keep their addresses from step to step.
+    so the tensors ValveLinear reads keep their addresses from step to step. Forwards of
+    at most ``reserve_static(n)`` rows use a separate fixed buffer that never moves, even
+    when a long prefill grows the other one: a captured decode graph reads its alphas
+    from there.
     """
 
     def __init__(self, device=None):
@@ -56,6 +59,15 @@ class ValveState:
         self._rows_adapter = torch.empty(0, dtype=torch.int32, device=self.device)
         self._one_alpha = torch.zeros(1, dtype=torch.float32, device=self.device)
         self._one_adapter = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._static_alpha = self._rows_alpha
+        self._static_adapter = self._rows_adapter
+
+    def reserve_static(self, n_tokens: int) -> None:
+        """Fix the buffers of forwards with at most ``n_tokens`` rows (decode steps): their
+        addresses never change afterwards unless a larger reservation replaces them."""
+        if n_tokens > self._static_alpha.numel():
+            self._static_alpha = torch.zeros(n_tokens, dtype=torch.float32, device=self.device)
+            self._static_adapter = torch.zeros(n_tokens, dtype=torch.int32, device=self.device)
 
     def reserve(self, n_tokens: int) -> None:
         """Preallocate per-token buffers for up to ``n_tokens`` rows (before graph capture)."""
@@ -81,13 +93,17 @@ class ValveState:
             if adapter.shape[0] != B:
                 raise ValueError(f"ValveState.set_rows: adapter has {adapter.shape[0]} rows, alpha has {B}")
         n = B * tokens_per_row
-        self.reserve(n)
-        self.alpha = self._rows_alpha[:n]
+        if n <= self._static_alpha.numel():
+            alpha_buf, adapter_buf = self._static_alpha, self._static_adapter
+        else:
+            self.reserve(n)
+            alpha_buf, adapter_buf = self._rows_alpha, self._rows_adapter
+        self.alpha = alpha_buf[:n]
         self.alpha.view(B, tokens_per_row).copy_(alpha.unsqueeze(1).expand(B, tokens_per_row))
         if adapter is None:
             self.adapter = None
         else:
-            self.adapter = self._rows_adapter[:n]
+            self.adapter = adapter_buf[:n]
             self.adapter.view(B, tokens_per_row).copy_(adapter.unsqueeze(1).expand(B, tokens_per_row))
 
     def set_uniform(self, alpha: float, adapter: int = 0) -> None:
@@ -245,6 +261,9 @@ class ValveSet:
         self._originals: dict[str, nn.Module] = {}  # swapped module name -> original linear
         self._module_slots: dict[str, set[int]] = {}  # swapped module name -> slots it holds
         self.info: dict[str, dict] = {}  # valve name -> {"index", "modules", "scales", "config"}
+        # Bumped whenever banks or modules change (load, unload): captured decode graphs
+        # hold the banks' addresses and are dropped when it moves.
+        self.generation = 0
 
     @property
     def names(self) -> list[str]:
@@ -286,7 +305,9 @@ class ValveSet:
             raise TypeError(f"valve {name!r}: source must be a folder path or a state dict, "
                             f"got {type(source).__name__}")
         deltas = self._validate(config, tensors, scale, name)
-        return self._commit(deltas, name, config)
+        index = self._commit(deltas, name, config)
+        self.generation += 1
+        return index
 
     def unload(self, name: str) -> None:
         """Free valve ``name``'s index (a later load may reuse it); modules left with no valve
@@ -301,6 +322,7 @@ class ValveSet:
         self._slots[slot] = None
         while self._slots and self._slots[-1] is None:
             self._slots.pop()
+        self.generation += 1
 
     # -- validation: reads only, so a failure leaves the model as it was --------------------
 

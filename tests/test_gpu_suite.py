@@ -29,11 +29,15 @@ def test_smoke_runs_every_section(tmp_path):
     assert res["meta"]["torch"] == torch.__version__ and res["meta"]["date_utc"]
     corr = res["correctness"]
     assert corr["ok"], corr
-    assert {k["op"] for k in corr["kernels"]} == {"valve_lora", "contemplate"}
+    assert {k["op"] for k in corr["kernels"]} == {"valve_lora", "decode_attention", "contemplate"}
     assert [p["model"] for p in corr["parity"]] == list(MODELS)
     assert all(r["verdict"] == "ok" for p in corr["parity"] for r in p["rows"])  # fp32: exact
     cells = {(c["model"], c["batch"], c["provider"]) for c in res["decode"]}
-    assert cells == {(m, b, p) for m in MODELS for b in (1, 4) for p in ("cotrt", "hf_eager")}
+    assert cells == {(m, b, p) for m in MODELS for b in (1, 4) for p in ("cotrt", "hf_eager")} | {
+        (m, 1, "cotrt_eager") for m in MODELS}
+    for c in res["decode"]:  # the cotrt cells ran the graphs' static step
+        if c["provider"] == "cotrt":
+            assert c["graphs"]["mode"] == "static" and c["graphs"]["static_steps"] > 0 and not c["graphs"]["failed"]
     assert all(c["decode_tok_s"] > 0 and c["gbps"] > 0 for c in res["decode"])
     assert {(c["model"], c["batch"]) for c in res["hf_compiled"]} == {(m, b) for m in MODELS for b in (1, 4)}
     assert all("error" not in c for c in res["hf_compiled"])
@@ -41,6 +45,7 @@ def test_smoke_runs_every_section(tmp_path):
     has_peft = importlib.util.find_spec("peft") is not None
     assert all(("peft_unmerged" in r) == has_peft for r in res["valve_lora"])
     assert [r["batch"] for r in res["latent"]] == [1, 8]
+    assert len(res["decode_attention"]) == 3 * 2 * 2 and all(r["kernel_vs_sdpa"] > 0 for r in res["decode_attention"])
     assert res["valve_e2e"]["valve_vs_none"] > 0
     assert set(res["goals"]) >= {"llama_1b_b1_roofline_frac", "smollm2_b1_cotrt_vs_hf_eager"}
     # The table comes last: header, separator, one row per (model, batch).
@@ -49,7 +54,7 @@ def test_smoke_runs_every_section(tmp_path):
     assert table[0].startswith("| model | batch | cotrt tok/s")
     assert table[1].startswith("|---")
     assert [ln.split("|")[1].strip() for ln in table[2:]] == [m for m in MODELS for _ in (1, 4)]
-    assert "correctness: kernels 6/6 ok" in r.stdout
+    assert "correctness: kernels 10/10 ok" in r.stdout
 
 
 def test_budget_skips_and_still_reports(tmp_path):

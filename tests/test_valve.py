@@ -300,3 +300,20 @@ def test_state_errors():
         vl(torch.randn(2, 2, 8))
     st.set_rows([1.0, 0.5], tokens_per_row=2)  # buffers reused in place
     assert st.alpha.tolist() == [1.0, 1.0, 0.5, 0.5]
+
+
+def test_static_buffers_never_move():
+    """Decode-sized forwards write alphas into the reserve_static buffer (a captured graph
+    reads it); a long prefill grows the other buffer, never this one."""
+    st = ValveState()
+    st.reserve_static(8)
+    st.set_rows([0.5, 1.0, 0.0], [0, 1, -1])
+    ptr_a, ptr_i = st.alpha.data_ptr(), st.adapter.data_ptr()
+    st.set_rows([1.0] * 4, [0] * 4, tokens_per_row=40)  # 160 rows: the growable buffer
+    assert st.alpha.numel() == 160 and st.alpha.data_ptr() != ptr_a
+    st.set_rows([0.25] * 8, [1] * 8)
+    assert (st.alpha.data_ptr(), st.adapter.data_ptr()) == (ptr_a, ptr_i)
+    assert st.alpha.tolist() == [0.25] * 8 and st.adapter.tolist() == [1] * 8
+    st.reserve_static(4)  # smaller: nothing changes
+    st.set_rows([2.0], [0])
+    assert st.alpha.data_ptr() == ptr_a

@@ -1,0 +1,97 @@
+"""decode_attention against the decode attention cotrt runs today, one run, grouped by shape.
+
+Providers (all fast paths; the per-row reference is not timed):
+  sdpa    what cotrt's decode step does now (cotrt/model.py): contiguous slots 0..B-1 sliced
+          to the live length, K/V views [B, KVH, L, D], each kv head's query group folded
+          into the query length ([B, KVH, G, D]), F.scaled_dot_product_attention, no mask.
+          Its shapes follow L, so it cannot be captured once and replayed.
+  torch   decode_attention(impl="torch"): the static-shape, sync-free path (gathers all T
+          positions of each slot, masks by length)
+  triton  decode_attention(impl="triton"): the flash-decoding kernels (CUDA only)
+
+Head layouts of SmolLM2-135M (H=9, KVH=3), Qwen2.5-0.5B (14, 2) and Llama-3.2-1B (32, 8),
+D = 64; every row at live length L in {128, 1024} of a T = 2048 cache; B in {1, 8, 32}.
+fp16 on CUDA; fp32 on CPU with B in {1, 8}. ``COTRT_BENCH_QUICK=1``: B = 1 and 8, L = 128,
+T = 512, few rounds (a smoke run: 1-2 minutes on a 2-core CPU). Run:
+``python3 -m pytest bench/bench_decode_attention.py --benchmark-only -q``. ``extra_info``
+holds GB/s of the live K/V bytes (2 · B · L · KVH · D · elt over the median: the torch path
+reads and writes more, all T positions, so its figure is an effective rate), and the
+device / versions.
+"""
+import os
+import platform
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cotrt.ops._triton import HAS_TRITON
+from cotrt.ops.decode_attention import decode_attention
+
+pytest.importorskip("pytest_benchmark")
+
+CUDA = torch.cuda.is_available()
+QUICK = os.environ.get("COTRT_BENCH_QUICK", "") not in ("", "0")
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPE = torch.float16 if CUDA else torch.float32
+D = 64
+T = 512 if QUICK else 2048
+HEADS = {"smollm2-135m": (9, 3), "qwen2.5-0.5b": (14, 2), "llama-3.2-1b": (32, 8)}
+ROWS = [1, 8] if QUICK or not CUDA else [1, 8, 32]
+LIVE = [128] if QUICK else [128, 1024]
+PROVIDERS = ["sdpa", "torch", "triton"]
+
+pytestmark = pytest.mark.benchmark(warmup=True, warmup_iterations=5 if QUICK else 50,
+                                   min_rounds=10 if QUICK else 200)
+
+
+def _device_info() -> str:
+    if CUDA:
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def _setup(model, B, L, provider):
+    H, KVH = HEADS[model]
+    G = H // KVH
+    g = torch.Generator().manual_seed(0)
+    S = B + 1  # the engine's cache has a scratch slot past max_batch
+    q = torch.randn(B, H, D, generator=g).to(DEVICE, DTYPE)
+    k_cache = torch.randn(S, T, KVH, D, generator=g).to(DEVICE, DTYPE)
+    v_cache = torch.randn(S, T, KVH, D, generator=g).to(DEVICE, DTYPE)
+    if provider == "sdpa":
+        k = k_cache[:B, :L].transpose(1, 2)  # [B, KVH, L, D] views, as SlotCache.update returns
+        v = v_cache[:B, :L].transpose(1, 2)
+        qg = q.view(B, KVH, G, D)
+        return lambda: F.scaled_dot_product_attention(qg, k, v).view(B, H, D)
+    slots = torch.arange(B, device=DEVICE)
+    lengths = torch.full((B,), L, device=DEVICE)
+    out = torch.empty(B, H, D, device=DEVICE, dtype=DTYPE)
+    return lambda: decode_attention(q, k_cache, v_cache, slots, lengths, out=out, impl=provider)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("L", LIVE)
+@pytest.mark.parametrize("B", ROWS)
+@pytest.mark.parametrize("model", list(HEADS))
+def test_decode_attention(benchmark, model, B, L, provider):
+    if provider == "triton" and not (CUDA and HAS_TRITON):
+        pytest.skip("the Triton kernels need CUDA (on CPU they run in the interpreter)")
+    H, KVH = HEADS[model]
+    fn = torch.no_grad()(_setup(model, B, L, provider))
+    benchmark.group = f"decode_attention {model} H={H} KVH={KVH} D={D} B={B} L={L} T={T} " \
+                      f"{str(DTYPE).replace('torch.', '')} {DEVICE}"
+    if CUDA:
+        def run():
+            fn()
+            torch.cuda.synchronize()
+        benchmark(run)
+    else:
+        benchmark(fn)
+    elt = torch.finfo(DTYPE).bits // 8
+    moved = 2 * B * L * KVH * D * elt  # live K and V
+    benchmark.extra_info.update(
+        provider=provider, model=model, B=B, H=H, KVH=KVH, D=D, L=L, T=T, dtype=str(DTYPE),
+        gbps=round(moved / benchmark.stats.stats.median / 1e9, 3),
+        device=_device_info(), torch=torch.__version__,
+    )

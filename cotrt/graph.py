@@ -1,0 +1,205 @@
+"""The decode step as a CUDA graph.
+
+On a GPU, one decode step of a small model is hundreds of small kernels (per layer: two
+norms, four to seven projections, rotary, the cache write, attention, the MLP); HF's eager
+loop spends most of a step launching them. ``DecodeGraphs`` captures the step once per
+batch bucket and replays it with one launch.
+
+What makes the step capturable:
+
+- every input is a preallocated device buffer refilled in place: token ids, slots and
+  positions (one host-to-device copy of a ``[3, B]`` pinned tensor), valve alphas and
+  adapter indices (``ValveState.reserve_static``), latent inputs (``[B, 1, E]``);
+- attention reads the slot cache by slot index and per-row length (``StepMeta.static``:
+  the decode_attention op, or flash-attn's kv-cache kernel), so no shape depends on how
+  long the rows are, and the cache write is a scatter at device positions;
+- rows are padded to the bucket with dummy rows on the cache's scratch slot.
+
+The captured part is the decoder forward and the LM head of every row (fp32 logits, which
+the engine gathers for its sampling rows). Sampling, the token automaton and the controls
+run after it: they make host decisions on the sampled tokens, and the step's one sync is
+reading those tokens. Prefill and probe starts (several tokens a row) stay eager.
+
+Graphs are keyed by (bucket, valve active, latent inputs, tapped layers) and captured on
+first use. Loading or unloading a valve moves the adapter banks: every graph is dropped
+and recaptured (``sync_valves``). A key whose capture fails (a model whose forward reads
+values on the host, e.g. dynamic RoPE scaling) is remembered and runs eagerly.
+
+``mode="static"`` runs the very same static-shape step without capturing: how the CPU
+tests check it against the eager path, and a debugging aid on a GPU.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("auto", "cuda", "static", "off")
+_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def buckets(max_rows: int) -> list[int]:
+    """Batch sizes to capture: the fixed ladder below ``max_rows``, then ``max_rows``."""
+    return [b for b in _BUCKETS if b < max_rows] + [max_rows]
+
+
+def resolve_mode(mode: str, device: torch.device) -> str:
+    """``decode_graph`` as given to ``cotrt.wrap`` -> "cuda", "static" or "off"."""
+    if mode not in MODES:
+        raise ValueError(f"decode_graph must be one of {MODES}, got {mode!r}")
+    if mode == "auto":
+        return "cuda" if device.type == "cuda" else "off"
+    if mode == "cuda" and device.type != "cuda":
+        raise ValueError(f"decode_graph='cuda' needs the model on a CUDA device, it is on {device}")
+    return mode
+
+
+@dataclass
+class _Entry:
+    graph: object  # torch.cuda.CUDAGraph, or None in static mode
+    hidden: torch.Tensor  # [B, H] the captured outputs (overwritten by each replay)
+    logits: torch.Tensor  # [B, V] fp32
+    tapped: dict  # layer -> [B, H]
+
+
+class DecodeGraphs:
+    """Captured (or static-shape eager) decode steps of one ModelRunner.
+
+        graphs = DecodeGraphs(runner, capture=True)
+        hidden, logits, tapped = graphs.run(slots, tokens, starts)   # lists of n rows
+    """
+
+    def __init__(self, runner, capture: bool):
+        if capture and runner.device.type != "cuda":
+            raise ValueError(f"DecodeGraphs: capture needs a CUDA model, it is on {runner.device}")
+        self.runner = runner
+        self.capture = capture
+        self.buckets = buckets(runner.max_batch)
+        self.max_rows = self.buckets[-1]
+        dev, n = runner.device, self.max_rows
+        self._host = torch.zeros(3, n, dtype=torch.long, pin_memory=capture)  # ids, slots, starts
+        self._dev = torch.zeros(3, n, dtype=torch.long, device=dev)
+        self._lengths = torch.zeros(n, dtype=torch.long, device=dev)
+        self._embeds = torch.zeros(n, 1, runner.embed.weight.shape[1], dtype=runner.dtype, device=dev)
+        self._metas: dict[int, object] = {}
+        self._entries: dict[tuple, _Entry] = {}
+        self._failed: dict[tuple, str] = {}
+        self._pool = None
+        self._valve_generation = 0
+        self.stats = {"captures": 0, "replays": 0, "static_steps": 0}
+
+    def bucket(self, n: int) -> int:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        raise ValueError(f"DecodeGraphs: {n} rows exceed max_batch={self.max_rows}")
+
+    def sync_valves(self, generation: int) -> None:
+        """Drop every graph when the valves changed since they were captured."""
+        if generation != self._valve_generation:
+            self._entries.clear()
+            self._failed.clear()
+            self._valve_generation = generation
+
+    def failed(self, key: tuple) -> bool:
+        return key in self._failed
+
+    def key(self, n: int, valve: bool, latent: bool, taps: tuple) -> tuple:
+        return (self.bucket(n), bool(valve), bool(latent), tuple(taps))
+
+    # -- the step --------------------------------------------------------------------------
+    def run(self, key: tuple, slots: list[int], tokens: list[int], starts: list[int],
+            embeds: torch.Tensor | None = None):
+        """One decode step of ``n = len(slots)`` rows (n <= the key's bucket).
+
+        Args:
+            key: from :meth:`key` (the caller set the valve state for the bucket's rows).
+            slots, tokens, starts: per row, the cache slot, the input token and its position.
+            embeds: ``[n, E]`` input embeddings when the key has latent inputs (token rows
+                carry E[tok] there), else None.
+
+        Returns ``(hidden [n, H], logits fp32 [n, V], {layer: [n, H]})``, fresh tensors
+        (not the graph's buffers), or None when this key cannot be captured (the caller
+        runs its eager step).
+        """
+        B, valve, latent, taps = key
+        n = len(slots)
+        if latent != (embeds is not None):
+            raise ValueError("DecodeGraphs.run: embeds must be given exactly when the key has latent inputs")
+        max_len = self.runner.max_len
+        for s, p in zip(slots, starts):
+            if not 0 <= p < max_len:
+                raise ValueError(f"slot {s}: position {p} outside the cache (max_len={max_len})")
+        entry = self._entries.get(key)
+        if entry is None and self.capture:
+            if key in self._failed:
+                return None
+            entry = self._capture(key)
+            if entry is None:
+                return None
+        pad = B - n
+        scratch = self.runner.max_batch
+        self._host[:, :B].copy_(torch.tensor([tokens + [0] * pad, slots + [scratch] * pad, starts + [0] * pad]))
+        self._dev[:, :B].copy_(self._host[:, :B], non_blocking=self.capture)
+        if latent:
+            self._embeds[:n, 0].copy_(embeds)
+            self._embeds[n:B].zero_()
+        if self.capture:
+            entry.graph.replay()
+            self.stats["replays"] += 1
+        else:
+            entry = _Entry(None, *self._forward(key))
+            self.stats["static_steps"] += 1
+        return (entry.hidden[:n].clone(), entry.logits[:n].clone(),
+                {l: t[:n].clone() for l, t in entry.tapped.items()})
+
+    def _meta(self, B: int):
+        meta = self._metas.get(B)
+        if meta is None:
+            meta = self.runner.static_meta(self._dev[1, :B], self._dev[2, :B], self._lengths[:B])
+            self._metas[B] = meta
+        return meta
+
+    def _forward(self, key: tuple):
+        """The static step: reads only the buffers, writes only fresh (or pooled) tensors."""
+        B, _, latent, taps = key
+        r = self.runner
+        meta = self._meta(B)
+        torch.add(meta.starts, 1, out=meta.lengths)  # keys per row, the new one included
+        if latent:
+            hidden = r.forward(meta, inputs_embeds=self._embeds[:B], taps=taps)
+        else:
+            hidden = r.forward(meta, input_ids=self._dev[0, :B, None], taps=taps)
+        h = hidden[:, 0]
+        return h, r.logits(h), {l: r.tapped[l][:, 0] for l in taps}
+
+    def _capture(self, key: tuple) -> _Entry | None:  # pragma: no cover - CUDA only
+        B = key[0]
+        dev = self.runner.device
+        # Warm up on a side stream (Triton compiles, cuBLAS picks its kernels, the caching
+        # allocator settles) with every row on the scratch slot, so nothing real is written.
+        self._host[:, :B].copy_(torch.tensor([[0] * B, [self.runner.max_batch] * B, [0] * B]))
+        self._dev[:, :B].copy_(self._host[:, :B])
+        self._embeds[:B].zero_()
+        try:
+            stream = torch.cuda.Stream(device=dev)
+            stream.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._forward(key)
+            torch.cuda.current_stream(dev).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._forward(key)
+        except Exception as e:  # noqa: BLE001 - a model that cannot be captured still runs
+            torch.cuda.synchronize(dev)
+            self._failed[key] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"cotrt: decode step {key} could not be captured as a CUDA graph, it runs eagerly "
+                          f"({self._failed[key]})", RuntimeWarning, stacklevel=3)
+            return None
+        self._pool = graph.pool()
+        entry = _Entry(graph, *out)
+        self._entries[key] = entry
+        self.stats["captures"] += 1
+        return entry
