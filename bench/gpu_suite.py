@@ -33,7 +33,8 @@ listed under "skipped"; a failing section is recorded under "errors" and the res
    kernel (the captured step) vs flash-attn when installed, per head layout, B, length;
 5. a latent step vs a token step (SmolLM2 config, batch 1 and 8);
 6. a valve at mixed alphas vs no valve, end to end (SmolLM2 config, batch 8);
-7. HF ``generate`` with ``cache_implementation="static"`` (auto-compiled by transformers on
+7. the test suite's GPU tier (``pytest -m gpu``) in a child process, when pytest is there;
+8. HF ``generate`` with ``cache_implementation="static"`` (auto-compiled by transformers on
    CUDA: torch.compile, mode reduce-overhead) in a child process killed at the deadline.
 
 --smoke runs everything on CPU with the graphs' static-shape step uncaptured.
@@ -120,9 +121,9 @@ class Plan:
         # Section deadlines, seconds since start; slack flows to the next section, and
         # the compiled HF child gets what is left.
         f = self.total / 450.0
-        self.deadline = {"correctness": 150 * f, "decode": 330 * f, "valve_lora": 345 * f,
-                         "decode_attention": 355 * f, "latent": 365 * f, "valve_e2e": 380 * f,
-                         "hf_compiled": self.total - 15 * f}
+        self.deadline = {"correctness": 130 * f, "decode": 300 * f, "valve_lora": 315 * f,
+                         "decode_attention": 325 * f, "latent": 335 * f, "valve_e2e": 350 * f,
+                         "gpu_tests": 410 * f, "hf_compiled": self.total - 15 * f}
 
     def left(self, section: str) -> float:
         return self.deadline[section] - (time.monotonic() - T0)
@@ -380,8 +381,10 @@ def parity(name: str, model, rt, plan: Plan) -> dict:
         else:
             row["verdict"] = "ok"
         rows.append(row)
-    return {"model": name, "dtype": str(dtype), "rows": rows,
-            "ok": all(r["verdict"] in ("ok", "tie") for r in rows)}
+    graphs = rt.engine.graphs
+    failed = {str(k): v for k, v in graphs._failed.items()} if graphs is not None else {}
+    return {"model": name, "dtype": str(dtype), "rows": rows, "graph_capture_failed": failed,
+            "ok": all(r["verdict"] in ("ok", "tie") for r in rows) and not failed}
 
 
 def parity_fp32(plan: Plan, tok) -> dict:
@@ -748,6 +751,25 @@ def run_hf_compiled(plan: Plan, args, bw_gbps: float, result: dict) -> list[dict
     return [c for c in cells_out if "skipped" not in c]
 
 
+def run_gpu_tests(plan: Plan) -> dict:
+    """The test suite's GPU tier (pytest -m gpu; this suite's own test excluded) in a child
+    process killed at the deadline: captured steps vs eager, kernels in bf16, graph replay."""
+    import importlib.util
+
+    if importlib.util.find_spec("pytest") is None:
+        return {"skipped": "pytest is not installed"}
+    limit = max(5.0, plan.left("gpu_tests"))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs",
+           "--ignore", str(ROOT / "tests" / "test_gpu_suite.py"), str(ROOT / "tests")]
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit, check=False)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return {"timed_out_s": round(limit), "tail": out[-3000:]}
+    lines = r.stdout.strip().splitlines()
+    return {"returncode": r.returncode, "summary": lines[-1] if lines else "", "tail": r.stdout[-4000:]}
+
+
 # ------------------------------------------------------------------------------ report
 
 
@@ -824,6 +846,10 @@ def summary(result: dict) -> str:
     if v:
         out.append(f"valve at mixed alphas vs none, {v['model']} batch {v['batch']}: "
                    f"{fmt(v['valve_vs_none'], '.2f')}x decode tok/s")
+    gt = result.get("gpu_tests")
+    if gt:
+        out.append("gpu tests (pytest -m gpu): " + (gt.get("summary") or gt.get("skipped")
+                                                   or f"timed out after {gt.get('timed_out_s')} s"))
     g = result.get("goals") or {}
     out.append(f"goals: 1B batch-1 roofline {fmt(g.get('llama_1b_b1_roofline_frac'), '.0%')} (>= 50%: "
                f"{g.get('llama_1b_b1_roofline_ge_50pct')}); SmolLM2 batch-1 cotrt / HF eager "
@@ -846,7 +872,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="total seconds (default 450; smoke 50)")
     ap.add_argument("--sections", default="all",
                     help="comma list of correctness,decode,valve_lora,decode_attention,latent,valve_e2e,"
-                         "hf_compiled")
+                         "gpu_tests,hf_compiled")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                     help="model dtype (default bfloat16; float32 with --smoke)")
     ap.add_argument("--strict", action="store_true", help="exit 1 if a correctness check failed")
@@ -863,7 +889,8 @@ def main(argv=None) -> int:
         ap.error("no CUDA device: run with --smoke for the CPU check")
     out_path = args.out or (os.path.join(os.environ["OUT"], "gpu_suite.json") if os.environ.get("OUT") else None)
     want = set(args.sections.split(",")) if args.sections != "all" else {
-        "correctness", "decode", "valve_lora", "decode_attention", "latent", "valve_e2e", "hf_compiled"}
+        "correctness", "decode", "valve_lora", "decode_attention", "latent", "valve_e2e", "gpu_tests",
+        "hf_compiled"}
     plan = Plan(args.smoke, args.budget, args.dtype)
     result = {"meta": {}, "plan": {"smoke": plan.smoke, "dtype": str(plan.dtype), "prompt": plan.prompt,
                                    "new_tokens": plan.new, "batches": list(plan.batches),
@@ -972,6 +999,16 @@ def main(argv=None) -> int:
             result["valve_e2e"] = section("valve_e2e", lambda: bench_valve_e2e(first, *get(first), plan, bw))
         else:
             result["skipped"].append("valve_e2e: deadline")
+    if "gpu_tests" in want:
+        models.clear()
+        rts.clear()
+        gc.collect()
+        if plan.smoke:  # on CPU the GPU tier only skips; the section's plumbing is what runs
+            result["gpu_tests"] = {"skipped": "--smoke (no CUDA)"}
+        elif plan.left("gpu_tests") > 20:
+            result["gpu_tests"] = section("gpu_tests", lambda: run_gpu_tests(plan))
+        else:
+            result["skipped"].append("gpu_tests: deadline")
     if "hf_compiled" in want:
         models.clear()
         rts.clear()

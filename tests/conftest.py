@@ -24,6 +24,20 @@ def smol_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def byte_tokenizer():
+    """bench/gpu_suite.py's byte-level tokenizer (256 bytes + EOS + 3 latent tokens, built
+    in memory): for GPU tests, which run where the embedded model is not installed."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_suite.py"
+    spec = importlib.util.spec_from_file_location("_gpu_suite", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.build_tokenizer()
+
+
+@pytest.fixture(scope="session")
 def think_tokenizer(smol_tokenizer):
     """SmolLM2's tokenizer with <think>/</think> added as single tokens (R1/Qwen3 style)."""
     tok = copy.deepcopy(smol_tokenizer)
