@@ -362,7 +362,7 @@ class Engine:
                        logits_all: torch.Tensor | None = None) -> None:
         """LM head on the rows that need logits (sampling rows, probes); forced tokens for
         the others; then each row's controls and policies. ``logits_all``: every row's
-        logits, already computed (a captured step)."""
+        logits, already computed (a captured step; gathered here, never written)."""
         if self.valves is not None:
             self.valves.state.clear()  # a user's own model.generate must see no valve
         probing = [i for i, r in enumerate(rows) if r.exits is not None and r.exits.probe is not None]
@@ -373,29 +373,33 @@ class Engine:
         need = sampling + probing
         logits = None
         if need:
-            need_t = torch.tensor(need, device=h.device)
-            logits = logits_all.index_select(0, need_t) if logits_all is not None else \
-                self.runner.logits(h.index_select(0, need_t))
+            # Every row in order (the usual decode step): no gather, no index tensor to
+            # copy to the device (each small host-to-device copy waits for the stream).
+            if need == list(range(len(need))):
+                logits = logits_all[: len(need)] if logits_all is not None else self.runner.logits(h[: len(need)])
+            else:
+                need_t = torch.tensor(need, device=h.device)
+                logits = logits_all.index_select(0, need_t) if logits_all is not None else \
+                    self.runner.logits(h.index_select(0, need_t))
         toks: dict[int, int] = {}
         if sampling:
             lg = logits[: len(sampling)]
             self._apply_biases(lg, [rows[i] for i in sampling])
             ps = [rows[i].params for i in sampling]
-            dev = lg.device
             hot = [j for j, p in enumerate(ps) if p.temperature > 0]
-            host = {"sampled_rows": hot,
-                    "filtered": any(ps[j].top_k > 0 or ps[j].top_p < 1 for j in hot),
-                    "kmax": lg.shape[-1] if any(ps[j].top_k == 0 for j in hot) else max((ps[j].top_k for j in hot),
-                                                                                          default=0)}
-            out = sample(
-                lg,
-                temperature=torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=dev),
-                top_p=torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev),
-                top_k=torch.tensor([p.top_k for p in ps], dtype=torch.long, device=dev),
-                seed=torch.tensor([p.seed for p in ps], dtype=torch.long, device=dev),
-                counter=torch.tensor([rows[i].seq_len for i in sampling], dtype=torch.long, device=dev),
-                host=host,
-            ).tolist()  # the step's one host sync: the tokens
+            if not hot:  # all greedy
+                out = lg.argmax(dim=-1).tolist()  # the step's one host sync: the tokens
+            else:
+                host = {"sampled_rows": hot,
+                        "filtered": any(ps[j].top_k > 0 or ps[j].top_p < 1 for j in hot),
+                        "kmax": lg.shape[-1] if any(ps[j].top_k == 0 for j in hot) else max(ps[j].top_k for j in hot)}
+                # Per-row parameters in two host-to-device copies, not five.
+                ints = torch.tensor([[p.top_k for p in ps], [p.seed for p in ps],
+                                     [rows[i].seq_len for i in sampling]], dtype=torch.long).to(lg.device)
+                floats = torch.tensor([[p.temperature for p in ps], [p.top_p for p in ps]],
+                                      dtype=torch.float32).to(lg.device)
+                out = sample(lg, temperature=floats[0], top_p=floats[1], top_k=ints[0], seed=ints[1],
+                             counter=ints[2], host=host).tolist()  # the step's one host sync
             toks = dict(zip(sampling, out))
         for j, i in enumerate(probing):
             _isolated(rows[i], lambda r=rows[i], j=j: r.exits.consume(r, logits[len(sampling) + j]))

@@ -119,9 +119,10 @@ class DecodeGraphs:
             embeds: ``[n, E]`` input embeddings when the key has latent inputs (token rows
                 carry E[tok] there), else None.
 
-        Returns ``(hidden [n, H], logits fp32 [n, V], {layer: [n, H]})``, fresh tensors
-        (not the graph's buffers), or None when this key cannot be captured (the caller
-        runs its eager step).
+        Returns ``(hidden [n, H], logits fp32 [n, V], {layer: [n, H]})``, or None when this
+        key cannot be captured (the caller runs its eager step). Hidden and tapped states
+        are fresh tensors; ``logits`` may be a view of the graph's output, valid until the
+        next step (the engine gathers its rows at once: one copy instead of two).
         """
         B, valve, latent, taps = key
         n = len(slots)
@@ -151,7 +152,7 @@ class DecodeGraphs:
         else:
             entry = _Entry(None, *self._forward(key))
             self.stats["static_steps"] += 1
-        return (entry.hidden[:n].clone(), entry.logits[:n].clone(),
+        return (entry.hidden[:n].clone(), entry.logits[:n],
                 {l: t[:n].clone() for l, t in entry.tapped.items()})
 
     def _meta(self, B: int):
