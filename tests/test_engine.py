@@ -205,3 +205,26 @@ def test_plain_model_budget_and_answer(smol_model):
     assert cut.stats["think_sampled"] == 20 and cut.stats["think_end"] == "think_budget"
     assert cut.stats["answer_tokens"] <= 15 and "Final answer:" in cut.text
     assert cut.token_ids[:20] == free.token_ids[:20]  # identical until the budget bites
+
+
+def test_window_decoder_equals_the_tokenizers_decode(smol_tokenizer):
+    import copy
+    import random
+
+    from cotrt.output import _window_decoder
+
+    tok = smol_tokenizer
+    dec = _window_decoder(tok)
+    fast_path = copy.deepcopy(tok)
+    fast_dec = _window_decoder(fast_path)
+    fast_path.decode = None  # the fast path never goes through transformers' decode
+    assert fast_dec([5, 6, 7]) == tok.decode([5, 6, 7])
+    rng = random.Random(0)
+    specials = list(tok.all_special_ids)
+    for _ in range(200):  # windows with multi-byte pieces, specials, partial characters
+        ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(len(tok)) for _ in range(rng.randrange(1, 9))]
+        assert dec(ids) == tok.decode(ids, skip_special_tokens=False)
+    cleaning = copy.deepcopy(tok)
+    cleaning.clean_up_tokenization_spaces = True  # asks for more than the Rust decoder does
+    ids = tok.encode("Hello , world !")
+    assert _window_decoder(cleaning)(ids) == cleaning.decode(ids, skip_special_tokens=False)
