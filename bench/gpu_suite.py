@@ -219,13 +219,16 @@ def build_model(name: str, plan: Plan, tok, seed: int = 0, dtype=None):
 
 @contextlib.contextmanager
 def hf_attention(model):
-    """Run HF with its own SDPA attention (cotrt.wrap points the config at cotrt's)."""
+    """Run HF as HF ships it: its own SDPA attention (cotrt.wrap points the config at
+    cotrt's) and its own RMSNorm modules (cotrt.wrap swaps in fused ones on CUDA)."""
     from cotrt.model import _set_attn_impl
+    from cotrt.norms import original_norms
 
     old = model.config._attn_implementation
     _set_attn_impl(model.config, "sdpa")
     try:
-        yield
+        with original_norms(model):
+            yield
     finally:
         _set_attn_impl(model.config, old)
 
@@ -381,7 +384,7 @@ def parity(name: str, model, rt, plan: Plan) -> dict:
         else:
             row["verdict"] = "ok"
         rows.append(row)
-    graphs = rt.engine.graphs
+    graphs = getattr(getattr(rt, "engine", None), "graphs", None)
     failed = {str(k): v for k, v in graphs._failed.items()} if graphs is not None else {}
     return {"model": name, "dtype": str(dtype), "rows": rows, "graph_capture_failed": failed,
             "ok": all(r["verdict"] in ("ok", "tie") for r in rows) and not failed}
@@ -458,6 +461,7 @@ def decode_cell(provider: str, name: str, model, rt, batch: int, plan: Plan, bw_
     if provider == "cotrt" and graphs is not None:
         cell["graphs"] = {"mode": "cuda" if graphs.capture else "static", **graphs.stats,
                           "failed": {str(k): v for k, v in graphs._failed.items()}}
+        cell["fused_norms"] = rt.runner.fused_norms
     return cell
 
 

@@ -315,7 +315,7 @@ class ModelRunner:
     what makes in-place probes and rollback free).
     """
 
-    def __init__(self, model: nn.Module, max_batch: int, max_len: int):
+    def __init__(self, model: nn.Module, max_batch: int, max_len: int, fuse_norms: bool | None = None):
         check_architecture(model)
         register_attention()
         self.model = model
@@ -348,6 +348,14 @@ class ModelRunner:
         self._arange = torch.arange(max_len + 64, device=self.device)
         self._calls = 0
         self._self_check(n_layers)
+        # RMSNorm modules as one kernel each (cotrt.norms), by default where that kernel
+        # exists (CUDA; on CPU the swapped module would run HF's own ops). After the
+        # self-check: a refused model is left as it came.
+        self.fused_norms = {}
+        if fuse_norms if fuse_norms is not None else self.device.type == "cuda":
+            from .norms import fuse_rms_norms
+
+            self.fused_norms = fuse_rms_norms(model)
 
     # -- building the step ----------------------------------------------------------------
     def make_meta(self, slots: list[int], q_lens: list[int], starts: list[int] | None = None) -> StepMeta:
