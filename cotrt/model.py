@@ -229,10 +229,11 @@ def _decode_by_slot(module, query, meta, scaling, softcap, sliding_window):
     kc, vc = cache.keys_[layer], cache.values_[layer]
     if flash_attn_with_kvcache is not None and query.is_cuda and query.dtype != torch.float32:  # pragma: no cover
         window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
+        extra = {"softcap": softcap} if softcap else {}  # flash-attn >= 2.6 only
         return flash_attn_with_kvcache(
             query.transpose(1, 2), kc, vc, cache_seqlens=meta.lengths.to(torch.int32),
             cache_batch_idx=meta.slots.to(torch.int32), softmax_scale=scaling, causal=True,
-            window_size=window, softcap=softcap or 0.0)
+            window_size=window, **extra)
     from .ops.decode_attention import decode_attention
 
     out = decode_attention(query[:, :, 0], kc, vc, meta.slots, meta.lengths,
