@@ -461,7 +461,7 @@ def decode_cell(provider: str, name: str, model, rt, batch: int, plan: Plan, bw_
     if provider == "cotrt" and graphs is not None:
         cell["graphs"] = {"mode": "cuda" if graphs.capture else "static", **graphs.stats,
                           "failed": {str(k): v for k, v in graphs._failed.items()}}
-        cell["fused_norms"] = rt.runner.fused_norms
+        cell["fused"] = rt.runner.fused
     return cell
 
 

@@ -30,15 +30,15 @@ class Runtime:
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int = 2048,
                  think_format: ThinkFormat | None = None, decode_graph: str = "auto",
-                 fuse_norms: bool | None = None):
+                 fuse: bool | None = None):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
             raise ValueError(f"max_len must be an int >= 2, got {max_len!r}")
         if think_format is not None and not isinstance(think_format, ThinkFormat):
             raise ValueError(f"think_format must be a cotrt.ThinkFormat or None, got {type(think_format).__name__}")
-        if fuse_norms is not None and not isinstance(fuse_norms, bool):
-            raise ValueError(f"fuse_norms must be True, False or None, got {fuse_norms!r}")
+        if fuse is not None and not isinstance(fuse, bool):
+            raise ValueError(f"fuse must be True, False or None, got {fuse!r}")
         from .graph import resolve_mode
 
         param = next(model.parameters(), None)
@@ -50,7 +50,7 @@ class Runtime:
         self.model = model
         self.tokenizer = tokenizer
         self.think_format = think_format or ThinkFormat.detect(tokenizer)
-        self.runner = ModelRunner(model, max_batch=max_batch, max_len=max_len, fuse_norms=fuse_norms)
+        self.runner = ModelRunner(model, max_batch=max_batch, max_len=max_len, fuse=fuse)
         self.valves = None
         self.engine = Engine(self.runner, tokenizer, self.think_format, max_batch, max_len,
                              eos_ids=_eos_ids(model, tokenizer), decode_graph=decode_graph)
@@ -168,17 +168,19 @@ class Runtime:
 
 def wrap(model, tokenizer, max_batch: int = 8, max_len: int = 2048,
          think_format: ThinkFormat | None = None, decode_graph: str = "auto",
-         fuse_norms: bool | None = None) -> Runtime:
+         fuse: bool | None = None) -> Runtime:
     """Wrap an HF causal LM and its tokenizer for fast, controlled generation.
 
     ``decode_graph``: "auto" captures decode steps as CUDA graphs on a CUDA model and runs
     them eagerly elsewhere; "cuda" insists on graphs; "static" runs the graph's
     static-shape step without capturing (tests, debugging); "off" is the eager step.
-    ``fuse_norms``: swap the model's RMSNorm modules for one-kernel ones (``cotrt.norms``;
-    same weights, checked to compute the same function); None: on CUDA models.
+    ``fuse``: fewer kernels a step — RMSNorm modules swapped for one-kernel ones
+    (``cotrt.norms``; same weights) and HF's rotary function run as one kernel during
+    cotrt's forwards (``cotrt.rotary``), each checked to compute the same function;
+    None: on CUDA models.
     """
     return Runtime(model, tokenizer, max_batch=max_batch, max_len=max_len, think_format=think_format,
-                   decode_graph=decode_graph, fuse_norms=fuse_norms)
+                   decode_graph=decode_graph, fuse=fuse)
 
 
 __all__ = ["wrap", "Runtime", "Output", "Params", "ThinkFormat"]

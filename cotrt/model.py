@@ -17,6 +17,7 @@ cache and the attention call, through transformers' extension points:
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 
@@ -316,7 +317,7 @@ class ModelRunner:
     what makes in-place probes and rollback free).
     """
 
-    def __init__(self, model: nn.Module, max_batch: int, max_len: int, fuse_norms: bool | None = None):
+    def __init__(self, model: nn.Module, max_batch: int, max_len: int, fuse: bool | None = None):
         check_architecture(model)
         register_attention()
         self.model = model
@@ -348,15 +349,22 @@ class ModelRunner:
         self.embed = model.get_input_embeddings()
         self._arange = torch.arange(max_len + 64, device=self.device)
         self._calls = 0
+        self.fused = {}
+        self._rope_patch = contextlib.nullcontext()
         self._self_check(n_layers)
-        # RMSNorm modules as one kernel each (cotrt.norms), by default where that kernel
-        # exists (CUDA; on CPU the swapped module would run HF's own ops). After the
-        # self-check: a refused model is left as it came.
-        self.fused_norms = {}
-        if fuse_norms if fuse_norms is not None else self.device.type == "cuda":
+        # Fewer kernels a step, by default where the kernels exist (CUDA): RMSNorm modules
+        # as one kernel each (cotrt.norms) and HF's rotary function as one kernel for q
+        # and k during cotrt's forwards (cotrt.rotary). After the self-check: a refused
+        # model is left as it came.
+        if fuse if fuse is not None else self.device.type == "cuda":
             from .norms import fuse_rms_norms
+            from .rotary import RopePatch
 
-            self.fused_norms = fuse_rms_norms(model)
+            self.fused["norms"] = fuse_rms_norms(model)
+            patch = RopePatch(model, head_dim)
+            if patch.modules:
+                self._rope_patch = patch
+                self.fused["rope"] = patch.modules
 
     # -- building the step ----------------------------------------------------------------
     def make_meta(self, slots: list[int], q_lens: list[int], starts: list[int] | None = None) -> StepMeta:
@@ -419,11 +427,12 @@ class ModelRunner:
         self.tapped = {}
         hooks = [self._layers()[l].register_forward_hook(self._tap_hook(l)) for l in taps]
         try:
-            out = self.decoder(
-                input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=meta.mask,
-                position_ids=meta.positions, use_cache=True, cotrt_meta=meta,
-                **{self._cache_kw: self.cache},
-            )
+            with self._rope_patch:
+                out = self.decoder(
+                    input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=meta.mask,
+                    position_ids=meta.positions, use_cache=True, cotrt_meta=meta,
+                    **{self._cache_kw: self.cache},
+                )
         finally:
             self.cache.meta = None
             for h in hooks:

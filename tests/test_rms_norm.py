@@ -150,23 +150,6 @@ def test_unknown_norm_is_left_alone():
     assert isinstance(model[0], OddRMSNorm) and isinstance(model[1], NoEpsRMSNorm)
 
 
-def test_wrap_with_fused_norms_decodes_the_same(smol_tokenizer):
-    import cotrt
-
-    vocab = len(smol_tokenizer)
-    prompts = [[5, 17, 300, 9, 41], list(range(100, 130)), [7, 7, 7]]
-    params = cotrt.Params(max_new_tokens=16, ignore_eos=True)
-    plain = cotrt.wrap(tiny_model("qwen3", vocab, seed=3), smol_tokenizer, max_batch=2, max_len=64, fuse_norms=False)
-    assert plain.runner.fused_norms == {}
-    ref = [o.token_ids for o in plain.generate(prompts, params)]
-    rt = cotrt.wrap(tiny_model("qwen3", vocab, seed=3), smol_tokenizer, max_batch=2, max_len=64, fuse_norms=True,
-                    decode_graph="static")
-    assert rt.runner.fused_norms == {"Qwen3RMSNorm": 9}
-    assert [o.token_ids for o in rt.generate(prompts, params)] == ref
-    with pytest.raises(ValueError, match="fuse_norms must be"):
-        cotrt.wrap(tiny_model("llama", vocab), smol_tokenizer, max_len=64, fuse_norms="yes")
-
-
 # ------------------------------------------------------------------------------ CUDA codegen, no GPU
 
 _COMPILE = """
