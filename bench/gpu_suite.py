@@ -27,8 +27,10 @@ listed under "skipped"; a failing section is recorded under "errors" and the res
    (EOS off); decode rate = B·(N-1) / (t(N) - t(1)), i.e. prefill and the first token
    excluded; achieved GB/s = (weights + KV read per step) / step time, against the
    measured device copy bandwidth;
-3. valve_lora vs F.linear vs PEFT's unmerged lora.Linear, M in {1, 8, 16}, r=16, K=N=4096
-   (triton.testing.do_bench: L2 flushed between calls, W is 32 MB and would sit in L2);
+3. valve_lora vs F.linear vs PEFT's unmerged lora.Linear, M in {1, 8, 16}, r=16, K=N=4096:
+   one call at a time (triton.testing.do_bench: L2 flushed between calls, W is 32 MB and
+   would sit in L2) and replayed from a CUDA graph over 4 weight copies (device time, as
+   inside a captured step; the goal is judged on these);
 4. decode attention: SDPA over live-length views (the eager step) vs the decode_attention
    kernel (the captured step) vs flash-attn when installed, per head layout, B, length;
 5. a latent step vs a token step (SmolLM2 config, batch 1 and 8);
@@ -497,18 +499,54 @@ def bench_fn(fn, device) -> dict:
     return {"median_s": ts[len(ts) // 2], "p20_s": ts[len(ts) // 5], "p80_s": ts[4 * len(ts) // 5]}
 
 
+def bench_graphed(fns, device, calls: int = 24, replays: int = 10) -> dict | None:
+    """Device time per call when the calls replay from one CUDA graph, as they run inside a
+    captured decode step (no Python launch cost; do_bench's figure includes it whenever a
+    kernel is shorter than its launch, ~11 us for a 4096 x 4096 GEMV). ``fns`` read one
+    copy of the weights each and are cycled, so with >= 4 copies of 32 MB no call finds its
+    weights in the 50 MB L2. None on CPU."""
+    if device.type != "cuda":
+        return None
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    times.sort()
+    return {"median_s": times[len(times) // 2], "p20_s": times[len(times) // 5], "p80_s": times[4 * len(times) // 5]}
+
+
 @torch.inference_mode()
 def bench_valve_lora(plan: Plan) -> list[dict]:
+    """F.linear vs valve_lora vs PEFT's unmerged lora.Linear: timed one call at a time
+    (do_bench, L2 flushed) and replayed from a CUDA graph over 4 weight copies (the way a
+    captured step runs them). The goal is judged on the graphed figures where they exist."""
     from torch import nn
 
     from cotrt.ops.valve_lora import valve_lora
 
     dev, dt, R = plan.device, plan.dtype, 16
     Ms, K = plan.mk
+    copies = 4 if dev.type == "cuda" else 1
     g = torch.Generator().manual_seed(0)
-    W = (torch.randn(K, K, generator=g) * K**-0.5).to(dev, dt)
-    A = (torch.randn(1, R, K, generator=g) * K**-0.5).to(dev, dt)
-    B = (torch.randn(1, K, R, generator=g) * R**-0.5).to(dev, dt)
+    Ws = [(torch.randn(K, K, generator=g) * K**-0.5).to(dev, dt) for _ in range(copies)]
+    As = [(torch.randn(1, R, K, generator=g) * K**-0.5).to(dev, dt) for _ in range(copies)]
+    Bs = [(torch.randn(1, K, R, generator=g) * R**-0.5).to(dev, dt) for _ in range(copies)]
     try:
         import peft
 
@@ -518,29 +556,39 @@ def bench_valve_lora(plan: Plan) -> list[dict]:
                 self.proj = nn.Linear(K, K, bias=False)
 
         cfg = peft.LoraConfig(r=R, lora_alpha=2 * R, target_modules=["proj"], init_lora_weights=False)
-        layer = peft.get_peft_model(One(), cfg).base_model.model.proj.to(dev, dt).eval()
+        layers = [peft.get_peft_model(One(), cfg).base_model.model.proj.to(dev, dt).eval() for _ in range(copies)]
         peft_note = None
     except Exception as e:  # noqa: BLE001 - no peft, or one that refuses: the other providers still run
-        layer, peft_note = None, f"{type(e).__name__}: {e}"[:300]
+        layers, peft_note = None, f"{type(e).__name__}: {e}"[:300]
     rows = []
     for M in Ms:
         x = torch.randn(M, K, generator=g).to(dev, dt)
         alpha = torch.linspace(0.5, 1.7, M).to(dev)
-        providers = {"F.linear": lambda: F.linear(x, W),
-                     "valve_lora": lambda: valve_lora(x, W, A, B, alpha)}
-        if layer is not None:
-            providers["peft_unmerged"] = lambda: layer(x)
+        providers = {"F.linear": [lambda W=W: F.linear(x, W) for W in Ws],
+                     "valve_lora": [lambda W=W, A=A, B=B: valve_lora(x, W, A, B, alpha) for W, A, B in zip(Ws, As, Bs)]}
+        if layers is not None:
+            providers["peft_unmerged"] = [lambda layer=layer: layer(x) for layer in layers]
         row = {"M": M, "K": K, "N": K, "r": R, "dtype": str(dt), **({"peft_note": peft_note} if peft_note else {})}
-        for pname, fn in providers.items():
-            s = bench_fn(fn, dev)
-            moved = (K * K + (0 if pname == "F.linear" else 2 * R * K)) * W.element_size()
+        for pname, fns in providers.items():
+            moved = (K * K + (0 if pname == "F.linear" else 2 * R * K)) * Ws[0].element_size()
+            s = bench_fn(fns[0], dev)
             row[pname] = {**s, "gbps": moved / s["median_s"] / 1e9}
-        base = row["F.linear"]["median_s"]
-        row["valve_vs_linear"] = row["valve_lora"]["median_s"] / base
+            gs = bench_graphed(fns, dev)
+            if gs is not None:
+                row[pname + "_graphed"] = {**gs, "gbps": moved / gs["median_s"] / 1e9}
+        row["valve_vs_linear"] = row["valve_lora"]["median_s"] / row["F.linear"]["median_s"]
         if "peft_unmerged" in row:
             row["peft_vs_valve"] = row["peft_unmerged"]["median_s"] / row["valve_lora"]["median_s"]
+        if "valve_lora_graphed" in row:
+            row["valve_vs_linear_graphed"] = row["valve_lora_graphed"]["median_s"] / row["F.linear_graphed"]["median_s"]
+            if "peft_unmerged_graphed" in row:
+                row["peft_vs_valve_graphed"] = (row["peft_unmerged_graphed"]["median_s"]
+                                                / row["valve_lora_graphed"]["median_s"])
         # Goals of issue 3 at M <= 16, r = 16, K = N = 4096: <= 1.10x F.linear, >= 2x faster than PEFT.
-        row["goal_met"] = row["valve_vs_linear"] <= 1.10 and row.get("peft_vs_valve", 0) >= 2.0
+        suffix = "_graphed" if "valve_vs_linear_graphed" in row else ""
+        row["goal_basis"] = "graphed" if suffix else "one call (do_bench)"
+        row["goal_met"] = (row["valve_vs_linear" + suffix] <= 1.10
+                           and row.get("peft_vs_valve" + suffix, 0) >= 2.0)
         rows.append(row)
     return rows
 
@@ -834,9 +882,11 @@ def summary(result: dict) -> str:
     out.append(f"correctness: kernels {sum(k['ok'] for k in kern)}/{len(kern)} ok; parity "
                + ", ".join(f"{p['model']} {p['dtype'].replace('torch.', '')} [{verdicts(p)}]" for p in par))
     for r in result.get("valve_lora", []):
-        out.append(f"valve_lora M={r['M']} K=N={r['K']} r={r['r']}: {r['valve_vs_linear']:.2f}x F.linear, "
-                   f"PEFT unmerged {fmt(r.get('peft_vs_valve'), '.2f')}x slower than valve_lora"
-                   f" (goal {'met' if r['goal_met'] else 'NOT met'})")
+        graphed = (f"; graphed {r['valve_vs_linear_graphed']:.2f}x F.linear, PEFT "
+                   f"{fmt(r.get('peft_vs_valve_graphed'), '.2f')}x slower" if "valve_vs_linear_graphed" in r else "")
+        out.append(f"valve_lora M={r['M']} K=N={r['K']} r={r['r']}: one call {r['valve_vs_linear']:.2f}x F.linear, "
+                   f"PEFT unmerged {fmt(r.get('peft_vs_valve'), '.2f')}x slower than valve_lora{graphed}"
+                   f" (goal on {r['goal_basis']}: {'met' if r['goal_met'] else 'NOT met'})")
     for r in result.get("latent", []):
         out.append(f"latent step vs token step, {r['model']} batch {r['batch']}: "
                    f"{r['latent_step_s'] * 1e3:.2f} ms vs {r['token_step_s'] * 1e3:.2f} ms "
