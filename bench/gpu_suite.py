@@ -123,9 +123,9 @@ class Plan:
         # Section deadlines, seconds since start; slack flows to the next section, and
         # the compiled HF child gets what is left.
         f = self.total / 450.0
-        self.deadline = {"correctness": 130 * f, "decode": 300 * f, "valve_lora": 315 * f,
-                         "decode_attention": 325 * f, "latent": 335 * f, "valve_e2e": 350 * f,
-                         "gpu_tests": 410 * f, "hf_compiled": self.total - 15 * f}
+        self.deadline = {"correctness": 130 * f, "decode": 295 * f, "valve_lora": 330 * f,
+                         "decode_attention": 340 * f, "latent": 350 * f, "valve_e2e": 365 * f,
+                         "gpu_tests": 420 * f, "hf_compiled": self.total - 15 * f}
 
     def left(self, section: str) -> float:
         return self.deadline[section] - (time.monotonic() - T0)
@@ -590,7 +590,40 @@ def bench_valve_lora(plan: Plan) -> list[dict]:
         row["goal_met"] = (row["valve_vs_linear" + suffix] <= 1.10
                            and row.get("peft_vs_valve" + suffix, 0) >= 2.0)
         rows.append(row)
+    if dev.type == "cuda":  # tile sweep at M = 16 for tuning _blocks (what the graphed step would gain)
+        rows[-1]["tile_sweep"] = sweep_valve_tiles(Ms[-1], Ws, As, Bs, g, dev, dt, plan)
     return rows
+
+
+def sweep_valve_tiles(M, Ws, As, Bs, g, dev, dt, plan: Plan) -> list[dict]:
+    """Graphed time of valve_lora at M rows over (BLOCK_N, BLOCK_K, warps, stages) tiles,
+    fastest first, against F.linear's graphed time in the same call; stops at the
+    section's deadline (each tile compiles once, ~1 s)."""
+    import cotrt.ops.valve_lora as vl
+
+    K = Ws[0].shape[1]
+    x = torch.randn(M, K, generator=g).to(dev, dt)
+    alpha = torch.linspace(0.5, 1.7, M).to(dev)
+    base = bench_graphed([lambda W=W: F.linear(x, W) for W in Ws], dev)["median_s"]
+    out = []
+    try:
+        for bn in (32, 64, 128):
+            for bk in (128, 256):
+                for warps, stages in ((4, 3), (4, 4), (8, 3)):
+                    if plan.left("valve_lora") < 2:
+                        break
+                    vl._TUNING = (bn, bk, warps, stages)
+                    try:
+                        t = bench_graphed([lambda W=W, A=A, B=B: vl.valve_lora(x, W, A, B, alpha)
+                                           for W, A, B in zip(Ws, As, Bs)], dev, replays=5)["median_s"]
+                        out.append({"BLOCK_N": bn, "BLOCK_K": bk, "warps": warps, "stages": stages,
+                                    "median_s": t, "vs_linear": t / base})
+                    except Exception as e:  # noqa: BLE001 - a tile that does not fit (shared memory)
+                        out.append({"BLOCK_N": bn, "BLOCK_K": bk, "warps": warps, "stages": stages,
+                                    "error": f"{type(e).__name__}"})
+    finally:
+        vl._TUNING = None
+    return sorted(out, key=lambda r: r.get("median_s", float("inf")))
 
 
 @torch.inference_mode()
@@ -882,6 +915,10 @@ def summary(result: dict) -> str:
     out.append(f"correctness: kernels {sum(k['ok'] for k in kern)}/{len(kern)} ok; parity "
                + ", ".join(f"{p['model']} {p['dtype'].replace('torch.', '')} [{verdicts(p)}]" for p in par))
     for r in result.get("valve_lora", []):
+        if r.get("tile_sweep") and "median_s" in r["tile_sweep"][0]:
+            best = r["tile_sweep"][0]
+            out.append(f"valve_lora tile sweep M={r['M']}: best BLOCK_N={best['BLOCK_N']} BLOCK_K={best['BLOCK_K']} "
+                       f"warps={best['warps']} stages={best['stages']}: {best['vs_linear']:.2f}x F.linear (graphed)")
         graphed = (f"; graphed {r['valve_vs_linear_graphed']:.2f}x F.linear, PEFT "
                    f"{fmt(r.get('peft_vs_valve_graphed'), '.2f')}x slower" if "valve_vs_linear_graphed" in r else "")
         out.append(f"valve_lora M={r['M']} K=N={r['K']} r={r['r']}: one call {r['valve_vs_linear']:.2f}x F.linear, "

@@ -136,6 +136,17 @@ def test_triton_fp32_matches_ref(M, K, N, r, n, flags):
 
 
 @interp
+@pytest.mark.parametrize("tiles", [(16, 64, 4, 1), (128, 256, 8, 3)])
+def test_triton_forced_tiles_match_ref(tiles, monkeypatch):
+    """The tiles a sweep (bench/gpu_suite.py) forces give the same result."""
+    import cotrt.ops.valve_lora as vl
+
+    monkeypatch.setattr(vl, "_TUNING", tiles)
+    c = _case(17, 300, 111, 16, 2, "bias")
+    assert_close(valve_lora(**c, impl="triton"), valve_lora_ref(**c), msg=str(tiles))
+
+
+@interp
 @pytest.mark.parametrize("M,K,N,r,n,flags", [(3, 576, 111, 8, 2, "bias"), (17, 111, 576, 16, 4, "noncontig"),
                                             (64, 1536, 111, 64, 1, "noidx")])
 def test_triton_fp16_flash_rule(M, K, N, r, n, flags):

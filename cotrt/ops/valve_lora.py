@@ -171,6 +171,10 @@ def _kernel(interpreted: bool):
     return load_kernel("valve_lora", "_valve_lora_kernel", interpreted)
 
 
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) forced by a tile sweep, else None.
+_TUNING = None
+
+
 @functools.lru_cache(maxsize=64)
 def _blocks(M, N, r, dtype, interpreted, n_sm):
     """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages). Not yet tuned on a GPU:
@@ -207,6 +211,8 @@ def _valve_lora_triton(x, weight, lora_a, lora_b, alpha, adapter_idx, bias, out,
         return y
     n_sm = 0 if interpreted else _sm_count(x.device)
     bm, bn, bk, br, num_warps, num_stages = _blocks(M, N, r, x.dtype, interpreted, n_sm)
+    if _TUNING is not None:  # a sweep (bench/gpu_suite.py) trying other tiles
+        bn, bk, num_warps, num_stages = _TUNING
     grid = (_cdiv(N, bn), _cdiv(M, bm))
     kernel = _kernel(interpreted)
     # Dummy pointers for absent optional tensors (never dereferenced: HAS_* is False).
