@@ -51,6 +51,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import itertools
 import json
 import os
 import platform
@@ -607,20 +608,19 @@ def sweep_valve_tiles(M, Ws, As, Bs, g, dev, dt, plan: Plan) -> list[dict]:
     base = bench_graphed([lambda W=W: F.linear(x, W) for W in Ws], dev)["median_s"]
     out = []
     try:
-        for bn in (32, 64, 128):
-            for bk in (128, 256):
-                for warps, stages in ((4, 3), (4, 4), (8, 3)):
-                    if plan.left("valve_lora") < 2:
-                        break
-                    vl._TUNING = (bn, bk, warps, stages)
-                    try:
-                        t = bench_graphed([lambda W=W, A=A, B=B: vl.valve_lora(x, W, A, B, alpha)
-                                           for W, A, B in zip(Ws, As, Bs)], dev, replays=5)["median_s"]
-                        out.append({"BLOCK_N": bn, "BLOCK_K": bk, "warps": warps, "stages": stages,
-                                    "median_s": t, "vs_linear": t / base})
-                    except Exception as e:  # noqa: BLE001 - a tile that does not fit (shared memory)
-                        out.append({"BLOCK_N": bn, "BLOCK_K": bk, "warps": warps, "stages": stages,
-                                    "error": f"{type(e).__name__}"})
+        # One pass and two passes side by side per tile, so a deadline cut keeps them paired.
+        tiles = itertools.product((32, 64, 128), (128, 256), ((4, 3), (4, 4), (8, 3)), (True, False))
+        for bn, bk, (warps, stages), one_pass in tiles:
+            if plan.left("valve_lora") < 2:
+                break
+            vl._TUNING = (bn, bk, warps, stages, one_pass)
+            tile = {"BLOCK_N": bn, "BLOCK_K": bk, "warps": warps, "stages": stages, "one_pass": one_pass}
+            try:
+                t = bench_graphed([lambda W=W, A=A, B=B: vl.valve_lora(x, W, A, B, alpha)
+                                   for W, A, B in zip(Ws, As, Bs)], dev, replays=5)["median_s"]
+                out.append({**tile, "median_s": t, "vs_linear": t / base})
+            except Exception as e:  # noqa: BLE001 - a tile that does not fit (shared memory)
+                out.append({**tile, "error": f"{type(e).__name__}"})
     finally:
         vl._TUNING = None
     return sorted(out, key=lambda r: r.get("median_s", float("inf")))
@@ -918,7 +918,8 @@ def summary(result: dict) -> str:
         if r.get("tile_sweep") and "median_s" in r["tile_sweep"][0]:
             best = r["tile_sweep"][0]
             out.append(f"valve_lora tile sweep M={r['M']}: best BLOCK_N={best['BLOCK_N']} BLOCK_K={best['BLOCK_K']} "
-                       f"warps={best['warps']} stages={best['stages']}: {best['vs_linear']:.2f}x F.linear (graphed)")
+                       f"warps={best['warps']} stages={best['stages']} one_pass={best['one_pass']}: "
+                       f"{best['vs_linear']:.2f}x F.linear (graphed)")
         graphed = (f"; graphed {r['valve_vs_linear_graphed']:.2f}x F.linear, PEFT "
                    f"{fmt(r.get('peft_vs_valve_graphed'), '.2f')}x slower" if "valve_vs_linear_graphed" in r else "")
         out.append(f"valve_lora M={r['M']} K=N={r['K']} r={r['r']}: one call {r['valve_vs_linear']:.2f}x F.linear, "

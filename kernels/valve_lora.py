@@ -9,7 +9,12 @@ the block sizes. One program computes a ``[BLOCK_M, BLOCK_N]`` tile of ``y``:
    program, so they come from L2), scaled per row, then the expand ``t B[a, n-tile]ᵀ``
    added to the same fp32 accumulator.
 
-A tile whose rows are all base-only skips step 2 entirely. Rows that are not active get
+With ``ONE_PASS`` (one adapter in the bank) the shrink rides in the base loop instead: the
+x tile is loaded once for both products and the A tiles stream beside the W tiles, so
+their L2 reads overlap the HBM reads of W rather than following them (A is re-read by
+every N-tile program: at K = N = 4096, r = 16 and 128 programs, 16 MB from L2 per call
+next to W's 32 MB from HBM). Which variant is faster is measured by the GPU suite's tile
+sweep. A tile whose rows are all base-only skips step 2 entirely. Rows that are not active get
 ``t = 0`` through ``tl.where`` (not a multiply, so an inf in x Aᵀ cannot leak a NaN), which
 adds exact zeros: their output is bit-identical to the base-only result.
 """
@@ -45,6 +50,7 @@ def _valve_lora_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,  # next power of two >= max(R, 16): tl.dot needs dims >= 16
+    ONE_PASS: tl.constexpr,  # N_ADAPTERS == 1: the shrink computed inside the base loop
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -61,8 +67,17 @@ def _valve_lora_kernel(
     x_rows = x_ptr + offs_m64[:, None] * stride_xm  # [BLOCK_M, 1]
     w_rows = w_ptr + offs_n64[:, None] * stride_wn  # [BLOCK_N, 1]
 
-    # 1. base product
+    alpha = tl.load(alpha_ptr + offs_m64 * stride_alpha, mask=mask_m, other=0.0)  # [BLOCK_M]
+    if HAS_IDX:
+        adapter = tl.load(idx_ptr + offs_m64 * stride_idx, mask=mask_m, other=-1).to(tl.int32)
+    else:
+        adapter = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    active = mask_m & (alpha != 0.0)
+
+    # 1. base product (and, with ONE_PASS, the shrink of adapter 0 beside it)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    a0_rows = a_ptr + offs_r64[:, None] * stride_ar  # [BLOCK_R, 1], adapter 0
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -72,38 +87,44 @@ def _valve_lora_kernel(
         w = tl.load(w_rows + offs_k64[None, :] * stride_wk,
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if ONE_PASS:
+            a = tl.load(a0_rows + offs_k64[None, :] * stride_ak,
+                        mask=mask_r[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_R, BLOCK_K]
+            t0 = tl.dot(x, tl.trans(a), t0, input_precision=DOT_PRECISION)
 
     # 2. LoRA delta, per adapter present among the tile's active rows
-    alpha = tl.load(alpha_ptr + offs_m64 * stride_alpha, mask=mask_m, other=0.0)  # [BLOCK_M]
-    if HAS_IDX:
-        adapter = tl.load(idx_ptr + offs_m64 * stride_idx, mask=mask_m, other=-1).to(tl.int32)
-    else:
-        adapter = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    active = mask_m & (alpha != 0.0)
-    for ad in range(0, N_ADAPTERS):
-        sel = active & (adapter == ad)  # [BLOCK_M]
+    if ONE_PASS:
+        sel = active & (adapter == 0)
         if tl.max(sel.to(tl.int32), axis=0) > 0:
-            # int64: ad * stride_ba passes 2**31 for a few adapters on a vocab-sized N.
-            ad64 = tl.cast(ad, tl.int64)
-            a_rows = a_ptr + ad64 * stride_aa + offs_r64[:, None] * stride_ar  # [BLOCK_R, 1]
-            t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < K
-                offs_k64 = offs_k.to(tl.int64)
-                x = tl.load(x_rows + offs_k64[None, :] * stride_xk,
-                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                a = tl.load(a_rows + offs_k64[None, :] * stride_ak,
-                            mask=mask_r[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_R, BLOCK_K]
-                t = tl.dot(x, tl.trans(a), t, input_precision=DOT_PRECISION)
-            t = tl.where(sel[:, None], t * alpha[:, None], 0.0)  # [BLOCK_M, BLOCK_R] fp32
-            b = tl.load(b_ptr + ad64 * stride_ba + offs_n64[:, None] * stride_bn
-                        + offs_r64[None, :] * stride_br,
+            t = tl.where(sel[:, None], t0 * alpha[:, None], 0.0)
+            b = tl.load(b_ptr + offs_n64[:, None] * stride_bn + offs_r64[None, :] * stride_br,
                         mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
-            # The expand stays in fp32 (tf32 on tensor cores for 16-bit inputs): it is
-            # BLOCK_M x BLOCK_R x BLOCK_N, negligible next to the base product, and keeps
-            # alpha * t from being rounded to bf16 before it is added.
             acc = tl.dot(t, tl.trans(b.to(tl.float32)), acc, input_precision=DOT_PRECISION)
+    else:
+        for ad in range(0, N_ADAPTERS):
+            sel = active & (adapter == ad)  # [BLOCK_M]
+            if tl.max(sel.to(tl.int32), axis=0) > 0:
+                # int64: ad * stride_ba passes 2**31 for a few adapters on a vocab-sized N.
+                ad64 = tl.cast(ad, tl.int64)
+                a_rows = a_ptr + ad64 * stride_aa + offs_r64[:, None] * stride_ar  # [BLOCK_R, 1]
+                t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    mask_k = offs_k < K
+                    offs_k64 = offs_k.to(tl.int64)
+                    x = tl.load(x_rows + offs_k64[None, :] * stride_xk,
+                                mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                    a = tl.load(a_rows + offs_k64[None, :] * stride_ak,
+                                mask=mask_r[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_R, BLOCK_K]
+                    t = tl.dot(x, tl.trans(a), t, input_precision=DOT_PRECISION)
+                t = tl.where(sel[:, None], t * alpha[:, None], 0.0)  # [BLOCK_M, BLOCK_R] fp32
+                b = tl.load(b_ptr + ad64 * stride_ba + offs_n64[:, None] * stride_bn
+                            + offs_r64[None, :] * stride_br,
+                            mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
+                # The expand stays in fp32 (tf32 on tensor cores for 16-bit inputs): it is
+                # BLOCK_M x BLOCK_R x BLOCK_N, negligible next to the base product, and keeps
+                # alpha * t from being rounded to bf16 before it is added.
+                acc = tl.dot(t, tl.trans(b.to(tl.float32)), acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n64 * stride_bias, mask=mask_n, other=0.0)

@@ -136,13 +136,15 @@ def test_triton_fp32_matches_ref(M, K, N, r, n, flags):
 
 
 @interp
-@pytest.mark.parametrize("tiles", [(16, 64, 4, 1), (128, 256, 8, 3)])
-def test_triton_forced_tiles_match_ref(tiles, monkeypatch):
-    """The tiles a sweep (bench/gpu_suite.py) forces give the same result."""
+@pytest.mark.parametrize("tiles", [(16, 64, 4, 1, True), (128, 256, 8, 3, False), (32, 128, 4, 3, False)])
+@pytest.mark.parametrize("n", [1, 2])
+def test_triton_forced_tiles_match_ref(tiles, n, monkeypatch):
+    """The tiles a sweep (bench/gpu_suite.py) forces give the same result, one pass (the
+    shrink inside the base loop: one adapter) or two."""
     import cotrt.ops.valve_lora as vl
 
     monkeypatch.setattr(vl, "_TUNING", tiles)
-    c = _case(17, 300, 111, 16, 2, "bias")
+    c = _case(17, 300, 111, 16, n, "bias")
     assert_close(valve_lora(**c, impl="triton"), valve_lora_ref(**c), msg=str(tiles))
 
 
@@ -226,10 +228,11 @@ def test_validation_names_the_argument(mutate, match):
 # errors (dot shapes, dtypes, shared memory) on a CPU-only machine. A subprocess, because
 # this process runs Triton in interpreter mode.
 _COMPILE = """
-for dt, bm, bn, br, stages, arch in [("fp16", 16, 32, 16, 3, 90), ("bf16", 64, 64, 128, 2, 90),
-                                      ("fp32", 32, 64, 64, 2, 80), ("bf16", 16, 64, 16, 3, 89)]:
+for dt, bm, bn, br, stages, arch, one in [("fp16", 16, 32, 16, 3, 90, 0), ("bf16", 64, 64, 128, 2, 90, 0),
+                                           ("fp32", 32, 64, 64, 2, 80, 1), ("bf16", 16, 64, 16, 3, 89, 0),
+                                           ("bf16", 16, 32, 16, 3, 90, 1), ("bf16", 16, 128, 16, 4, 90, 1)]:
     cfg = dict(HAS_IDX=True, HAS_BIAS=True, DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
-               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64 if dt == "fp32" else 128, BLOCK_R=br)
+               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64 if dt == "fp32" else 128, BLOCK_R=br, ONE_PASS=bool(one))
     sig = {n: ({"alpha_ptr": "*fp32", "idx_ptr": "*i32"}.get(n, "*" + dt) if n.endswith("_ptr") else "i32")
            for n in k.arg_names}
     sig.update({c: "constexpr" for c in cfg})

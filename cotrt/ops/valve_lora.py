@@ -171,7 +171,7 @@ def _kernel(interpreted: bool):
     return load_kernel("valve_lora", "_valve_lora_kernel", interpreted)
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) forced by a tile sweep, else None.
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, ONE_PASS) forced by a tile sweep, else None.
 _TUNING = None
 
 
@@ -211,8 +211,10 @@ def _valve_lora_triton(x, weight, lora_a, lora_b, alpha, adapter_idx, bias, out,
         return y
     n_sm = 0 if interpreted else _sm_count(x.device)
     bm, bn, bk, br, num_warps, num_stages = _blocks(M, N, r, x.dtype, interpreted, n_sm)
+    one_pass = n_adapters == 1
     if _TUNING is not None:  # a sweep (bench/gpu_suite.py) trying other tiles
-        bn, bk, num_warps, num_stages = _TUNING
+        bn, bk, num_warps, num_stages, one_pass = _TUNING
+        one_pass = one_pass and n_adapters == 1
     grid = (_cdiv(N, bn), _cdiv(M, bm))
     kernel = _kernel(interpreted)
     # Dummy pointers for absent optional tensors (never dereferenced: HAS_* is False).
@@ -230,7 +232,7 @@ def _valve_lora_triton(x, weight, lora_a, lora_b, alpha, adapter_idx, bias, out,
         stride_ym=y.stride(0), stride_yn=y.stride(1),
         HAS_IDX=adapter_idx is not None, HAS_BIAS=bias is not None,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, ONE_PASS=one_pass,
     )
     if interpreted:
         from triton import knobs
