@@ -13,12 +13,12 @@ one row is latent). Two feedbacks: ``coconut`` (the final-norm state fed back as
 fp16, B up to 64). Run: ``python3 -m pytest bench/bench_contemplate.py --benchmark-only -q``;
 ``extra_info`` holds GB/s (bytes read and written over the median) and the device / versions.
 """
-import platform
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from _microbench import device_info, measure
 from cotrt.ops.contemplate import contemplate, contemplate_ref
 
 pytest.importorskip("pytest_benchmark")
@@ -34,11 +34,6 @@ PROVIDERS = ["ref", "contemplate", "naive", "embedding"]
 
 pytestmark = pytest.mark.benchmark(warmup=True, warmup_iterations=50, min_rounds=300)
 
-
-def _device_info() -> str:
-    if CUDA:
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def _setup(B, feedback, provider):
@@ -79,13 +74,7 @@ def _setup(B, feedback, provider):
 def test_contemplate(benchmark, B, feedback, provider):
     fn = torch.no_grad()(_setup(B, feedback, provider))
     benchmark.group = f"contemplate B={B} H={H} V={V} {feedback} {str(DTYPE).replace('torch.', '')} {DEVICE}"
-    if CUDA:
-        def run():
-            fn()
-            torch.cuda.synchronize()
-        benchmark(run)
-    else:
-        benchmark(fn)
+    measure(benchmark, fn)
     elt = torch.finfo(DTYPE).bits // 8
     n_lat = (B + 1) // 2
     moved = B * H * elt  # the output
@@ -95,5 +84,5 @@ def test_contemplate(benchmark, B, feedback, provider):
     benchmark.extra_info.update(
         provider=provider, B=B, H=H, V=V, feedback=feedback, latent_rows=n_lat, dtype=str(DTYPE),
         gbps=round(moved / benchmark.stats.stats.median / 1e9, 3),
-        device=_device_info(), torch=torch.__version__,
+        device=device_info(), torch=torch.__version__,
     )

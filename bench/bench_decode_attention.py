@@ -19,12 +19,12 @@ reads and writes more, all T positions, so its figure is an effective rate), and
 device / versions.
 """
 import os
-import platform
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from _microbench import device_info, measure
 from cotrt.ops._triton import HAS_TRITON
 from cotrt.ops.decode_attention import decode_attention
 
@@ -44,11 +44,6 @@ PROVIDERS = ["sdpa", "torch", "triton"]
 pytestmark = pytest.mark.benchmark(warmup=True, warmup_iterations=5 if QUICK else 50,
                                    min_rounds=10 if QUICK else 200)
 
-
-def _device_info() -> str:
-    if CUDA:
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def _setup(model, B, L, provider):
@@ -81,17 +76,11 @@ def test_decode_attention(benchmark, model, B, L, provider):
     fn = torch.no_grad()(_setup(model, B, L, provider))
     benchmark.group = f"decode_attention {model} H={H} KVH={KVH} D={D} B={B} L={L} T={T} " \
                       f"{str(DTYPE).replace('torch.', '')} {DEVICE}"
-    if CUDA:
-        def run():
-            fn()
-            torch.cuda.synchronize()
-        benchmark(run)
-    else:
-        benchmark(fn)
+    measure(benchmark, fn)
     elt = torch.finfo(DTYPE).bits // 8
     moved = 2 * B * L * KVH * D * elt  # live K and V
     benchmark.extra_info.update(
         provider=provider, model=model, B=B, H=H, KVH=KVH, D=D, L=L, T=T, dtype=str(DTYPE),
         gbps=round(moved / benchmark.stats.stats.median / 1e9, 3),
-        device=_device_info(), torch=torch.__version__,
+        device=device_info(), torch=torch.__version__,
     )

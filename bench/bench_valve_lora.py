@@ -12,13 +12,13 @@ M up to 16, K = N up to 4096). Run: ``python3 -m pytest bench/bench_valve_lora.p
 pytest-benchmark prints each group's median with ratios to the fastest; ``extra_info``
 holds GB/s (W, A and B bytes over the median) and the device / versions.
 """
-import platform
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _microbench import device_info, measure
 from cotrt.ops.valve_lora import valve_lora
 
 peft = pytest.importorskip("peft")
@@ -34,11 +34,6 @@ PROVIDERS = ["linear", "valve_lora", "valve_lora_2ad", "peft_unmerged", "merged"
 
 pytestmark = pytest.mark.benchmark(warmup=True, warmup_iterations=50, min_rounds=200)
 
-
-def _device_info() -> str:
-    if CUDA:
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 class _One(nn.Module):
@@ -80,17 +75,11 @@ def _setup(M, K, provider):
 def test_valve_lora(benchmark, M, K, provider):
     fn = torch.no_grad()(_setup(M, K, provider))
     benchmark.group = f"valve_lora M={M} K=N={K} r={R} {str(DTYPE).replace('torch.', '')} {DEVICE}"
-    if CUDA:
-        def run():
-            fn()
-            torch.cuda.synchronize()
-        benchmark(run)
-    else:
-        benchmark(fn)
+    measure(benchmark, fn)
     elt = torch.finfo(DTYPE).bits // 8
     moved = (K * K + (0 if provider in ("linear", "merged") else 2 * R * K)) * elt
     benchmark.extra_info.update(
         provider=provider, M=M, K=K, N=K, r=R, dtype=str(DTYPE),
         gbps=round(moved / benchmark.stats.stats.median / 1e9, 2),
-        device=_device_info(), torch=torch.__version__, peft=peft.__version__,
+        device=device_info(), torch=torch.__version__, peft=peft.__version__,
     )
