@@ -362,7 +362,8 @@ class Engine:
                        logits_all: torch.Tensor | None = None) -> None:
         """LM head on the rows that need logits (sampling rows, probes); forced tokens for
         the others; then each row's controls and policies. ``logits_all``: every row's
-        logits, already computed (a captured step; gathered here, never written)."""
+        logits, already computed (a captured step's output buffer: biases may be applied to
+        it in place; the next replay rewrites it anyway)."""
         if self.valves is not None:
             self.valves.state.clear()  # a user's own model.generate must see no valve
         probing = [i for i, r in enumerate(rows) if r.exits is not None and r.exits.probe is not None]

@@ -10,7 +10,7 @@ What makes the step capturable:
 - every input is a preallocated device buffer refilled in place: token ids, slots and
   positions (one host-to-device copy of a ``[3, B]`` pinned tensor), valve alphas and
   adapter indices (``ValveState.reserve_static``), latent inputs (``[B, 1, E]``);
-- attention reads the slot cache by slot index and per-row length (``StepMeta.static``:
+- attention reads the slot cache by slot index and per-row length (``StepMeta.lengths``:
   the decode_attention op, or flash-attn's kv-cache kernel), so no shape depends on how
   long the rows are, and the cache write is a scatter at device positions;
 - rows are padded to the bucket with dummy rows on the cache's scratch slot.

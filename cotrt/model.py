@@ -63,12 +63,11 @@ class StepMeta:
     write_pos: torch.Tensor  # [B*T] position of each new token in its row
     slot_range: tuple | None  # (s0, s1) when slots are s0..s1-1: attend through views
     decode: bool  # T == 1 for every row
-    # Static decode (cotrt.graph): every shape is fixed by B alone, so the forward can be
-    # captured as a CUDA graph. Attention then reads the cache by slot, ``lengths[b]``
-    # keys per row (a device tensor, = starts + 1), with the decode_attention op; kv_len,
-    # mask and slot_range are unused.
+    # Decode by slot (cotrt.graph's static step, or decode_backend "by_slot"): attention
+    # reads the cache buffers by slot, ``lengths[b]`` keys per row (a device tensor,
+    # = starts + 1), so no shape depends on the rows' lengths and the forward can be
+    # captured as a CUDA graph; kv_len, mask and slot_range are then unused.
     lengths: torch.Tensor | None = None
-    static: bool = False
     _window_masks: dict = field(default_factory=dict)
 
     def mask_for(self, sliding_window: int | None) -> torch.Tensor:
@@ -408,7 +407,7 @@ class ModelRunner:
             slots=slots, starts=starts, q_lens=[1] * B, kv_len=self.max_len,
             mask=torch.ones(B, 1, 1, 1, dtype=torch.bool, device=slots.device),  # HF needs a 4-D mask to skip its own
             positions=starts[:, None], write_rows=slots, write_pos=starts, slot_range=None, decode=True,
-            lengths=lengths, static=True,
+            lengths=lengths,
         )
 
     # -- the forward --------------------------------------------------------------------------
