@@ -95,3 +95,22 @@ def test_top_k_past_the_vocabulary_keeps_everything():
     out = sample(logits, f(1.0, torch.float32), f(1.0, torch.float32), f(500, torch.long),
                  seed=torch.arange(2), counter=torch.arange(2))
     assert out.shape == (2,) and bool((out < 10).all())
+
+
+@pytest.mark.parametrize("V", [49152, 151936, 1000, 50, 7])
+def test_inverse_cdf_equals_a_full_cumsum(V):
+    """The two-level inverse CDF picks what a row-long float64 cumsum picks, never a
+    zero-mass entry (zero entries inside the row and a V that is no multiple of 32)."""
+    from cotrt.sampling import inverse_cdf
+
+    g = torch.Generator().manual_seed(V)
+    p = torch.softmax(torch.randn(64, V, generator=g) * 4, -1)
+    p[:, ::3] = 0
+    p[0] = 0
+    p[0, V - 1] = 1.0  # all the mass on the very last entry
+    u = torch.rand(64, generator=g, dtype=torch.float64)
+    u[1] = 1 - 2**-48  # the top end
+    ref = torch.searchsorted(p.double().cumsum(-1), (u * p.double().sum(-1))[:, None]).squeeze(1)
+    got = inverse_cdf(p, u)
+    assert torch.equal(got, ref)
+    assert (p.gather(1, got[:, None]) > 0).all()
