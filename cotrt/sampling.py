@@ -43,20 +43,23 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     {"sampled_rows": [indices of rows with temperature > 0], "filtered": any top-k/top-p
     among them, "kmax": the top-k to take (V when a row has no top-k)}.
     """
-    greedy = logits.argmax(dim=-1)
-    V = logits.shape[-1]
+    B, V = logits.shape
     if host is not None:
         if not host["sampled_rows"]:
-            return greedy
-        rows = torch.tensor(host["sampled_rows"], device=logits.device)
+            return logits.argmax(dim=-1)
+        if host["sampled_rows"] == list(range(B)):  # every row samples: no gathers, no argmax
+            rows = None
+        else:
+            rows = torch.tensor(host["sampled_rows"], device=logits.device)
     else:
         do_sample = temperature > 0
         if not bool(do_sample.any()):
-            return greedy
+            return logits.argmax(dim=-1)
         rows = do_sample.nonzero().squeeze(1)
-    scaled = logits[rows] / temperature[rows, None]
-    k, p = top_k[rows], top_p[rows]
-    u = uniform(seed[rows], counter[rows])
+    pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+    scaled = pick(logits) / pick(temperature)[:, None]
+    k, p = pick(top_k), pick(top_p)
+    u = uniform(pick(seed), pick(counter))
     filtered = host["filtered"] if host is not None else bool((k > 0).any()) or bool((p < 1).any())
     if filtered:
         if host is not None:
@@ -77,7 +80,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
         probs = torch.softmax(scaled, dim=-1)
     choice = inverse_cdf(probs, u)
     tok = choice if idx is None else idx.gather(1, choice[:, None]).squeeze(1)
-    out = greedy.clone()
+    if rows is None:
+        return tok
+    out = logits.argmax(dim=-1)
     out[rows] = tok
     return out
 
