@@ -304,7 +304,8 @@ class Engine:
             self.valves.state.reserve_static(graphs.max_rows)
         valve = self._set_valves(rows + [None] * (B - n), 1)
         latent = any(r.latent is not None and r.latent.pending is not None for r in rows)
-        key = graphs.key(n, valve, latent, _taps(rows))
+        mode, sampling = self._graph_sampling(rows)
+        key = graphs.key(n, valve, latent, _taps(rows), mode)
         if graphs.failed(key):
             return False
         slots = [r.slot for r in rows]
@@ -313,13 +314,40 @@ class Engine:
         if latent:
             ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
             embeds = self._latent_inputs(rows, slots, ids)
-        out = graphs.run(key, slots, tokens, [plans[r.id][1] for r in rows], embeds=embeds)
+        out = graphs.run(key, slots, tokens, [plans[r.id][1] for r in rows], embeds=embeds, sampling=sampling)
         if out is None:
             return False
-        hidden, logits, tapped = out
+        hidden, logits, tapped, sampled = out
         self.stats["decode_tokens"] += n
-        self._after_forward(rows, hidden, tapped, logits_all=logits)
+        self._after_forward(rows, hidden, tapped, logits_all=logits,
+                            tokens_all=sampled.tolist() if sampled is not None else None)  # the step's sync
         return True
+
+    def _graph_sampling(self, rows: list[Row]):
+        """``(mode, per-row inputs)`` for sampling inside a captured step: "greedy" when
+        every sampling row is greedy, "plain" when none uses top-k / top-p; ``(None, None)``
+        otherwise (or when a row carries more than MAX_BIASES biases and banned tokens),
+        and the engine samples the step's logits itself."""
+        from .graph import MAX_BIASES
+
+        _, _, sampling = _row_roles(rows)
+        sampling = set(sampling)
+        mode, spec = "greedy", []
+        for i, r in enumerate(rows):
+            if i not in sampling:
+                spec.append((0.0, 0, 0, ()))
+                continue
+            p = r.params
+            banned = r.banned_tokens() + (r.exits.banned(r) if r.exits is not None else [])
+            biases = list(p.logit_bias.items()) + [(t, float("-inf")) for t in banned]
+            if len(biases) > MAX_BIASES:
+                return None, None
+            if p.temperature > 0:
+                if p.top_k > 0 or p.top_p < 1:
+                    return None, None
+                mode = "plain"
+            spec.append((float(p.temperature), p.seed, r.seq_len, biases))
+        return mode, spec
 
     def _latent_inputs(self, rows, slots, tokens: torch.Tensor) -> torch.Tensor:
         """``[len(slots), E]`` next inputs: fed-back vectors on latent rows, E[tok] on others."""
@@ -359,18 +387,20 @@ class Engine:
         return True
 
     def _after_forward(self, rows: list[Row], h: torch.Tensor, tapped: dict | None = None,
-                       logits_all: torch.Tensor | None = None) -> None:
+                       logits_all: torch.Tensor | None = None, tokens_all: list | None = None) -> None:
         """LM head on the rows that need logits (sampling rows, probes); forced tokens for
         the others; then each row's controls and policies. ``logits_all``: every row's
         logits, already computed (a captured step's output buffer: biases may be applied to
-        it in place; the next replay rewrites it anyway)."""
+        it in place; the next replay rewrites it anyway). ``tokens_all``: every row's token,
+        sampled inside the captured step (used for the rows that sample)."""
         if self.valves is not None:
             self.valves.state.clear()  # a user's own model.generate must see no valve
-        probing = [i for i, r in enumerate(rows) if r.exits is not None and r.exits.probe is not None]
-        probe_set = set(probing)
-        latent = [i for i, r in enumerate(rows) if r.latent is not None and r.latent.active and not r.finished]
-        skip = probe_set | set(latent)
-        sampling = [i for i, r in enumerate(rows) if i not in skip and not r.forced and not r.finished]
+        probing, latent, sampling = _row_roles(rows)
+        skip = set(probing) | set(latent)
+        toks: dict[int, int] = {}
+        if tokens_all is not None:  # sampled inside the captured step
+            toks = {i: tokens_all[i] for i in sampling}
+            sampling = []
         need = sampling + probing
         logits = None
         if need:
@@ -382,7 +412,6 @@ class Engine:
                 need_t = torch.tensor(need, device=h.device)
                 logits = logits_all.index_select(0, need_t) if logits_all is not None else \
                     self.runner.logits(h.index_select(0, need_t))
-        toks: dict[int, int] = {}
         if sampling:
             lg = logits[: len(sampling)]
             self._apply_biases(lg, [rows[i] for i in sampling])
@@ -443,6 +472,16 @@ class Engine:
         row.slot = -1
         row.t_done = time.perf_counter()
         self.requests.pop(row.id, None)
+
+
+def _row_roles(rows) -> tuple[list, list, list]:
+    """Indices of the rows that probe, that take a latent step, and that sample this step
+    (the others force a token or are done)."""
+    probing = [i for i, r in enumerate(rows) if r.exits is not None and r.exits.probe is not None]
+    latent = [i for i, r in enumerate(rows) if r.latent is not None and r.latent.active and not r.finished]
+    skip = set(probing) | set(latent)
+    sampling = [i for i, r in enumerate(rows) if i not in skip and not r.forced and not r.finished]
+    return probing, latent, sampling
 
 
 def _taps(rows) -> tuple:

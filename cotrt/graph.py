@@ -15,13 +15,17 @@ What makes the step capturable:
   long the rows are, and the cache write is a scatter at device positions;
 - rows are padded to the bucket with dummy rows on the cache's scratch slot.
 
-The captured part is the decoder forward and the LM head of every row (fp32 logits, which
-the engine gathers for its sampling rows). Sampling, the token automaton and the controls
-run after it: they make host decisions on the sampled tokens, and the step's one sync is
-reading those tokens. Prefill and probe starts (several tokens a row) stay eager.
+The captured part is the decoder forward, the LM head of every row (fp32 logits) and,
+when every sampling row allows it, the sampling: each row's logit biases and banned tokens
+(at most ``MAX_BIASES``, scattered from a buffer), then the argmax ("greedy") or a seeded
+draw without top-k / top-p ("plain", ``sampling.sample_static``). Otherwise (top-k, top-p,
+many biases) the engine samples the captured logits itself. The token automaton and the
+controls run after the step: they make host decisions on the sampled tokens, and the
+step's one sync is reading those tokens. Prefill and probe starts (several tokens a row)
+stay eager.
 
-Graphs are keyed by (bucket, valve active, latent inputs, tapped layers) and captured on
-first use. Loading or unloading a valve moves the adapter banks: every graph is dropped
+Graphs are keyed by (bucket, valve active, latent inputs, tapped layers, sampling mode)
+and captured on first use. Loading or unloading a valve moves the adapter banks: every graph is dropped
 and recaptured (``sync_valves``). A key whose capture fails (a model whose forward reads
 values on the host, e.g. dynamic RoPE scaling) is remembered and runs eagerly.
 
@@ -35,7 +39,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .sampling import sample_static
+
 MODES = ("auto", "cuda", "static", "off")
+MAX_BIASES = 16  # logit-bias / banned-token entries a row may carry into a captured sampling
 _BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
@@ -59,8 +66,9 @@ def resolve_mode(mode: str, device: torch.device) -> str:
 class _Entry:
     graph: object  # torch.cuda.CUDAGraph, or None in static mode
     hidden: torch.Tensor  # [B, H] the captured outputs (overwritten by each replay)
-    logits: torch.Tensor  # [B, V] fp32
+    logits: torch.Tensor  # [B, V] fp32 (biased when the step samples)
     tapped: dict  # layer -> [B, H]
+    tokens: torch.Tensor | None  # [B] int64 when the step samples
 
 
 class DecodeGraphs:
@@ -82,6 +90,11 @@ class DecodeGraphs:
         self._dev = torch.zeros(3, n, dtype=torch.long, device=dev)
         self._lengths = torch.zeros(n, dtype=torch.long, device=dev)
         self._embeds = torch.zeros(n, 1, runner.embed.weight.shape[1], dtype=runner.dtype, device=dev)
+        # Sampling inputs, per row: [seed, counter, bias ids...] and [temperature, bias values...].
+        self._s_host_i = torch.zeros(n, 2 + MAX_BIASES, dtype=torch.long, pin_memory=capture)
+        self._s_host_f = torch.zeros(n, 1 + MAX_BIASES, dtype=torch.float32, pin_memory=capture)
+        self._s_i = torch.zeros(n, 2 + MAX_BIASES, dtype=torch.long, device=dev)
+        self._s_f = torch.zeros(n, 1 + MAX_BIASES, dtype=torch.float32, device=dev)
         self._metas: dict[int, object] = {}
         self._entries: dict[tuple, _Entry] = {}
         self._failed: dict[tuple, str] = {}
@@ -105,12 +118,14 @@ class DecodeGraphs:
     def failed(self, key: tuple) -> bool:
         return key in self._failed
 
-    def key(self, n: int, valve: bool, latent: bool, taps: tuple) -> tuple:
-        return (self.bucket(n), bool(valve), bool(latent), tuple(taps))
+    def key(self, n: int, valve: bool, latent: bool, taps: tuple, sampling: str | None = None) -> tuple:
+        if sampling not in (None, "greedy", "plain"):
+            raise ValueError(f"DecodeGraphs.key: sampling must be None, 'greedy' or 'plain', got {sampling!r}")
+        return (self.bucket(n), bool(valve), bool(latent), tuple(taps), sampling)
 
     # -- the step --------------------------------------------------------------------------
     def run(self, key: tuple, slots: list[int], tokens: list[int], starts: list[int],
-            embeds: torch.Tensor | None = None):
+            embeds: torch.Tensor | None = None, sampling: list | None = None):
         """One decode step of ``n = len(slots)`` rows (n <= the key's bucket).
 
         Args:
@@ -118,16 +133,23 @@ class DecodeGraphs:
             slots, tokens, starts: per row, the cache slot, the input token and its position.
             embeds: ``[n, E]`` input embeddings when the key has latent inputs (token rows
                 carry E[tok] there), else None.
+            sampling: when the key samples, per row ``(temperature, seed, counter,
+                [(token id, logit bias), ...])`` (-inf bans a token; rows that do not sample
+                pass temperature 0 and no biases), else None.
 
-        Returns ``(hidden [n, H], logits fp32 [n, V], {layer: [n, H]})``, or None when this
-        key cannot be captured (the caller runs its eager step). Hidden and tapped states
-        are fresh tensors; ``logits`` may be a view of the graph's output, valid until the
-        next step (the engine gathers its rows at once: one copy instead of two).
+        Returns ``(hidden [n, H], logits fp32 [n, V], {layer: [n, H]}, tokens [n] or None)``,
+        or None when this key cannot be captured (the caller runs its eager step). Hidden
+        and tapped states are fresh tensors; ``logits`` and ``tokens`` may be views of the
+        graph's outputs, valid until the next step.
         """
-        B, valve, latent, taps = key
+        B, valve, latent, taps, mode = key
         n = len(slots)
         if latent != (embeds is not None):
             raise ValueError("DecodeGraphs.run: embeds must be given exactly when the key has latent inputs")
+        if (mode is not None) != (sampling is not None) or (sampling is not None and len(sampling) != n):
+            raise ValueError("DecodeGraphs.run: sampling must be given, one entry a row, exactly when the key samples")
+        if sampling is not None and any(len(row[3]) > MAX_BIASES for row in sampling):
+            raise ValueError(f"DecodeGraphs.run: at most {MAX_BIASES} logit biases a row")
         max_len = self.runner.max_len
         for s, p in zip(slots, starts):
             if not 0 <= p < max_len:
@@ -146,6 +168,8 @@ class DecodeGraphs:
         if latent:
             self._embeds[:n, 0].copy_(embeds)
             self._embeds[n:B].zero_()
+        if sampling is not None:
+            self._fill_sampling(B, sampling)
         if self.capture:
             entry.graph.replay()
             self.stats["replays"] += 1
@@ -153,7 +177,22 @@ class DecodeGraphs:
             entry = _Entry(None, *self._forward(key))
             self.stats["static_steps"] += 1
         return (entry.hidden[:n].clone(), entry.logits[:n],
-                {l: t[:n].clone() for l, t in entry.tapped.items()})
+                {l: t[:n].clone() for l, t in entry.tapped.items()},
+                entry.tokens[:n] if entry.tokens is not None else None)
+
+    def _fill_sampling(self, B: int, sampling) -> None:
+        """Per-row sampling inputs into the buffers: one host-to-device copy each. Padding
+        rows and unused bias entries add 0.0 to logit 0."""
+        ints = [[0] * (2 + MAX_BIASES) for _ in range(B)]
+        floats = [[0.0] * (1 + MAX_BIASES) for _ in range(B)]
+        for i, (temperature, seed, counter, biases) in enumerate(sampling):
+            ints[i][0], ints[i][1], floats[i][0] = seed, counter, temperature
+            for j, (tok, val) in enumerate(biases):
+                ints[i][2 + j], floats[i][1 + j] = tok, val
+        self._s_host_i[:B].copy_(torch.tensor(ints, dtype=torch.long))
+        self._s_host_f[:B].copy_(torch.tensor(floats, dtype=torch.float32))
+        self._s_i[:B].copy_(self._s_host_i[:B], non_blocking=self.capture)
+        self._s_f[:B].copy_(self._s_host_f[:B], non_blocking=self.capture)
 
     def _meta(self, B: int):
         meta = self._metas.get(B)
@@ -164,7 +203,7 @@ class DecodeGraphs:
 
     def _forward(self, key: tuple):
         """The static step: reads only the buffers, writes only fresh (or pooled) tensors."""
-        B, _, latent, taps = key
+        B, _, latent, taps, mode = key
         r = self.runner
         meta = self._meta(B)
         torch.add(meta.starts, 1, out=meta.lengths)  # keys per row, the new one included
@@ -173,7 +212,14 @@ class DecodeGraphs:
         else:
             hidden = r.forward(meta, input_ids=self._dev[0, :B, None], taps=taps)
         h = hidden[:, 0]
-        return h, r.logits(h), {l: r.tapped[l][:, 0] for l in taps}
+        logits = r.logits(h)
+        tokens = None
+        if mode is not None:
+            s_i, s_f = self._s_i[:B], self._s_f[:B]
+            logits.scatter_add_(1, s_i[:, 2:], s_f[:, 1:])  # biases; -inf bans
+            tokens = logits.argmax(dim=-1) if mode == "greedy" else \
+                sample_static(logits, s_f[:, 0], s_i[:, 0], s_i[:, 1])
+        return h, logits, {l: r.tapped[l][:, 0] for l in taps}, tokens
 
     def _capture(self, key: tuple) -> _Entry | None:  # pragma: no cover - CUDA only
         B = key[0]
@@ -183,6 +229,8 @@ class DecodeGraphs:
         self._host[:, :B].copy_(torch.tensor([[0] * B, [self.runner.max_batch] * B, [0] * B]))
         self._dev[:, :B].copy_(self._host[:, :B])
         self._embeds[:B].zero_()
+        self._s_i[:B].zero_()
+        self._s_f[:B].zero_()
         try:
             stream = torch.cuda.Stream(device=dev)
             stream.wait_stream(torch.cuda.current_stream(dev))

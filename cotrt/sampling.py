@@ -115,3 +115,15 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     last = torch.where(inside > 0, torch.arange(bs, device=probs.device), -1).amax(-1, keepdim=True)
     j = torch.where(inside.gather(1, j) > 0, j, last.clamp(min=0))
     return (b * bs + j).squeeze(1)
+
+
+def sample_static(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor,
+                  counter: torch.Tensor) -> torch.Tensor:
+    """:func:`sample` for rows with no top-k / top-p, in fixed shapes with no host values
+    (it runs inside a captured decode step): rows with temperature 0 take the argmax, the
+    others draw from ``softmax(logits / t)``. A row gets the token :func:`sample` gives it.
+    Returns int64 ``[B]``."""
+    hot = temperature > 0
+    t = torch.where(hot, temperature, 1.0)
+    drawn = inverse_cdf(torch.softmax(logits / t[:, None], dim=-1), uniform(seed, counter))
+    return torch.where(hot, drawn, logits.argmax(dim=-1))

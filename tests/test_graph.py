@@ -203,6 +203,39 @@ def test_probes_through_the_static_step(think_tokenizer):
     assert sum(map(len, probes_s)) > 0
 
 
+def test_sampling_inside_the_step(think_tokenizer):
+    """Greedy and plain temperature batches sample inside the static step (logit biases
+    and the banned end marker scattered from buffers); top-p or too many biases leave it
+    to the engine; the tokens equal the eager step's either way."""
+    from cotrt.graph import MAX_BIASES
+
+    tok = think_tokenizer
+    model = tiny_model("qwen3", len(tok), seed=8)
+    rt = cotrt.wrap(model, tok, max_batch=3, max_len=128, decode_graph="static")
+    graphs = rt.engine.graphs
+    keys = []
+    real_run = graphs.run
+    graphs.run = lambda key, *a, **kw: keys.append(key) or real_run(key, *a, **kw)
+    prompts = [tok.encode(t, add_special_tokens=False) for t in ["Q: 2+2?\n<think>\n", "Hi <think>", "Go"]]
+    nl2 = tok.encode("\n\n", add_special_tokens=False)[0]
+    many = {5 + i: 0.5 for i in range(MAX_BIASES + 1)}
+    cases = {
+        "greedy": [cotrt.Params(max_new_tokens=20, think_budget=6, ignore_eos=True)] * 3,
+        "plain": [cotrt.Params(max_new_tokens=20, temperature=0.9, seed=1, think_budget=6, ignore_eos=True),
+                  cotrt.Params(max_new_tokens=20, logit_bias={nl2: 5.0}, ignore_eos=True),
+                  cotrt.Params(max_new_tokens=20, temperature=1.2, seed=2, logit_bias={7: -3.0}, ignore_eos=True)],
+        None: [cotrt.Params(max_new_tokens=20, temperature=0.9, top_p=0.8, seed=1, ignore_eos=True),
+               cotrt.Params(max_new_tokens=20, logit_bias=many, ignore_eos=True),
+               cotrt.Params(max_new_tokens=20, ignore_eos=True)],
+    }
+    for mode, params in cases.items():
+        keys.clear()
+        static, eager = _both(rt, lambda rt: [o.token_ids for o in rt.generate(prompts, params)])
+        assert static == eager, mode
+        assert keys and {k[-1] for k in keys if k[0] == 3} == {mode}, (mode, keys)  # all 3 rows decoding
+    graphs.run = real_run
+
+
 def test_graphs_drop_on_valve_change(smol_tokenizer):
     model = tiny_model("llama", len(smol_tokenizer))
     rt = cotrt.wrap(model, smol_tokenizer, max_batch=2, max_len=32)

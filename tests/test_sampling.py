@@ -114,3 +114,18 @@ def test_inverse_cdf_equals_a_full_cumsum(V):
     got = inverse_cdf(p, u)
     assert torch.equal(got, ref)
     assert (p.gather(1, got[:, None]) > 0).all()
+
+
+def test_sample_static_equals_sample_without_filters():
+    """The captured step's sampler gives each row what sample() gives it (greedy and
+    temperature rows mixed, no top-k / top-p)."""
+    from cotrt.sampling import sample_static
+
+    g = torch.Generator().manual_seed(3)
+    B, V = 12, 999
+    logits = torch.randn(B, V, generator=g) * 3
+    temperature = torch.tensor([0.0, 0.7, 1.0, 1.3] * 3)
+    seed = torch.randint(0, 2**62, (B,), generator=g)
+    counter = torch.randint(0, 10**6, (B,), generator=g)
+    ref = sample(logits, temperature, torch.ones(B), torch.zeros(B, dtype=torch.long), seed, counter)
+    assert torch.equal(sample_static(logits, temperature, seed, counter), ref)
