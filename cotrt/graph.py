@@ -75,7 +75,9 @@ class DecodeGraphs:
     """Captured (or static-shape eager) decode steps of one ModelRunner.
 
         graphs = DecodeGraphs(runner, capture=True)
-        hidden, logits, tapped = graphs.run(slots, tokens, starts)   # lists of n rows
+        key = graphs.key(len(slots), valve=False, latent=False, taps=(), sampling="greedy")
+        hidden, logits, tapped, next_tokens = graphs.run(key, slots, tokens, starts,
+                                                         sampling=[(0.0, 0, 0, ())] * len(slots))
     """
 
     def __init__(self, runner, capture: bool):
