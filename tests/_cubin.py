@@ -49,3 +49,25 @@ def _interpreter_ready() -> bool:
 interp = pytest.mark.skipif(
     not _interpreter_ready(),
     reason="needs triton imported with TRITON_INTERPRET=1 (another module imported triton first?)")
+
+
+def compile_variants(tmp_path, op: str, name: str, variants: list[dict]) -> None:
+    """Compile ``kernels/<op>.py``'s ``name`` to cubin once per variant, a dict of:
+    ``dtype`` ("bf16", "fp16", "fp32": every pointer not in ``ptr_types``), ``constexprs``
+    (name -> value), ``arch`` (80, 89, 90), ``options`` (num_warps, ...), optional
+    ``ptr_types`` (argument -> "*i32", ...) and ``floats`` (scalar arguments that are fp32;
+    the other scalars are i32)."""
+    import json
+
+    body = f"""
+import json
+for v in json.loads({json.dumps(json.dumps(variants))}):
+    cfg, ptr, floats = v["constexprs"], v.get("ptr_types", {{}}), v.get("floats", [])
+    sig = {{n: (ptr.get(n, "*" + v["dtype"]) if n.endswith("_ptr") else "fp32" if n in floats else "i32")
+           for n in k.arg_names}}
+    sig.update({{c: "constexpr" for c in cfg}})
+    src = ASTSource(fn=k, signature=sig, constexprs={{(k.arg_names.index(c),): x for c, x in cfg.items()}})
+    out = triton.compile(src, target=GPUTarget("cuda", v["arch"], 32), options=v["options"])
+    assert out.asm.get("cubin"), v
+"""
+    compile_kernel(tmp_path, op, name, body)

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     # nothing can use compiled Triton anyway.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from _cubin import compile_kernel, interp  # noqa: E402
+from _cubin import compile_variants, interp  # noqa: E402
 from _tolerance import assert_close  # noqa: E402
 from cotrt.ops.contemplate import contemplate, contemplate_ref  # noqa: E402
 
@@ -246,29 +246,17 @@ def test_validation_names_the_argument(mutate, match):
 # Compiles the kernel to cubin for sm_80/89/90 with Triton's bundled ptxas (each flag on and
 # off): catches codegen errors on a CPU-only machine. A subprocess, because this process
 # runs Triton in interpreter mode.
-_COMPILE = """
-# (dtype, HAS_NORM, HAS_PROJ, HAS_BIAS, HAS_EMBED_SCALE, HAS_LATENT_SCALE, BLOCK_H, BLOCK_K, sm)
-for dt, norm, proj, bias, es, ls, bh, bk, arch in [
-        ("fp16", 1, 1, 1, 1, 0, 64, 128, 90), ("bf16", 0, 0, 0, 0, 1, 1024, 1024, 90),
-        ("fp32", 1, 1, 1, 1, 1, 64, 128, 80), ("bf16", 0, 1, 0, 0, 1, 64, 128, 90),
-        ("fp16", 1, 0, 0, 1, 0, 1024, 1024, 89)]:
-    cfg = dict(HAS_NORM=bool(norm), HAS_PROJ=bool(proj), HAS_BIAS=bool(bias), HAS_EMBED_SCALE=bool(es),
-               HAS_LATENT_SCALE=bool(ls), BLOCK_H=bh, BLOCK_K=bk)
-    sig = {}
-    for n in k.arg_names:
-        if n.endswith("_ptr"):
-            sig[n] = {"tok_ptr": "*i64", "mask_ptr": "*u8"}.get(n, "*" + dt)
-        else:
-            sig[n] = "fp32" if n in ("norm_eps", "embed_scale", "latent_scale") else "i32"
-    sig.update({c: "constexpr" for c in cfg})
-    src = ASTSource(fn=k, signature=sig, constexprs={(k.arg_names.index(c),): v for c, v in cfg.items()})
-    out = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
-    assert out.asm.get("cubin"), (dt, arch)
-"""
-
-
 def test_kernel_compiles_for_cuda_targets(tmp_path):
-    compile_kernel(tmp_path, "contemplate", "_contemplate_kernel", _COMPILE)
+    variants = [dict(dtype=dt, arch=arch, options=dict(num_warps=4), ptr_types={"tok_ptr": "*i64", "mask_ptr": "*u8"},
+                     floats=["norm_eps", "embed_scale", "latent_scale"],
+                     constexprs=dict(HAS_NORM=bool(norm), HAS_PROJ=bool(proj), HAS_BIAS=bool(bias),
+                                     HAS_EMBED_SCALE=bool(es), HAS_LATENT_SCALE=bool(ls), BLOCK_H=bh, BLOCK_K=bk))
+                # (dtype, HAS_NORM, HAS_PROJ, HAS_BIAS, HAS_EMBED_SCALE, HAS_LATENT_SCALE, BLOCK_H, BLOCK_K, sm)
+                for dt, norm, proj, bias, es, ls, bh, bk, arch in [
+                    ("fp16", 1, 1, 1, 1, 0, 64, 128, 90), ("bf16", 0, 0, 0, 0, 1, 1024, 1024, 90),
+                    ("fp32", 1, 1, 1, 1, 1, 64, 128, 80), ("bf16", 0, 1, 0, 0, 1, 64, 128, 90),
+                    ("fp16", 1, 0, 0, 1, 0, 1024, 1024, 89)]]
+    compile_variants(tmp_path, "contemplate", "_contemplate_kernel", variants)
 
 
 # ------------------------------------------------------------------------------ GPU

@@ -17,7 +17,7 @@ from torch import nn
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from _cubin import compile_kernel, interp  # noqa: E402
+from _cubin import compile_variants, interp  # noqa: E402
 from _tolerance import assert_close  # noqa: E402
 from conftest import ARCHS, tiny_model  # noqa: E402
 from cotrt.norms import FusedRMSNorm, fuse_rms_norms, original_norms  # noqa: E402
@@ -152,19 +152,12 @@ def test_unknown_norm_is_left_alone():
 
 # ------------------------------------------------------------------------------ CUDA codegen, no GPU
 
-_COMPILE = """
-for dt, gemma, block, arch in [("bf16", 0, 1024, 90), ("bf16", 1, 4096, 90), ("fp16", 0, 64, 80), ("fp32", 1, 1024, 80)]:
-    cfg = dict(GEMMA=bool(gemma), BLOCK_N=block)
-    sig = {n: ("*" + dt if n.endswith("_ptr") else "fp32" if n == "eps" else "i32") for n in k.arg_names}
-    sig.update({c: "constexpr" for c in cfg})
-    src = ASTSource(fn=k, signature=sig, constexprs={(k.arg_names.index(c),): v for c, v in cfg.items()})
-    out = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
-    assert out.asm.get("cubin"), (dt, arch)
-"""
-
-
 def test_kernel_compiles_for_cuda_targets(tmp_path):
-    compile_kernel(tmp_path, "rms_norm", "_rms_norm_kernel", _COMPILE)
+    variants = [dict(dtype=dt, constexprs=dict(GEMMA=bool(gemma), BLOCK_N=block), arch=arch, floats=["eps"],
+                     options=dict(num_warps=4))
+                for dt, gemma, block, arch in [("bf16", 0, 1024, 90), ("bf16", 1, 4096, 90), ("fp16", 0, 64, 80),
+                                               ("fp32", 1, 1024, 80)]]
+    compile_variants(tmp_path, "rms_norm", "_rms_norm_kernel", variants)
 
 
 # ------------------------------------------------------------------------------ GPU

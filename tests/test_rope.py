@@ -18,7 +18,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from _cubin import compile_kernel, interp  # noqa: E402
+from _cubin import compile_variants, interp  # noqa: E402
 from _tolerance import assert_close  # noqa: E402
 from conftest import ARCHS, tiny_model  # noqa: E402
 from cotrt.ops._triton import HAS_TRITON  # noqa: E402
@@ -166,19 +166,11 @@ def test_decoding_with_the_kernel_equals_plain(arch, smol_tokenizer):
 
 # ------------------------------------------------------------------------------ CUDA codegen, no GPU
 
-_COMPILE = """
-for dt, half, arch in [("bf16", 32, 90), ("fp16", 64, 80), ("fp32", 40, 90), ("bf16", 128, 80)]:
-    cfg = dict(HALF=half, BLOCK=max(16, 1 << (half - 1).bit_length()))
-    sig = {n: ("*" + dt if n.endswith("_ptr") else "i32") for n in k.arg_names}
-    sig.update({c: "constexpr" for c in cfg})
-    src = ASTSource(fn=k, signature=sig, constexprs={(k.arg_names.index(c),): v for c, v in cfg.items()})
-    out = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=1, enable_fp_fusion=False))
-    assert out.asm.get("cubin"), (dt, arch)
-"""
-
-
 def test_kernel_compiles_for_cuda_targets(tmp_path):
-    compile_kernel(tmp_path, "rope", "_rope_kernel", _COMPILE)
+    variants = [dict(dtype=dt, constexprs=dict(HALF=half, BLOCK=max(16, 1 << (half - 1).bit_length())), arch=arch,
+                     options=dict(num_warps=1, enable_fp_fusion=False))
+                for dt, half, arch in [("bf16", 32, 90), ("fp16", 64, 80), ("fp32", 40, 90), ("bf16", 128, 80)]]
+    compile_variants(tmp_path, "rope", "_rope_kernel", variants)
 
 
 # ------------------------------------------------------------------------------ GPU

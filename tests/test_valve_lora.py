@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     # nothing can use compiled Triton anyway.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from _cubin import compile_kernel, interp  # noqa: E402
+from _cubin import compile_variants, interp  # noqa: E402
 from _tolerance import assert_close, assert_flash_rule, tolerance  # noqa: E402
 from cotrt.ops.valve_lora import valve_lora, valve_lora_ref  # noqa: E402
 
@@ -227,23 +227,16 @@ def test_validation_names_the_argument(mutate, match):
 # Compiles the kernel to cubin for sm_80/89/90 with Triton's bundled ptxas: catches codegen
 # errors (dot shapes, dtypes, shared memory) on a CPU-only machine. A subprocess, because
 # this process runs Triton in interpreter mode.
-_COMPILE = """
-for dt, bm, bn, br, stages, arch, one in [("fp16", 16, 32, 16, 3, 90, 0), ("bf16", 64, 64, 128, 2, 90, 0),
-                                           ("fp32", 32, 64, 64, 2, 80, 1), ("bf16", 16, 64, 16, 3, 89, 0),
-                                           ("bf16", 16, 32, 16, 3, 90, 1), ("bf16", 16, 128, 16, 4, 90, 1)]:
-    cfg = dict(HAS_IDX=True, HAS_BIAS=True, DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
-               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64 if dt == "fp32" else 128, BLOCK_R=br, ONE_PASS=bool(one))
-    sig = {n: ({"alpha_ptr": "*fp32", "idx_ptr": "*i32"}.get(n, "*" + dt) if n.endswith("_ptr") else "i32")
-           for n in k.arg_names}
-    sig.update({c: "constexpr" for c in cfg})
-    src = ASTSource(fn=k, signature=sig, constexprs={(k.arg_names.index(c),): v for c, v in cfg.items()})
-    out = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4, num_stages=stages))
-    assert out.asm.get("cubin"), (dt, arch)
-"""
-
-
 def test_kernel_compiles_for_cuda_targets(tmp_path):
-    compile_kernel(tmp_path, "valve_lora", "_valve_lora_kernel", _COMPILE)
+    variants = [dict(dtype=dt, arch=arch, options=dict(num_warps=4, num_stages=stages),
+                     ptr_types={"alpha_ptr": "*fp32", "idx_ptr": "*i32"},
+                     constexprs=dict(HAS_IDX=True, HAS_BIAS=True, DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
+                                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64 if dt == "fp32" else 128, BLOCK_R=br,
+                                     ONE_PASS=bool(one)))
+                for dt, bm, bn, br, stages, arch, one in [
+                    ("fp16", 16, 32, 16, 3, 90, 0), ("bf16", 64, 64, 128, 2, 90, 0), ("fp32", 32, 64, 64, 2, 80, 1),
+                    ("bf16", 16, 64, 16, 3, 89, 0), ("bf16", 16, 32, 16, 3, 90, 1), ("bf16", 16, 128, 16, 4, 90, 1)]]
+    compile_variants(tmp_path, "valve_lora", "_valve_lora_kernel", variants)
 
 
 # ------------------------------------------------------------------------------ GPU
