@@ -39,3 +39,16 @@ def load_kernel(op: str, name: str, interpreted: bool):
             "TRITON_INTERPRET=1 in the environment before triton is first imported")
     # Our kernel may still have been decorated before the variable was set: interpret its source.
     return kernel if isinstance(kernel, InterpretedFunction) else InterpretedFunction(kernel.fn)
+
+
+def launch(kernel, grid, args: dict, interpreted: bool, **options) -> None:
+    """``kernel[grid](**args, **options)``; interpreted (CPU tensors): in the interpreter's
+    runtime scope, where compile options (num_warps, ...) mean nothing and are dropped."""
+    if interpreted:
+        from triton import knobs
+
+        with knobs.runtime.scope():
+            knobs.runtime.interpret = True
+            kernel[grid](**args)
+    else:
+        kernel[grid](**args, **options)

@@ -27,7 +27,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from ._triton import HAS_TRITON, load_kernel
+from ._triton import HAS_TRITON, launch, load_kernel
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -273,7 +273,7 @@ def _contemplate_triton(tokens, latent_mask, hidden, embed_weight, norm_weight, 
     nw = norm_weight if norm_weight is not None else embed_weight
     pw = proj_weight if proj_weight is not None else embed_weight
     pb = proj_bias if proj_bias is not None else embed_weight
-    launch = dict(
+    args = dict(
         tok_ptr=tokens, mask_ptr=mask_u8, hid_ptr=hidden, emb_ptr=embed_weight, norm_ptr=nw, proj_ptr=pw,
         bias_ptr=pb, out_ptr=y,
         norm_eps=float(norm_eps), embed_scale=1.0 if embed_scale is None else float(embed_scale),
@@ -287,14 +287,7 @@ def _contemplate_triton(tokens, latent_mask, hidden, embed_weight, norm_weight, 
         BLOCK_H=bh, BLOCK_K=bk,
     )
     kernel = _kernel(interpreted)
-    if interpreted:
-        from triton import knobs
-
-        with knobs.runtime.scope():
-            knobs.runtime.interpret = True
-            kernel[grid](**launch)
-    else:
-        kernel[grid](**launch, num_warps=num_warps)
+    launch(kernel, grid, args, interpreted, num_warps=num_warps)
     return y
 
 

@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from ._triton import HAS_TRITON, load_kernel
+from ._triton import HAS_TRITON, launch, load_kernel
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -280,16 +280,8 @@ def _decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale, softcap
         BLOCK_S=bs, BLOCK_D=bd,
     )
     split_grid, reduce_grid = (B, KVH, n_splits), (B, H)
-    if interpreted:
-        from triton import knobs
-
-        with knobs.runtime.scope():
-            knobs.runtime.interpret = True
-            split_kernel[split_grid](**split_args)
-            reduce_kernel[reduce_grid](**reduce_args)
-    else:
-        split_kernel[split_grid](**split_args, num_warps=num_warps, num_stages=num_stages)
-        reduce_kernel[reduce_grid](**reduce_args, num_warps=4)
+    launch(split_kernel, split_grid, split_args, interpreted, num_warps=num_warps, num_stages=num_stages)
+    launch(reduce_kernel, reduce_grid, reduce_args, interpreted, num_warps=4)
     return y
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, load_kernel
+from ._triton import HAS_TRITON, launch, load_kernel
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -68,14 +68,7 @@ def rms_norm(x, weight, eps, *, gemma=False, out=None, impl="auto"):
         block = min(max(16, 1 << (N - 1).bit_length()), 4096)
         args = dict(x_ptr=x2, w_ptr=weight, y_ptr=y2, eps=float(eps), N=N,
                     stride_x=x2.stride(0), stride_y=y2.stride(0), GEMMA=gemma, BLOCK_N=block)
-        if interpreted:
-            from triton import knobs
-
-            with knobs.runtime.scope():
-                knobs.runtime.interpret = True
-                kernel[(M,)](**args)
-        else:
-            kernel[(M,)](**args, num_warps=4 if block <= 1024 else 8)
+        launch(kernel, (M,), args, interpreted, num_warps=4 if block <= 1024 else 8)
     if y2.data_ptr() != y.data_ptr() or not y.is_contiguous():
         y.copy_(y2.view(x.shape))
     return y

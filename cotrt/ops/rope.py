@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, load_kernel
+from ._triton import HAS_TRITON, launch, load_kernel
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 512
@@ -90,15 +90,8 @@ def rope(q, k, cos, sin, *, unsqueeze_dim=1, impl="auto"):
                 HALF=half, BLOCK=max(16, 1 << (half - 1).bit_length()))
     kernel = load_kernel("rope", "_rope_kernel", interpreted)
     grid = (B * T, H + KVH)
-    if interpreted:
-        from triton import knobs
-
-        with knobs.runtime.scope():
-            knobs.runtime.interpret = True
-            kernel[grid](**args)
-    else:
-        # No FMA contraction: each product is rounded as PyTorch's separate kernels round it.
-        kernel[grid](**args, num_warps=1, enable_fp_fusion=False)
+    # No FMA contraction: each product is rounded as PyTorch's separate kernels round it.
+    launch(kernel, grid, args, interpreted, num_warps=1, enable_fp_fusion=False)
     return qo, ko
 
 

@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from ._triton import HAS_TRITON, load_kernel
+from ._triton import HAS_TRITON, launch, load_kernel
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -220,7 +220,7 @@ def _valve_lora_triton(x, weight, lora_a, lora_b, alpha, adapter_idx, bias, out,
     # Dummy pointers for absent optional tensors (never dereferenced: HAS_* is False).
     idx = adapter_idx if adapter_idx is not None else alpha
     b0 = bias if bias is not None else alpha
-    launch = dict(
+    args = dict(
         x_ptr=x, w_ptr=weight, a_ptr=lora_a, b_ptr=lora_b, alpha_ptr=alpha, idx_ptr=idx,
         bias_ptr=b0, y_ptr=y,
         M=M, N=N, K=K, R=r, N_ADAPTERS=n_adapters,
@@ -234,12 +234,5 @@ def _valve_lora_triton(x, weight, lora_a, lora_b, alpha, adapter_idx, bias, out,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, ONE_PASS=one_pass,
     )
-    if interpreted:
-        from triton import knobs
-
-        with knobs.runtime.scope():
-            knobs.runtime.interpret = True
-            kernel[grid](**launch)
-    else:
-        kernel[grid](**launch, num_warps=num_warps, num_stages=num_stages)
+    launch(kernel, grid, args, interpreted, num_warps=num_warps, num_stages=num_stages)
     return y
