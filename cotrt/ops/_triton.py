@@ -5,6 +5,8 @@ import functools
 import importlib
 import importlib.util
 
+import torch
+
 # Not imported here: importing triton fixes interpreter vs compiler (TRITON_INTERPRET).
 HAS_TRITON = importlib.util.find_spec("triton") is not None  # an optional extra
 
@@ -52,3 +54,12 @@ def launch(kernel, grid, args: dict, interpreted: bool, **options) -> None:
             kernel[grid](**args)
     else:
         kernel[grid](**args, **options)
+
+
+def interpreted_for(op: str, *tensors) -> bool:
+    """Whether ``op``'s kernel runs interpreted (its tensors are on the CPU); the
+    interpreter has no bfloat16, which is refused here with a message naming the op."""
+    interpreted = not tensors[0].is_cuda
+    if interpreted and any(t is not None and t.dtype == torch.bfloat16 for t in tensors):
+        raise ValueError(f"{op}: the Triton interpreter (CPU tensors) has no bfloat16; use fp16/fp32")
+    return interpreted

@@ -27,7 +27,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from ._triton import HAS_TRITON, launch, load_kernel
+from ._triton import HAS_TRITON, interpreted_for, launch, load_kernel
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -260,9 +260,7 @@ def _blocks(H, Hh, has_proj, dtype, interpreted):
 
 def _contemplate_triton(tokens, latent_mask, hidden, embed_weight, norm_weight, norm_eps, proj_weight, proj_bias,
                         embed_scale, latent_scale, out, B, H, Hh, V):
-    interpreted = not embed_weight.is_cuda
-    if interpreted and embed_weight.dtype == torch.bfloat16:
-        raise ValueError("contemplate: the Triton interpreter (CPU tensors) has no bfloat16; use fp16/fp32")
+    interpreted = interpreted_for("contemplate", embed_weight)
     y = torch.empty((B, H), dtype=embed_weight.dtype, device=embed_weight.device) if out is None else out
     if B == 0 or H == 0:
         return y

@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from ._triton import HAS_TRITON, launch, load_kernel
+from ._triton import HAS_TRITON, interpreted_for, launch, load_kernel
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -244,9 +244,7 @@ def _decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale, softcap
                              B, H, D, S, T, KVH):
     if D > MAX_HEAD_DIM:
         raise ValueError(f"decode_attention: the Triton kernel supports D <= {MAX_HEAD_DIM}, q has D={D}")
-    interpreted = not q.is_cuda
-    if interpreted and q.dtype == torch.bfloat16:
-        raise ValueError("decode_attention: the Triton interpreter (CPU tensors) has no bfloat16; use fp16/fp32")
+    interpreted = interpreted_for("decode_attention", q)
     G = H // KVH
     chunk = _chunk(T, chunk)
     n_splits = _cdiv(T, chunk)

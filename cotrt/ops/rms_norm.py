@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, launch, load_kernel
+from ._triton import HAS_TRITON, interpreted_for, launch, load_kernel
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -54,9 +54,7 @@ def rms_norm(x, weight, eps, *, gemma=False, out=None, impl="auto"):
         return y if out is None else out.copy_(y)
     if impl != "triton":
         raise ValueError(f"rms_norm: impl must be 'auto', 'triton' or 'torch', got {impl!r}")
-    interpreted = not x.is_cuda
-    if interpreted and torch.bfloat16 in (x.dtype, weight.dtype):
-        raise ValueError("rms_norm: the Triton interpreter (CPU tensors) has no bfloat16; use fp16/fp32")
+    interpreted = interpreted_for("rms_norm", x, weight)
     x2 = x.reshape(-1, N)
     if x2.shape[0] and x2.stride(-1) != 1:
         x2 = x2.contiguous()

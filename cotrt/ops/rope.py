@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, launch, load_kernel
+from ._triton import HAS_TRITON, interpreted_for, launch, load_kernel
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 512
@@ -68,9 +68,7 @@ def rope(q, k, cos, sin, *, unsqueeze_dim=1, impl="auto"):
         raise ValueError(f"rope: impl must be 'auto', 'triton' or 'torch', got {impl!r}")
     if D > MAX_HEAD_DIM:
         raise ValueError(f"rope: the Triton kernel supports head dim <= {MAX_HEAD_DIM}, got {D}")
-    interpreted = not q.is_cuda
-    if interpreted and q.dtype == torch.bfloat16:
-        raise ValueError("rope: the Triton interpreter (CPU tensors) has no bfloat16; use fp16/fp32")
+    interpreted = interpreted_for("rope", q)
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         if t.stride(-1) != 1:
             raise ValueError(f"rope: {name} must have a unit-stride last dim")

@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from ._triton import HAS_TRITON, launch, load_kernel
+from ._triton import HAS_TRITON, interpreted_for, launch, load_kernel
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -203,9 +203,7 @@ def _sm_count(device):
 def _valve_lora_triton(x, weight, lora_a, lora_b, alpha, adapter_idx, bias, out, M, N, K, n_adapters, r):
     if r > MAX_RANK:
         raise ValueError(f"valve_lora: the Triton kernel supports r <= {MAX_RANK}, lora_a has r={r}")
-    interpreted = not x.is_cuda
-    if interpreted and x.dtype == torch.bfloat16:
-        raise ValueError("valve_lora: the Triton interpreter (CPU tensors) has no bfloat16; use fp16/fp32")
+    interpreted = interpreted_for("valve_lora", x)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
     if M == 0 or N == 0:
         return y
