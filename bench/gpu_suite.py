@@ -23,7 +23,8 @@ listed under "skipped"; a failing section is recorded under "errors" and the res
    divergence whose gap is inside the bf16 tolerance is a tie, one outside it a mismatch),
    plus the SmolLM2 config in fp32 as the exact anchor;
 2. decode: tokens/s of cotrt (captured decode steps), HF ``generate`` (eager, SDPA) at
-   batch 1, 8, 32, and of cotrt with its graphs off at batch 1; prompt 128, 128 new tokens
+   batch 1, 8, 32, and at batch 1 of cotrt with its graphs off and of cotrt on an unfused
+   copy of the model (HF's norms and rotary in the graph); prompt 128, 128 new tokens
    (EOS off); decode rate = B·(N-1) / (t(N) - t(1)), i.e. prefill and the first token
    excluded; achieved GB/s = (weights + KV read per step) / step time, against the
    measured device copy bandwidth;
@@ -439,11 +440,12 @@ def decode_cell(provider: str, name: str, model, rt, batch: int, plan: Plan, bw_
 
     prompts = prompts_for([plan.prompt] * batch, model.config.vocab_size, seed=batch)
     graphs = rt.engine.graphs if rt is not None else None
-    if provider in ("cotrt", "cotrt_eager"):
+    if provider.startswith("cotrt"):
         def run(n):
             # cotrt: decode steps as CUDA graphs (static-shape steps on CPU); cotrt_eager:
-            # the same runtime with its graphs off (the eager step, SDPA over live lengths).
-            rt.engine.graphs = graphs if provider == "cotrt" else None
+            # the same runtime with its graphs off (the eager step, SDPA over live lengths);
+            # cotrt_unfused: graphs on a copy of the model wrapped with fuse=False.
+            rt.engine.graphs = None if provider == "cotrt_eager" else graphs
             try:
                 outs = rt.generate(prompts, cotrt.Params(max_new_tokens=n, ignore_eos=True))
             finally:
@@ -461,7 +463,7 @@ def decode_cell(provider: str, name: str, model, rt, batch: int, plan: Plan, bw_
     with torch.inference_mode():
         t = time_generate(run, plan.device, plan.repeats, plan.new, warm_n=4)
     cell = finish_cell(provider, name, model, batch, plan, t, bw_gbps)
-    if provider == "cotrt" and graphs is not None:
+    if provider in ("cotrt", "cotrt_unfused") and graphs is not None:
         cell["graphs"] = {"mode": "cuda" if graphs.capture else "static", **graphs.stats,
                           "failed": {str(k): v for k, v in graphs._failed.items()}}
         cell["fused"] = rt.runner.fused
@@ -883,17 +885,19 @@ def table(result: dict) -> str:
     for c in result.get("decode", []) + result.get("hf_compiled", []):
         cells[(c["model"], c["batch"], c["provider"])] = c
     keys = sorted({(m, b) for m, b, _ in cells}, key=lambda k: (list(CONFIGS).index(k[0]), k[1]))
-    lines = [("| model | batch | cotrt tok/s | cotrt no-graph tok/s | HF eager tok/s | HF static+compile tok/s "
-              "| cotrt / HF eager | cotrt GB/s (of copy BW) |"), "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| model | batch | cotrt tok/s | cotrt no-graph tok/s | cotrt unfused tok/s | HF eager tok/s "
+              "| HF static+compile tok/s | cotrt / HF eager | cotrt GB/s (of copy BW) |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m, b in keys:
-        co, ce, he, hc = (cells.get((m, b, p), {})
-                          for p in ("cotrt", "cotrt_eager", "hf_eager", "hf_static_compiled"))
+        co, ce, cu, he, hc = (cells.get((m, b, p), {})
+                              for p in ("cotrt", "cotrt_eager", "cotrt_unfused", "hf_eager", "hf_static_compiled"))
         ratio = (co["decode_tok_s"] / he["decode_tok_s"]
                  if co.get("decode_tok_s") and he.get("decode_tok_s") else None)
         hc_s = "error" if "error" in hc else fmt(hc.get("decode_tok_s"))
         gb = (f"{co['gbps']:.0f} ({co['roofline_frac']:.0%})" if co.get("gbps") and co.get("roofline_frac")
               else "-")
         lines.append(f"| {m} | {b} | {fmt(co.get('decode_tok_s'))} | {fmt(ce.get('decode_tok_s'))} "
+                     f"| {fmt(cu.get('decode_tok_s'))} "
                      f"| {fmt(he.get('decode_tok_s'))} | {hc_s} "
                      f"| {fmt(ratio, '.2f')}x | {gb} |")
     return "\n".join(lines)
@@ -1030,6 +1034,14 @@ def main(argv=None) -> int:
                                    decode_graph="static" if plan.smoke else "cuda")
         return model, rts.get(name)
 
+    def get_unfused(name):
+        """A second copy of the model, wrapped with fuse=False (HF's norms and rotary)."""
+        import cotrt
+
+        model = build_model(name, plan, tok)
+        return model, cotrt.wrap(model, tok, max_batch=1, max_len=plan.prompt + plan.new + 16,
+                                 decode_graph="static" if plan.smoke else "cuda", fuse=False)
+
     if "correctness" in want:
         corr = result["correctness"] = {}
         corr["kernels"] = section("kernels", lambda: check_kernels(plan)) or []
@@ -1056,16 +1068,23 @@ def main(argv=None) -> int:
         last = {}
         for name in plan.configs:
             for batch in plan.batches:
-                # The eager cotrt step only at batch 1, where launch overhead matters most.
-                for provider in ("cotrt", "hf_eager") + (("cotrt_eager",) if batch == 1 else ()):
+                # The eager step and the unfused model only at batch 1, where launch count
+                # and overhead matter most.
+                extra = ("cotrt_eager", "cotrt_unfused") if batch == 1 else ()
+                for provider in ("cotrt", "hf_eager") + extra:
                     est = last.get((name, provider), 0.0)
                     if plan.left("decode") < est:
                         result["skipped"].append(f"decode {provider} {name} batch {batch}: decode deadline")
                         continue
                     t = time.monotonic()
+                    pair = get_unfused if provider == "cotrt_unfused" else \
+                        (lambda name: get(name, provider != "hf_eager"))
                     c = section(f"decode {provider} {name} b{batch}",
-                                lambda: decode_cell(provider, name, *get(name, provider != "hf_eager"), batch, plan,
-                                                    bw))
+                                lambda: decode_cell(provider, name, *pair(name), batch, plan, bw))
+                    if provider == "cotrt_unfused":
+                        gc.collect()  # the copy is garbage now
+                        if plan.device.type == "cuda":
+                            torch.cuda.empty_cache()
                     last[(name, provider)] = time.monotonic() - t
                     if c:
                         c["cell_s"] = last[(name, provider)]

@@ -34,9 +34,9 @@ def test_smoke_runs_every_section(tmp_path):
     assert all(r["verdict"] == "ok" for p in corr["parity"] for r in p["rows"])  # fp32: exact
     cells = {(c["model"], c["batch"], c["provider"]) for c in res["decode"]}
     assert cells == {(m, b, p) for m in MODELS for b in (1, 4) for p in ("cotrt", "hf_eager")} | {
-        (m, 1, "cotrt_eager") for m in MODELS}
+        (m, 1, p) for m in MODELS for p in ("cotrt_eager", "cotrt_unfused")}
     for c in res["decode"]:  # the cotrt cells ran the graphs' static step
-        if c["provider"] == "cotrt":
+        if c["provider"] in ("cotrt", "cotrt_unfused"):
             assert c["graphs"]["mode"] == "static" and c["graphs"]["static_steps"] > 0 and not c["graphs"]["failed"]
     assert all(c["decode_tok_s"] > 0 and c["gbps"] > 0 for c in res["decode"])
     assert {(c["model"], c["batch"]) for c in res["hf_compiled"]} == {(m, b) for m in MODELS for b in (1, 4)}
