@@ -22,7 +22,8 @@ What is applied where (the engine's side of the contract):
 
 - the state is tapped for the latent row at its last position: ``layer is None`` ->
   the final norm's output (``model.model(...).last_hidden_state``); ``layer == l`` -> the
-  output of ``decoder.layers[l]`` (in transformers 5, ``output_hidden_states[l + 1]`` for
+  output of decoder layer l, in the model's list of decoder layers (``model.layers`` in
+  Llama-likes, ``transformer.h`` in GPT-2: :func:`decoder_layers` finds it by shape) (in transformers 5, ``output_hidden_states[l + 1]`` for
   ``l < L - 1``; for ``l = L - 1`` HF's last entry is already normed, the raw residual is not
   in that tuple);
 - neither gets another norm: the final-norm output is normed once already, and CCoT feeds
@@ -34,6 +35,7 @@ What is applied where (the engine's side of the contract):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, fields
@@ -222,9 +224,53 @@ class BoundLatent:
 
     def prepare_prompt(self, ids: list[int]) -> list[int]:
         """The prompt ids with ``begin_id`` appended when ``insert_begin`` asks for it."""
-        if self.insert_begin and self.begin_id is not None and (not ids or ids[-1] != self.begin_id):
-            return [*ids, self.begin_id]
-        return list(ids)
+        return self.for_prompt(ids)[0]
+
+    def for_prompt(self, ids: list[int]) -> tuple[list[int], "BoundLatent"]:
+        """The prompt as the engine runs it, and this spec as it applies to that prompt.
+
+        A prompt already in Coconut's own layout, ``question, begin, k x latent, end`` (what
+        Coconut's eval loop feeds its ``generate``), is read as Coconut reads it: the k
+        placeholders are latent steps, whose inputs are fed-back states. The prompt is cut
+        after ``begin`` and the returned spec takes k steps, whatever ``steps`` said: Coconut's
+        eval gives each question its own k (min(max_latent_stage, its number of steps)).
+        The output is then that of ``question, begin`` with ``Latent(steps=k)``.
+
+        Otherwise ``begin_id`` is appended when ``insert_begin`` asks for it.
+
+        Raises ValueError naming ``prompt``: latent placeholders anywhere else (they would be
+        embedded as text, which Coconut never does), or the layout with an END head (its
+        phase chooses its own length).
+        """
+        ids = list(ids)
+        lat, begin, end = self.latent_id, self.begin_id, self.end_id
+        k = _coconut_layout(ids, begin, lat, end)
+        if k is None and lat is not None and lat in ids:
+            raise ValueError(
+                f"prompt: holds latent placeholder id {lat} outside Coconut's layout (question, begin "
+                f"id {begin}, k x latent id {lat}, end id {end}, at the very end); give the question "
+                "alone (the latent steps are added) or the whole layout")
+        if k is not None:
+            if self.end_head is not None:
+                raise ValueError(f"prompt: is in Coconut's layout with {k} latent placeholders, but this "
+                                 "Latent has an END head, which chooses its own number of steps")
+            return ids[: len(ids) - k - 1], dataclasses.replace(self, steps=k, max_steps=k)
+        if self.insert_begin and begin is not None and (not ids or ids[-1] != begin):
+            ids.append(begin)
+        return ids, self
+
+
+def _coconut_layout(ids: list[int], begin, lat, end) -> int | None:
+    """k when ``ids`` is ``question, begin, k x lat, end`` (k >= 0, a non-empty question,
+    no other ``lat``); else None."""
+    if begin is None or end is None or len(ids) < 3 or ids[-1] != end:
+        return None
+    j = len(ids) - 2
+    while j >= 0 and lat is not None and ids[j] == lat:
+        j -= 1
+    if j < 1 or ids[j] != begin or (lat is not None and lat in ids[:j]):
+        return None
+    return len(ids) - 2 - j
 
 
 class EndHead:
@@ -245,6 +291,30 @@ class EndHead:
 
 
 # ------------------------------------------------------------------------------ binding
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The ``nn.ModuleList`` of a causal LM's decoder layers, found by shape, or None.
+
+    Names differ by family (Llama/Qwen ``model.layers``, GPT-2 ``transformer.h``, GPT-NeoX
+    ``gpt_neox.layers``, Falcon ``transformer.h``, OPT ``model.decoder.layers``), so the rule
+    is structural: under the decoder (``get_decoder()``, else ``base_model``), the module
+    lists holding exactly ``num_hidden_layers`` entries; the shallowest one, if it is the
+    only one at its depth.
+    """
+    cfg = _text_config(model)
+    L = int(getattr(cfg, "num_hidden_layers", 0) or 0)
+    root = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "base_model", model)
+    if root is None:
+        root = model
+    found: dict[int, list] = {}
+    for name, mod in root.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == L and L > 0:
+            found.setdefault(name.count(".") if name else -1, []).append(mod)
+    if not found:
+        return None
+    shallowest = found[min(found)]
+    return shallowest[0] if len(shallowest) == 1 else None
 
 
 def _text_config(model):
@@ -348,6 +418,9 @@ def _bind(spec: Latent, model, tokenizer, end_heads, valve_names) -> BoundLatent
             _fail("feedback", f"layer {spec.feedback} is out of range for a model with {L} decoder layers "
                   f"(valid: {-L} .. {L - 1})")
         layer = spec.feedback % L
+        if decoder_layers(model) is None:
+            _fail("feedback", f"layer {spec.feedback}: no list of {L} decoder layers found under "
+                  f"{type(model).__name__}'s decoder to tap; use feedback='final_norm'")
 
     proj_w, proj_b = _check_projection(spec.projection, H, emb)
     head = _check_head(spec, model, H, end_heads) if spec.end_head is not None else None

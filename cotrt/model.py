@@ -440,9 +440,12 @@ class ModelRunner:
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def _layers(self):
-        layers = getattr(self.decoder, "layers", None)
+        from .latent import decoder_layers  # found by shape: Llama's layers, GPT-2's h, ...
+
+        layers = getattr(self, "_layer_list", None) or decoder_layers(self.model)
+        self._layer_list = layers  # found once: the walk visits every module
         if layers is None:
-            raise UnsupportedModelError(f"{type(self.model).__name__}: no decoder.layers to tap")
+            raise UnsupportedModelError(f"{type(self.model).__name__}: no list of decoder layers to tap")
         return layers
 
     def _tap_hook(self, layer: int):
