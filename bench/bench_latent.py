@@ -65,8 +65,10 @@ def main():
     rt = cotrt.wrap(model, tok, max_batch=8, max_len=512)
     prompt = tok.encode("Question: a farmer has 12 cows and buys 7 more, then sells 5. How many cows?")
     steps = 48
-    tok_p = cotrt.Params(max_new_tokens=steps + 1, ignore_eos=True)
-    lat_p = cotrt.Params(max_new_tokens=steps + 1, ignore_eos=True, latent=cotrt.Latent(steps=steps))
+    # Both run steps + 2 forwards: prefill, `steps` token / latent steps, one more token step
+    # (max_new_tokens counts a latent request's answer tokens only: <end-latent>, then 1).
+    tok_p = cotrt.Params(max_new_tokens=steps + 2, ignore_eos=True)
+    lat_p = cotrt.Params(max_new_tokens=1, ignore_eos=True, latent=cotrt.Latent(steps=steps))
     rt.generate([prompt], tok_p)  # warm-up
     rt.generate([prompt], lat_p)
     t_tok, t_lat = [], []
@@ -75,7 +77,7 @@ def main():
         t_lat.append(timed(lambda: rt.generate([prompt], lat_p))[0])
     m = statistics.median
 
-    co_p = cotrt.Params(max_new_tokens=K + 1 + ANSWER, ignore_eos=True, latent=cotrt.Latent(steps=K))
+    co_p = cotrt.Params(max_new_tokens=ANSWER, ignore_eos=True, latent=cotrt.Latent(steps=K))
     naive_t, co1_t, co8_t = [], [], []
     for _ in range(args.repeats):
         dt, ref = timed(lambda: coconut_naive(model, prompt, begin, end, K, ANSWER))
@@ -90,8 +92,8 @@ def main():
           f"median of {args.repeats}")
     print("| measurement | value |")
     print("|---|---:|")
-    print(f"| token step, batch 1 (ms) | {m(t_tok) / (steps + 1) * 1e3:.1f} |")
-    print(f"| latent step, batch 1 (ms) | {m(t_lat) / (steps + 1) * 1e3:.1f} |")
+    print(f"| token step, batch 1 (ms) | {m(t_tok) / (steps + 2) * 1e3:.1f} |")
+    print(f"| latent step, batch 1 (ms) | {m(t_lat) / (steps + 2) * 1e3:.1f} |")
     print(f"| latent / token step | {m(t_lat) / m(t_tok):.2f}x |")
     print(f"| Coconut naive generate, k={K} + {ANSWER} tokens, batch 1 (tok/s) | {n_tok / m(naive_t):.1f} |")
     print(f"| cotrt, same request, batch 1 (tok/s) | {n_tok / m(co1_t):.1f} ({m(naive_t) / m(co1_t):.1f}x) |")

@@ -672,25 +672,26 @@ def bench_decode_attention(plan: Plan) -> list[dict]:
 
 
 def bench_latent(name: str, rt, plan: Plan) -> list[dict]:
-    """S latent steps vs S token steps after the same prompt (each request also decodes one
-    token after: the forced end token / one more sampled token); prefill + first token
-    (t(1)) subtracted from both."""
+    """S latent steps vs S token steps after the same prompt (each request also runs one
+    token step after: the forced end token / one more sampled token); prefill + one token
+    step (t(2)) subtracted from both. A latent request's max_new_tokens counts its answer
+    tokens only: max_new_tokens=1 is S latent steps, <end-latent>, one token."""
     import cotrt
 
     S = plan.latent_steps
     out = []
     for batch in (1, 8):
         prompts = prompts_for([plan.prompt] * batch, 256, seed=100 + batch)  # byte ids: real text
-        tok1 = cotrt.Params(max_new_tokens=1, ignore_eos=True)
-        tokS = cotrt.Params(max_new_tokens=S + 1, ignore_eos=True)
-        latS = cotrt.Params(max_new_tokens=S + 1, ignore_eos=True, latent=cotrt.Latent(steps=S))
+        tok2 = cotrt.Params(max_new_tokens=2, ignore_eos=True)
+        tokS = cotrt.Params(max_new_tokens=S + 2, ignore_eos=True)
+        latS = cotrt.Params(max_new_tokens=1, ignore_eos=True, latent=cotrt.Latent(steps=S))
         with torch.inference_mode():
             for p in (tokS, latS):
                 rt.generate(prompts, p)  # warm-up
-            t1 = statistics.median(wall(lambda: rt.generate(prompts, tok1), plan.device)[0] for _ in range(3))
+            t2 = statistics.median(wall(lambda: rt.generate(prompts, tok2), plan.device)[0] for _ in range(3))
             tt = statistics.median(wall(lambda: rt.generate(prompts, tokS), plan.device)[0] for _ in range(3))
             tl = statistics.median(wall(lambda: rt.generate(prompts, latS), plan.device)[0] for _ in range(3))
-        tok_step, lat_step = (tt - t1) / S, (tl - t1) / S
+        tok_step, lat_step = (tt - t2) / S, (tl - t2) / S
         out.append({"model": name, "batch": batch, "steps": S, "token_step_s": tok_step,
                     "latent_step_s": lat_step, "latent_vs_token": lat_step / tok_step if tok_step > 0 else None})
     return out

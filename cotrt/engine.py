@@ -99,7 +99,7 @@ class Engine:
         if params.latent is not None:
             names = self.valves.names if self.valves is not None else []
             bound = params.latent.bind(self.runner.model, self.tokenizer, valve_names=names)
-            ids = bound.prepare_prompt(ids)
+            ids, bound = bound.for_prompt(ids)  # a prompt in Coconut's layout sets k
             if len(ids) + bound.max_steps + 1 >= self.max_len:
                 raise ValueError(f"prompt: {len(ids)} tokens and {bound.max_steps} latent steps leave no room "
                                  f"within max_len={self.max_len}")

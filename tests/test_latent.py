@@ -92,7 +92,8 @@ def test_coconut_matches_naive_in_a_mixed_batch(arch, latent_tok):
     ks = [0, 1, 3, 6]
     n = 6
     # Latent rows at k in {0, 1, 3, 6} together with two plain token rows, 6 requests on 4 slots.
-    params = [cotrt.Params(max_new_tokens=k + 1 + n, ignore_eos=True, latent=cotrt.Latent(steps=k)) for k in ks]
+    # max_new_tokens counts answer tokens only (Coconut's rule): k latent steps + <end> + n.
+    params = [cotrt.Params(max_new_tokens=n, ignore_eos=True, latent=cotrt.Latent(steps=k)) for k in ks]
     params += [cotrt.Params(max_new_tokens=9, ignore_eos=True)] * 2
     outs = rt.generate(prompts + prompts[:2], params)
     for p, k, o in zip(prompts, ks, outs):

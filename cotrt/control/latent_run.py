@@ -42,6 +42,7 @@ class LatentRun:
             elif b.valve_during is not None:
                 row.set_valve({})
             if b.end_id is not None:
+                row.uncounted += 1  # part of the latent phase, like Coconut's prompt-side end token
                 row.forced.append(b.end_id)
                 row.accept(row.forced.popleft(), forced=True)
             return

@@ -99,6 +99,10 @@ class Row:
         self.valve = dict(getattr(params, "valve", None) or {})
         self.exits = None  # ExitControl, set by the engine when the request has policies
         self.latent = None  # LatentRun, set by the engine for a request with a latent phase
+        # Latent steps and the forced end-latent token: max_new_tokens does not count them
+        # (Coconut's generate counts answer tokens only: N=16, k=6 gives 16, not 9).
+        self.uncounted = 0
+        self.latent_steps = 0
         # Phase at the end of the prompt: a template may pre-open thinking, earlier turns
         # may hold closed markers; the last marker seen decides.
         phase = THINK if fmt.plain else PRE
@@ -192,7 +196,8 @@ class Row:
         phase = self.phase
         if phase == PRE and pats.start_bit and emit & pats.start_bit:
             phase = self.phase = THINK
-        self._push_phase(ANSWER if phase == PRE else phase)
+        # The forced end-latent token closes the latent phase: neither think nor answer.
+        self._push_phase(LATENT if len(self.gen) <= self.uncounted else ANSWER if phase == PRE else phase)
         if phase == THINK and not forced:
             self.think_sampled += 1
 
@@ -216,7 +221,7 @@ class Row:
             return self._finish("exit_finish", "stop")
         elif self.phase == ANSWER and p.answer_budget is not None and self.count(ANSWER) >= p.answer_budget:
             return self._finish("answer_budget", "length")
-        if len(self.gen) >= p.max_new_tokens:
+        if len(self.gen) - self.uncounted >= p.max_new_tokens:
             return self._finish("max_new_tokens", "length")
         if self.seq_len >= self.max_len:
             return self._finish("max_len", "length")
@@ -306,8 +311,8 @@ class Row:
         self.gen_forced.append(True)
         self.byte_ends.append(len(self.gen_bytes))
         self._push_phase(LATENT)
-        if len(self.gen) >= self.params.max_new_tokens:
-            return self._finish("max_new_tokens", "length")
+        self.uncounted += 1
+        self.latent_steps += 1
         if self.seq_len >= self.max_len:
             return self._finish("max_len", "length")
 
@@ -339,7 +344,8 @@ class Row:
             "think_sampled": self.think_sampled,
             "forced_tokens": sum(self.gen_forced),
             "steps": self.steps,
-            "latent_steps": self.count(LATENT),
+            "latent_steps": self.latent_steps,
+            "new_tokens": len(self.gen) - self.uncounted,  # what max_new_tokens counts
             "waits": self.waits,
             "rolled_back": self.rolled_back,
             "think_end": self.think_end,
