@@ -28,6 +28,7 @@ class ProbeRun:
     feed: list  # tokens of the first forward
     tokens: list = field(default_factory=list)
     max_probs: list = field(default_factory=list)
+    token_probs: list = field(default_factory=list)
     entropy: float = float("nan")
     started: bool = False
     stopped: str | None = None
@@ -43,6 +44,10 @@ class ExitControl:
 
     def __init__(self, policies, tokenizer, eos_ids):
         self.policies = [copy.deepcopy(p) for p in policies]
+        for p in self.policies:  # policies that read token ids (DEER's script variants)
+            bind = getattr(p, "bind_tokenizer", None)
+            if bind is not None:
+                bind(tokenizer)
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.probe: ProbeRun | None = None
@@ -83,6 +88,7 @@ class ExitControl:
             step_text=lambda: _last_step(tok.decode(row.gen, skip_special_tokens=True)),
             probes=list(self.records), think_budget=row.params.think_budget,
             valve=dict(getattr(row, "valve", {}) or {}),
+            last_token=row.gen[-1] if row.gen else None,
         )
 
     # -- acting -----------------------------------------------------------------------------
@@ -93,7 +99,8 @@ class ExitControl:
         if isinstance(action, Probe):
             return self._start_probe(row, pol, action)
         if isinstance(action, Exit):
-            row.exit_thinking(f"{getattr(pol, 'name', 'policy')}:{action.reason}", action.inject, action.finish)
+            row.exit_thinking(f"{getattr(pol, 'name', 'policy')}:{action.reason}", action.inject, action.finish,
+                              action.lead)
             return True
         if isinstance(action, SetValve):
             row.set_valve(action.alphas)
@@ -111,7 +118,7 @@ class ExitControl:
             return False
         spec_max = min(spec.max_tokens, room)
         self.probe = ProbeRun(spec=Probe(spec.text, spec_max, spec.stop, spec.temperature, before_last, spec.tag,
-                                         spec.until),
+                                         spec.until, spec.stop_ids, spec.stop_at_eos),
                               policy=pol, position=len(row.gen), start=start, feed=feed)
         return True
 
@@ -134,8 +141,12 @@ class ExitControl:
         else:
             tok = int(probs.argmax())
         pr.tokens.append(tok)
-        pr.max_probs.append(float(torch.softmax(logits, -1).max()))
-        if tok in self.eos_ids:
+        p1 = torch.softmax(logits, -1)
+        pr.max_probs.append(float(p1.max()))
+        pr.token_probs.append(float(p1[tok]))
+        if tok in pr.spec.stop_ids:
+            return self._finish(row, "stop")
+        if tok in self.eos_ids and pr.spec.stop_at_eos:
             return self._finish(row, "eos")
         if pr.spec.stop or pr.spec.until is not None:
             text = self.tokenizer.decode(pr.tokens, skip_special_tokens=True)
@@ -157,7 +168,8 @@ class ExitControl:
             if s in text:
                 text = text[: text.index(s) + len(s)]
         result = ProbeResult(position=pr.position, token_ids=list(pr.tokens), text=text,
-                             max_probs=list(pr.max_probs), entropy=pr.entropy, stopped=stopped, tag=pr.spec.tag)
+                             max_probs=list(pr.max_probs), entropy=pr.entropy, stopped=stopped, tag=pr.spec.tag,
+                             token_probs=list(pr.token_probs))
         view = self.view(row)
         action = pr.policy.on_probe(view, result)
         decision = _decision_name(action)

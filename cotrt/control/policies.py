@@ -7,6 +7,8 @@ follow the papers (sources in profiles.py); every knob is a constructor argument
 from __future__ import annotations
 
 from .answers import equivalent
+from .deer_scripts import (EXIT_TEXT, HF_END_WORDS, HF_PROBE_STOPS, SCRIPTS, VARIANTS, VLLM_PROBE_STOPS,
+                           hf_confidence, special_prefix, token_ids, vllm_confidence)
 from .policy import Exit, Policy, Probe, SetValve
 from .profiles import get_profile, reflection_token_ids
 
@@ -19,26 +21,57 @@ class DEER(Policy):
     """Dynamic Early Exit (Yang et al. 2025): at a thought transition ("Wait"), probe with
     the answer inducer; exit when the trial answer's confidence passes ``threshold``.
 
+    variant: whose rule decides. "cotrt" (default): at the text cue, probe until the box
+        closes (braces counted); a probe must close its box to count; confidence skips the
+        first token and keeps the last; exit when it is ``>= threshold`` by forcing the end
+        marker and the inducer's answer lead. "hf" and "vllm" reproduce DEER's released
+        scripts (vanilla_deer.py and vllm-deer.py; the rules are in
+        ``cotrt.control.deer_scripts``): their triggers, inducers, probe stops and caps,
+        confidence spans, ``>``, and their exit text "\n</think>\n\n" after which the model
+        answers.
     confidence: "mean" | "geo" | "min" of the per-token max probabilities of the trial
-    answer, skipping the first token (the "{" right after the inducer's "\\boxed").
-    require_end: the Qwen3 variant, whose probe must end thinking ("</think>") to count.
+        answer ("hf": "mean" only, the script's method).
+    require_end: the Qwen3 variant, whose probe must end thinking ("</think>") to count
+        (variant "cotrt" only).
     before_last: probe as if the transition word were replaced by the inducer (DEER's
-    placement), when the word lies wholly in the last token.
+        placement), when the word lies wholly in the last token (variant "cotrt"; the
+        script variants always probe from before it).
     """
 
     name = "deer"
 
     def __init__(self, threshold: float = 0.95, confidence: str = "mean", max_probes: int | None = None,
                  profile="r1-distill", cues=None, inducer: str | None = None, max_tokens: int | None = None,
-                 require_end: bool | None = None, before_last: bool = True):
+                 require_end: bool | None = None, before_last: bool = True, variant: str = "cotrt"):
+        if variant not in VARIANTS:
+            raise ValueError(f"deer: variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         if not 0 < threshold <= 1:
             raise ValueError(f"deer: threshold must be in (0, 1], got {threshold}")
         if confidence not in ("mean", "geo", "min"):
             raise ValueError(f"deer: confidence must be mean, geo or min, got {confidence!r}")
+        if variant == "hf" and confidence != "mean":
+            raise ValueError(f"deer: confidence={confidence!r}: variant 'hf' averages, as its script does "
+                             "(confidence='mean')")
+        if variant != "cotrt" and require_end:
+            raise ValueError(f"deer: require_end is the cotrt variant's (Qwen3); variant {variant!r} follows "
+                             "its script")
         prof = _profile(profile)
-        self.profile = prof
+        self.profile, self.variant = prof, variant
         self.threshold, self.how, self.max_probes = threshold, confidence, max_probes
         self.cues = tuple(cues) if cues is not None else ("Wait",)
+        self.probes = 0
+        self.last_answer = self.last_confidence = None
+        if variant != "cotrt":
+            script = SCRIPTS[variant]
+            self.inducer = inducer if inducer is not None else script.inducer
+            self.max_tokens = max_tokens or script.probe_tokens
+            self.max_probes = max_probes if max_probes is not None else script.max_probes
+            self.require_end, self.before_last = False, True
+            if variant == "hf":
+                # Token ids, not text: every thinking token is looked at (no text cues).
+                self.words, self.cues, self.every, self.on_boundary = self.cues, (), 1, False
+            self._tok = None
+            return
         self.inducer = inducer if inducer is not None else prof.answer_inducer
         self.max_tokens = max_tokens or prof.probe_max_tokens
         self.require_end = (prof.probe_close == prof.think_format.end) if require_end is None else require_end
@@ -49,13 +82,27 @@ class DEER(Policy):
         # model writes the answer it was confident about instead of resuming its checks.
         end = prof.think_format.end
         self.answer_lead = self.inducer.split(end, 1)[1] if end in self.inducer else self.inducer
-        self.probes = 0
-        self.last_answer = self.last_confidence = None
+
+    def bind_tokenizer(self, tokenizer) -> None:
+        """The script variants read token ids (called once per request by the engine)."""
+        if self.variant == "cotrt":
+            return
+        self._tok = tokenizer
+        if self.variant == "hf":
+            self._wait_ids = token_ids(tokenizer, self.words)
+            eos = getattr(tokenizer, "eos_token_id", None)
+            self._end_ids = token_ids(tokenizer, HF_END_WORDS) | ({eos} if eos is not None else set())
+            self._probe_stop_ids = token_ids(tokenizer, HF_PROBE_STOPS, special=True)
+            self._lead = special_prefix(tokenizer, EXIT_TEXT[0] + "</think>" + EXIT_TEXT[1]) + EXIT_TEXT[0]
 
     def on_step(self, view):
+        if self.variant == "hf":
+            return self._hf_step(view)
         if view.cue not in self.cues or (self.max_probes is not None and self.probes >= self.max_probes):
             return None
         self.probes += 1
+        if self.variant == "vllm":
+            return self._vllm_step(view)
         # The answer is complete when the box the inducer opened closes (braces counted, so
         # "\frac{1}{2}" is read whole) or, for the Qwen3 variant, at the end marker.
         stop = (self.close,) if self.require_end else ()
@@ -63,7 +110,28 @@ class DEER(Policy):
         return Probe(self.inducer, max_tokens=self.max_tokens, stop=stop, until=until,
                      before_last=self.before_last and view.last_token_is_cue, tag="deer")
 
+    def _hf_step(self, view):
+        t = view.last_token
+        self._real_stop = t in self._end_ids
+        if not self._real_stop and (t not in self._wait_ids or
+                                    (self.max_probes is not None and self.probes >= self.max_probes)):
+            return None
+        self.probes += 1
+        return Probe(self.inducer, max_tokens=self.max_tokens, stop_ids=self._probe_stop_ids, stop_at_eos=False,
+                     before_last=True, tag="deer")
+
+    def _vllm_step(self, view):
+        # vLLM cuts the text before the stop string: the part of the last token before the
+        # cue stays, so it is fed ahead of the inducer, from before that token.
+        last = self._tok.decode([view.last_token]) if view.last_token is not None else ""
+        i = last.find(view.cue)
+        self._pre = last[:i] if i >= 0 else ""
+        return Probe(self._pre + self.inducer, max_tokens=self.max_tokens, stop=VLLM_PROBE_STOPS,
+                     temperature=SCRIPTS["vllm"].temperature, before_last=i >= 0, tag="deer")
+
     def on_probe(self, view, result):
+        if self.variant != "cotrt":
+            return self._script_probe(result)
         self.last_answer = self.profile.probe_answer(result.text, self.inducer, partial=False)
         ended = result.stopped == "stop"
         self.last_confidence = result.confidence(self.how)
@@ -71,6 +139,21 @@ class DEER(Policy):
             return None
         if self.last_confidence >= self.threshold:
             return Exit(inject=self.answer_lead, reason="confident")
+        return None
+
+    def _script_probe(self, result):
+        # Both scripts count a probe however it ended (a box left open at the cap included).
+        self.last_answer = self.profile.probe_answer(result.text, self.inducer, partial=True)
+        if self.variant == "hf":
+            conf = self.last_confidence = hf_confidence(result.max_probs)
+            if self._real_stop:
+                return Exit(lead=self._lead, inject=EXIT_TEXT[1], reason="end")
+            if conf > self.threshold:  # NaN is never above
+                return Exit(lead=self._lead, inject=EXIT_TEXT[1], reason="confident")
+            return None
+        conf = self.last_confidence = vllm_confidence(result.token_probs, self.how)
+        if conf is not None and conf > self.threshold:
+            return Exit(lead=self._pre + EXIT_TEXT[0], inject=EXIT_TEXT[1], reason="confident")
         return None
 
 

@@ -45,6 +45,8 @@ class Probe:
     tag:         free label copied to the probe record
     until:       optional ``(generated_text) -> bool``: the probe's answer is complete
                  (e.g. the box it opened is closed, counting braces)
+    stop_ids:    token ids that end the probe once generated (DEER's HF script stops on ids)
+    stop_at_eos: an EOS ends the probe (False: only stop / stop_ids / until / max_tokens do)
     """
 
     text: str
@@ -54,6 +56,8 @@ class Probe:
     before_last: bool = False
     tag: str | None = None
     until: object = None
+    stop_ids: frozenset = frozenset()
+    stop_at_eos: bool = True
 
     def __post_init__(self):
         if not isinstance(self.text, str):
@@ -65,17 +69,20 @@ class Probe:
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
             raise ValueError(f"Probe.temperature must be >= 0, got {self.temperature!r}")
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        object.__setattr__(self, "stop_ids", frozenset(int(i) for i in self.stop_ids))
 
 
 @dataclass(frozen=True)
 class Exit:
     """End thinking now. The end marker is forced, then ``inject`` (e.g. an answer
     template). With ``finish=True`` the request ends after that text (Dynasor's templated
-    ending); otherwise the model goes on to write its answer."""
+    ending); otherwise the model goes on to write its answer. ``lead`` is forced before the
+    end marker (DEER's scripts end thinking with "\n</think>\n\n": lead "\n", inject "\n\n")."""
 
     inject: str = ""
     finish: bool = False
     reason: str = "policy"
+    lead: str = ""
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,8 @@ class ProbeResult:
 
     token_ids / text: the generated tokens (not the probe's prompt text)
     max_probs:        per generated token, the probability of the most likely token
+    token_probs:      per generated token, the probability of the token taken (= max_probs
+                      when greedy; what vLLM's logprobs=1 reports for a sampled token)
     entropy:          entropy (nats) of the next-token distribution right after the probe's
                       text, before any generated token (EAT reads this)
     stopped:          "stop" (a stop string), "eos", or "length"
@@ -101,6 +110,7 @@ class ProbeResult:
     entropy: float
     stopped: str
     tag: str | None = None
+    token_probs: list = field(default_factory=list)
 
     def confidence(self, how: str = "mean", skip_first: bool = True) -> float:
         """Mean / geometric mean / min of the max-probs (the first token skipped when
@@ -145,6 +155,7 @@ class RowView:
     probes: list = field(default_factory=list)  # ProbeRecords so far
     think_budget: int | None = None
     valve: dict = field(default_factory=dict)
+    last_token: int | None = None  # the id of the last visible token
 
 
 class Policy:

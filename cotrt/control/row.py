@@ -248,12 +248,12 @@ class Row:
             if self.think_sampled >= self.soft_passed_at + p.soft_grace:
                 return self._force_end("soft_budget_grace")
 
-    def exit_thinking(self, reason: str, inject: str = "", finish: bool = False) -> None:
-        """A policy's exit: force the end marker, then ``inject``; with ``finish`` the
-        request ends once that text is out."""
+    def exit_thinking(self, reason: str, inject: str = "", finish: bool = False, lead: str = "") -> None:
+        """A policy's exit: force ``lead``, the end marker, then ``inject``; with ``finish``
+        the request ends once that text is out."""
         if self.phase != THINK or self.closing or self.finished:
             return
-        self._force_end(reason, self.fmt.end + (inject or ""))
+        self._force_end(reason, (lead or "") + self.fmt.end + (inject or ""))
         self.finish_after_forced = finish
 
     def set_valve(self, valve: dict) -> None:
