@@ -6,7 +6,9 @@ token (no LM head, no sampling). Two methods are covered:
 - **Coconut**: after the prompt (ending with ``<|start-latent|>``), k latent steps feed back
   the last position's *final-norm* output (the state the LM head would read); then
   ``<|end-latent|>`` is forced and token decoding continues.
-  ``Latent(steps=k)``.
+  ``Latent(steps=k)``. A prompt already in Coconut's layout (question, start, k x latent,
+  end) takes its k from the prompt (:meth:`BoundLatent.for_prompt`). ``max_new_tokens``
+  counts the tokens after ``<|end-latent|>`` only, as Coconut's ``generate`` does.
 - **CCoT**: contemplation vectors are the *raw residual after decoder layer l* (l ≈ L/2),
   generated under one LoRA ("contemplate"); a binary END head on the final-norm state
   decides when to stop (capped by max_steps); the answer is decoded under another LoRA
