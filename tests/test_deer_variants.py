@@ -184,6 +184,11 @@ def test_vllm_reacts_to_the_text_and_keeps_what_precedes_it(think_tokenizer):
 # ------------------------------------------ end to end: vanilla_deer.py's loop, restated
 
 
+def _last_logits(model, seq):
+    """The model's next-token logits after ``seq`` (the LM head on the last position only)."""
+    return model.lm_head(model.model(torch.tensor([seq])).last_hidden_state[0, -1]).float()
+
+
 def _biased_model(tok, bias: float):
     """A tiny model that writes "Wait" (the bare token) now and then: an LM head with a bias."""
     model = tiny_model("qwen3", len(tok), seed=31)
@@ -207,7 +212,7 @@ def vanilla_deer(model, tok, prompt, threshold, n_tokens):
     continue_ids = ids("Wait")
     stop_ids = continue_ids + last_token_ids
     probe_stops = sum(tok([" }", "}", "}.", "}.\n", "}\\", "}}", ")}", ")}.", ")}\n", "</think>"])["input_ids"], [])
-    nxt = lambda seq: model(torch.tensor([seq])).logits[0, -1].float()
+    nxt = lambda seq: _last_logits(model, seq)
     seq = list(prompt)
     while len(seq) - len(prompt) < n_tokens:
         gen = []
@@ -251,3 +256,78 @@ def test_hf_variant_matches_vanilla_deer(threshold, exits, think_tokenizer):
     if exits:  # the "Wait" was taken back and "\n</think>\n\n" follows what preceded it
         assert o.stats["think_end"] == "deer:confident"
         assert tok.decode(o.token_ids).count("\n</think>\n\n") == 1
+
+
+# ------------------------------------------ end to end: vllm-deer.py's loop, restated
+
+
+@torch.no_grad()
+def vllm_deer(model, tok, prompt, threshold, n_tokens, seed):
+    """vllm-deer.py's loop at the token level, without a cache: greedy thinking chunks
+    until the text "Wait" (or EOS); the probe follows the text cut before "Wait" with the
+    inducer, drawn at temperature 1.0 (with cotrt's seeded draw, so the draws agree),
+    until a stop string, EOS or 20 tokens; exit ("\\n</think>\\n\\n" after the cut text,
+    then greedy answer) when avg1 > threshold, else "Wait" goes back on; at most 10 probes.
+    Keeps tokens where the script re-tokenizes its text (the README's one difference)."""
+    from cotrt.sampling import uniform
+
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    stops = (" }", "}\n", "}\n\n", "}.", "}.\n", "}\\", "}}", ")}", ")}.", ")}\n")
+    nxt = lambda seq: _last_logits(model, seq)
+    seq, steps = list(prompt), 0
+    while len(seq) - len(prompt) < n_tokens:
+        gen = []
+        while True:  # a thinking chunk: stop strings ["Wait", "</think>", eos] (the first 10)
+            gen.append(int(nxt(seq + gen).argmax()))
+            text = tok.decode(gen, skip_special_tokens=True)
+            if ("Wait" in text and steps < 10) or len(seq) + len(gen) - len(prompt) >= n_tokens:
+                break
+        if "Wait" not in text or steps >= 10:
+            seq += gen
+            break
+        steps += 1
+        last = tok.decode([gen[-1]])
+        pre = last[: last.find("Wait")]  # the text before "Wait" in its token stays
+        ctx = seq + gen[:-1]
+        feed = ctx + enc(pre + VLLM_INDUCER)
+        probe, probs = [], []
+        while True:
+            p = torch.softmax(nxt(feed + probe), -1)
+            u = float(uniform(torch.tensor([seed ^ 0x5EED]), torch.tensor([len(ctx) + len(probe)])))
+            t = int(torch.searchsorted(torch.cumsum(p.double(), -1), torch.tensor([u])).clamp_max(p.numel() - 1))
+            probe.append(t)
+            probs.append(float(p[t]))
+            if any(s in tok.decode(probe, skip_special_tokens=True) for s in stops) or t == tok.eos_token_id \
+                    or len(probe) >= 20:
+                break
+        conf = vllm_script_confidence(probs, "avg1")
+        if conf is not None and conf > threshold:
+            seq = ctx + enc(pre + "\n</think>\n\n")
+            while len(seq) - len(prompt) < n_tokens:
+                seq.append(int(nxt(seq).argmax()))
+            break
+        seq = ctx + [gen[-1]]  # "Wait" appended back: the same token here
+    return seq[len(prompt):][:n_tokens]
+
+
+def _biased_on(tok, word: str, bias: float):
+    model = _biased_model(tok, 0.0)
+    with torch.no_grad():
+        model.lm_head.bias[tok(word, add_special_tokens=False)["input_ids"][0]] = bias
+    return model
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.6])
+def test_vllm_variant_matches_vllm_deer(threshold, think_tokenizer):
+    tok = think_tokenizer
+    model = _biased_on(tok, " Wait", 12.0)
+    rt = cotrt.wrap(model, tok, max_batch=2, max_len=256)
+    prompt = tok.encode("Q: what is 6*7?\nA: <think>\n", add_special_tokens=False)
+    n, seed = 60, 7
+    o = rt.generate([prompt], cotrt.Params(max_new_tokens=n, seed=seed, exit=DEER(threshold=threshold,
+                                                                                   variant="vllm")))[0]
+    ref = vllm_deer(model, tok, prompt, threshold, n, seed)
+    assert o.token_ids == ref
+    assert o.stats["probes"], "no transition was probed"
+    decisions = [p["decision"] for p in o.stats["probes"]]
+    assert decisions == (["exit"] if threshold < 0.1 else ["continue"] * 10)  # max_judge_steps = 10
