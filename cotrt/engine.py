@@ -14,7 +14,7 @@ from collections import deque
 
 import torch
 
-from .control.automaton import compile_cached, token_bytes
+from .control.automaton import check_pattern_sizes, compile_cached, token_bytes
 from .control.exits import ExitControl
 from .control.latent_run import LatentRun
 from .control.row import Row, RowPatterns
@@ -83,8 +83,20 @@ class Engine:
             raise ValueError(f"prompt: {len(ids)} tokens leave no room to generate within max_len={self.max_len}")
         return ids
 
-    def add(self, prompt, params: Params | None = None) -> int:
-        """Queue a request; returns its id. Everything is validated before any state changes."""
+    def compile_patterns(self, params: Params) -> RowPatterns:
+        """The automaton of a request's stop strings, step cues and policy cues (from the
+        compile cache, or compiled now: up to ~0.1 s of CPU, so servers call this in the
+        request's own thread and hand the result to ``add``)."""
+        cues = params.step_cues + tuple(c for p in params.exit for c in getattr(p, "cues", ()) if c not in params.step_cues)
+        patterns = RowPatterns.pattern_list(self.fmt, params.stop, cues)
+        if len(patterns) > 63:
+            raise ValueError(f"stop, step_cues and policy cues: {len(patterns)} patterns, at most 63")
+        check_pattern_sizes(patterns, "stop, step_cues and policy cues")
+        return RowPatterns(compile_cached(patterns, self.tokenizer), self.fmt, params.stop, cues)
+
+    def add(self, prompt, params: Params | None = None, patterns: RowPatterns | None = None) -> int:
+        """Queue a request; returns its id. Everything is validated before any state changes.
+        ``patterns``: ``compile_patterns(params)``, already made (by another thread)."""
         params = Params() if params is None else params
         if isinstance(params, dict):
             params = Params.from_dict(params)
@@ -95,6 +107,9 @@ class Engine:
         if bad:
             raise ValueError(f"logit_bias: token id {bad[0]} outside the vocabulary")
         self.check_valve_names(params.valve)
+        for pol in params.exit:  # a schedule naming no loaded valve failed mid-generation
+            if isinstance(getattr(pol, "valve", None), str):
+                self.check_valve_names({pol.valve: 0.0}, f"exit: {pol.name}: valve")
         bound = None
         if params.latent is not None:
             names = self.valves.names if self.valves is not None else []
@@ -103,11 +118,7 @@ class Engine:
             if len(ids) + bound.max_steps + 1 >= self.max_len:
                 raise ValueError(f"prompt: {len(ids)} tokens and {bound.max_steps} latent steps leave no room "
                                  f"within max_len={self.max_len}")
-        cues = params.step_cues + tuple(c for p in params.exit for c in getattr(p, "cues", ()) if c not in params.step_cues)
-        patterns = RowPatterns.pattern_list(self.fmt, params.stop, cues)
-        if len(patterns) > 63:
-            raise ValueError(f"stop, step_cues and policy cues: {len(patterns)} patterns, at most 63")
-        pats = RowPatterns(compile_cached(patterns, self.tokenizer), self.fmt, params.stop, cues)
+        pats = self.compile_patterns(params) if patterns is None else patterns
         if params.seed is None:
             params = _with_seed(params, self._seed_rng.getrandbits(62))
         rid = next(self._ids)

@@ -107,6 +107,11 @@ class Params:
             raise ValueError(f"wait_text must be a non-empty string, got {self.wait_text!r}")
         if len(self.stop) + len(self.step_cues) > 48:
             raise ValueError("stop and step_cues: at most 48 strings together")
+        from .control.automaton import check_pattern_sizes
+
+        check_pattern_sizes(self.stop, "stop")
+        check_pattern_sizes(self.step_cues, "step_cues")
+        check_pattern_sizes(self.stop + self.step_cues, "stop and step_cues")
         if not isinstance(self.logit_bias, dict):
             raise ValueError(f"logit_bias must be a dict of token id -> float, got {type(self.logit_bias).__name__}")
         for k, v in self.logit_bias.items():
