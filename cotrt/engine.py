@@ -349,7 +349,10 @@ class Engine:
                 spec.append((0.0, 0, 0, ()))
                 continue
             p = r.params
-            banned = r.banned_tokens() + (r.exits.banned(r) if r.exits is not None else [])
+            banned = _row_banned(r, self.vocab_size)
+            if banned is None:  # its policy failed: the row has ended; a placeholder spec
+                spec.append((0.0, 0, 0, ()))
+                continue
             biases = list(p.logit_bias.items()) + [(t, float("-inf")) for t in banned]
             if len(biases) > MAX_BIASES:
                 return None, None
@@ -464,13 +467,15 @@ class Engine:
             row.exits.after_token(row, row.last_cue is not None, row.last_cue)
 
     def _apply_biases(self, logits: torch.Tensor, rows: list[Row]) -> None:
+        """Logit biases and banned tokens, row by row: a row whose policy fails ends alone
+        (its batch-mates' rows of ``logits`` are untouched; its own token is dropped)."""
         for i, r in enumerate(rows):
+            banned = _row_banned(r, self.vocab_size)
+            if banned is None:
+                continue
             if r.params.logit_bias:
                 ids = list(r.params.logit_bias)
                 logits[i, ids] += torch.tensor([r.params.logit_bias[k] for k in ids], device=logits.device)
-            banned = r.banned_tokens()
-            if r.exits is not None:
-                banned = banned + r.exits.banned(r)
             if banned:
                 logits[i, banned] = float("-inf")
 
@@ -509,6 +514,21 @@ def _isolated(row: Row, fn) -> None:
         if not row.finished:
             row._finish("error", "error")
             row.error = f"{type(e).__name__}: {e}"
+
+
+def _row_banned(row: Row, vocab_size: int) -> list[int] | None:
+    """The row's banned token ids this step (its controls' and its policies'), checked;
+    None when a policy failed or named a bad id: the row then ends with an error alone."""
+    def get():
+        banned = row.banned_tokens() + (row.exits.banned(row) if row.exits is not None else [])
+        for t in banned:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise ValueError(f"banned_tokens: {t!r} is not a token id in [0, {vocab_size})")
+        return banned
+
+    out: list = []
+    _isolated(row, lambda: out.append(get()))
+    return out[0] if out else None
 
 
 def _with_seed(params: Params, seed: int) -> Params:
