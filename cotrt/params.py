@@ -23,11 +23,16 @@ def _check_float(name, value, lo=None, hi=None, lo_open=False):
         raise ValueError(f"{name} must be <= {hi}, got {value}")
 
 
+# Temperatures below this are greedy (0): dividing logits by less overflows fp32 (a 1e-300
+# temperature drew NaN garbage), and the distribution is then its argmax anyway.
+GREEDY_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class Params:
     """How one request is decoded.
 
-    Sampling: ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` disable those
+    Sampling: ``temperature == 0`` is greedy (and so is any below ``GREEDY_TEMPERATURE``, 1e-5); ``top_k == 0`` and ``top_p == 1`` disable those
     filters. ``seed`` makes a sampled request reproducible and independent of what else is in
     the batch (None draws one).
 
@@ -86,6 +91,8 @@ class Params:
     def __post_init__(self):
         _check_int("max_new_tokens", self.max_new_tokens, 1, allow_none=False)
         _check_float("temperature", self.temperature, lo=0.0)
+        if self.temperature < GREEDY_TEMPERATURE:  # logits / 1e-300 overflow to inf: NaN draws
+            object.__setattr__(self, "temperature", 0.0)
         _check_float("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
         _check_int("top_k", self.top_k, 0, allow_none=False)
         _check_int("seed", self.seed, 0)
