@@ -81,3 +81,22 @@ def test_compile_runs_in_the_callers_thread(smol_tokenizer, monkeypatch):
 
     asyncio.run(main())
     assert threads and "cotrt-engine" not in threads, threads
+
+
+def test_engine_stops_the_same_with_lazy_tables(smol_tokenizer, monkeypatch):
+    """A stop string and a step cue found through lazy tables end the request where the
+    dense tables end it (the engine's rows look entries up on the host either way)."""
+    rt = cotrt.wrap(tiny_model("llama", len(smol_tokenizer), seed=12), smol_tokenizer, max_batch=2, max_len=96)
+    prompt = [5, 17, 300, 4000, 12]
+    free = rt.generate([prompt], cotrt.Params(max_new_tokens=30, ignore_eos=True))[0]
+    ids = free.token_ids
+    stop = smol_tokenizer.decode(ids[10:14])[1:]  # starts mid-token: matched across tokens
+    params = cotrt.Params(max_new_tokens=30, ignore_eos=True, stop=[stop], step_cues=["\n\n", stop[:3]])
+    dense = rt.generate([prompt], params)[0]
+    monkeypatch.setattr(am, "DENSE_TABLE_BYTES", 0)
+    am._COMPILED.clear()
+    lazy = rt.generate([prompt], params)[0]
+    am._COMPILED.clear()
+    assert dense.finish_reason == "stop" and stop not in dense.text
+    assert (lazy.token_ids, lazy.text, lazy.finish_reason, lazy.stats["steps"]) == \
+        (dense.token_ids, dense.text, dense.finish_reason, dense.stats["steps"])
