@@ -69,6 +69,10 @@ def test_compile_runs_in_the_callers_thread(smol_tokenizer, monkeypatch):
     monkeypatch.setattr(engine_mod, "compile_cached",
                         lambda p, tok: (threads.append(threading.current_thread().name), real(p, tok))[1])
     rt = cotrt.wrap(tiny_model("llama", len(smol_tokenizer), seed=3), smol_tokenizer, max_batch=2, max_len=64)
+    tokenized = []  # (thread, prompt kind) of every prompt the engine checks or tokenizes
+    real_ids = rt.engine._prompt_ids
+    monkeypatch.setattr(rt.engine, "_prompt_ids", lambda p: (
+        tokenized.append((threading.current_thread().name, type(p).__name__)), real_ids(p))[1])
 
     async def main():
         async with AsyncEngine(rt) as eng:
@@ -81,6 +85,7 @@ def test_compile_runs_in_the_callers_thread(smol_tokenizer, monkeypatch):
 
     asyncio.run(main())
     assert threads and "cotrt-engine" not in threads, threads
+    assert ("cotrt-engine", "str") not in tokenized and any(k == "str" for _, k in tokenized), tokenized
 
 
 def test_engine_stops_the_same_with_lazy_tables(smol_tokenizer, monkeypatch):
