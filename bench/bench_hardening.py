@@ -199,6 +199,8 @@ async def load(url, clients, rounds, max_tokens) -> dict:
                                  limits=httpx.Limits(max_connections=clients + 8)) as cl:
         for r in range(rounds):
             await asyncio.gather(*(one(cl, r * clients + i, rng.random() < 0.25) for i in range(clients)))
+            gc.collect()
+            stats.setdefault("rss_mb_after_round", []).append(round(rss_mb()))
     return stats
 
 

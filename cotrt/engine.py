@@ -521,8 +521,8 @@ def _row_banned(row: Row, vocab_size: int) -> list[int] | None:
     None when a policy failed or named a bad id: the row then ends with an error alone."""
     def get():
         banned = row.banned_tokens() + (row.exits.banned(row) if row.exits is not None else [])
-        for t in banned:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+        for t in banned:  # numpy ints pass (operator.index); floats, bools and strings do not
+            if isinstance(t, bool) or not hasattr(t, "__index__") or not 0 <= t < vocab_size:
                 raise ValueError(f"banned_tokens: {t!r} is not a token id in [0, {vocab_size})")
         return banned
 
