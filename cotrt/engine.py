@@ -434,9 +434,10 @@ class Engine:
             if not hot:  # all greedy
                 out = lg.argmax(dim=-1).tolist()  # the step's one host sync: the tokens
             else:
-                host = {"sampled_rows": hot,
-                        "filtered": any(ps[j].top_k > 0 or ps[j].top_p < 1 for j in hot),
-                        "kmax": lg.shape[-1] if any(ps[j].top_k == 0 for j in hot) else max(ps[j].top_k for j in hot)}
+                filt = [j for j in hot if ps[j].top_k > 0 or ps[j].top_p < 1]  # only these are sorted
+                host = {"sampled_rows": hot, "filtered": bool(filt),
+                        "kmax": lg.shape[-1] if any(ps[j].top_k == 0 for j in filt) else
+                        max((ps[j].top_k for j in filt), default=1)}
                 # Per-row parameters in two host-to-device copies, not five.
                 ints = torch.tensor([[p.top_k for p in ps], [p.seed for p in ps],
                                      [rows[i].seq_len for i in sampling]], dtype=torch.long).to(lg.device)

@@ -41,7 +41,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
 
     ``host``: what the caller already knows on the host, to spare device syncs:
     {"sampled_rows": [indices of rows with temperature > 0], "filtered": any top-k/top-p
-    among them, "kmax": the top-k to take (V when a row has no top-k)}.
+    among them, "kmax": the top-k to take for the rows that filter (V when one of them has
+    no top-k)}.
     """
     B, V = logits.shape
     if host is not None:
