@@ -14,7 +14,7 @@ from collections import deque
 
 import torch
 
-from .control.automaton import compile_cached, token_bytes
+from .control.automaton import check_pattern_sizes, compile_cached, token_bytes
 from .control.exits import ExitControl
 from .control.latent_run import LatentRun
 from .control.row import Row, RowPatterns
@@ -83,8 +83,20 @@ class Engine:
             raise ValueError(f"prompt: {len(ids)} tokens leave no room to generate within max_len={self.max_len}")
         return ids
 
-    def add(self, prompt, params: Params | None = None) -> int:
-        """Queue a request; returns its id. Everything is validated before any state changes."""
+    def compile_patterns(self, params: Params) -> RowPatterns:
+        """The automaton of a request's stop strings, step cues and policy cues (from the
+        compile cache, or compiled now: up to ~0.1 s of CPU, so servers call this in the
+        request's own thread and hand the result to ``add``)."""
+        cues = params.step_cues + tuple(c for p in params.exit for c in getattr(p, "cues", ()) if c not in params.step_cues)
+        patterns = RowPatterns.pattern_list(self.fmt, params.stop, cues)
+        if len(patterns) > 63:
+            raise ValueError(f"stop, step_cues and policy cues: {len(patterns)} patterns, at most 63")
+        check_pattern_sizes(patterns, "stop, step_cues and policy cues")
+        return RowPatterns(compile_cached(patterns, self.tokenizer), self.fmt, params.stop, cues)
+
+    def add(self, prompt, params: Params | None = None, patterns: RowPatterns | None = None) -> int:
+        """Queue a request; returns its id. Everything is validated before any state changes.
+        ``patterns``: ``compile_patterns(params)``, already made (by another thread)."""
         params = Params() if params is None else params
         if isinstance(params, dict):
             params = Params.from_dict(params)
@@ -95,6 +107,9 @@ class Engine:
         if bad:
             raise ValueError(f"logit_bias: token id {bad[0]} outside the vocabulary")
         self.check_valve_names(params.valve)
+        for pol in params.exit:  # a schedule naming no loaded valve failed mid-generation
+            if isinstance(getattr(pol, "valve", None), str):
+                self.check_valve_names({pol.valve: 0.0}, f"exit: {pol.name}: valve")
         bound = None
         if params.latent is not None:
             names = self.valves.names if self.valves is not None else []
@@ -103,11 +118,7 @@ class Engine:
             if len(ids) + bound.max_steps + 1 >= self.max_len:
                 raise ValueError(f"prompt: {len(ids)} tokens and {bound.max_steps} latent steps leave no room "
                                  f"within max_len={self.max_len}")
-        cues = params.step_cues + tuple(c for p in params.exit for c in getattr(p, "cues", ()) if c not in params.step_cues)
-        patterns = RowPatterns.pattern_list(self.fmt, params.stop, cues)
-        if len(patterns) > 63:
-            raise ValueError(f"stop, step_cues and policy cues: {len(patterns)} patterns, at most 63")
-        pats = RowPatterns(compile_cached(patterns, self.tokenizer), self.fmt, params.stop, cues)
+        pats = self.compile_patterns(params) if patterns is None else patterns
         if params.seed is None:
             params = _with_seed(params, self._seed_rng.getrandbits(62))
         rid = next(self._ids)
@@ -338,7 +349,10 @@ class Engine:
                 spec.append((0.0, 0, 0, ()))
                 continue
             p = r.params
-            banned = r.banned_tokens() + (r.exits.banned(r) if r.exits is not None else [])
+            banned = _row_banned(r, self.vocab_size)
+            if banned is None:  # its policy failed: the row has ended; a placeholder spec
+                spec.append((0.0, 0, 0, ()))
+                continue
             biases = list(p.logit_bias.items()) + [(t, float("-inf")) for t in banned]
             if len(biases) > MAX_BIASES:
                 return None, None
@@ -420,9 +434,10 @@ class Engine:
             if not hot:  # all greedy
                 out = lg.argmax(dim=-1).tolist()  # the step's one host sync: the tokens
             else:
-                host = {"sampled_rows": hot,
-                        "filtered": any(ps[j].top_k > 0 or ps[j].top_p < 1 for j in hot),
-                        "kmax": lg.shape[-1] if any(ps[j].top_k == 0 for j in hot) else max(ps[j].top_k for j in hot)}
+                filt = [j for j in hot if ps[j].top_k > 0 or ps[j].top_p < 1]  # only these are sorted
+                host = {"sampled_rows": hot, "filtered": bool(filt),
+                        "kmax": lg.shape[-1] if any(ps[j].top_k == 0 for j in filt) else
+                        max((ps[j].top_k for j in filt), default=1)}
                 # Per-row parameters in two host-to-device copies, not five.
                 ints = torch.tensor([[p.top_k for p in ps], [p.seed for p in ps],
                                      [rows[i].seq_len for i in sampling]], dtype=torch.long).to(lg.device)
@@ -453,13 +468,15 @@ class Engine:
             row.exits.after_token(row, row.last_cue is not None, row.last_cue)
 
     def _apply_biases(self, logits: torch.Tensor, rows: list[Row]) -> None:
+        """Logit biases and banned tokens, row by row: a row whose policy fails ends alone
+        (its batch-mates' rows of ``logits`` are untouched; its own token is dropped)."""
         for i, r in enumerate(rows):
+            banned = _row_banned(r, self.vocab_size)
+            if banned is None:
+                continue
             if r.params.logit_bias:
                 ids = list(r.params.logit_bias)
                 logits[i, ids] += torch.tensor([r.params.logit_bias[k] for k in ids], device=logits.device)
-            banned = r.banned_tokens()
-            if r.exits is not None:
-                banned = banned + r.exits.banned(r)
             if banned:
                 logits[i, banned] = float("-inf")
 
@@ -498,6 +515,21 @@ def _isolated(row: Row, fn) -> None:
         if not row.finished:
             row._finish("error", "error")
             row.error = f"{type(e).__name__}: {e}"
+
+
+def _row_banned(row: Row, vocab_size: int) -> list[int] | None:
+    """The row's banned token ids this step (its controls' and its policies'), checked;
+    None when a policy failed or named a bad id: the row then ends with an error alone."""
+    def get():
+        banned = row.banned_tokens() + (row.exits.banned(row) if row.exits is not None else [])
+        for t in banned:  # numpy ints pass (operator.index); floats, bools and strings do not
+            if isinstance(t, bool) or not hasattr(t, "__index__") or not 0 <= t < vocab_size:
+                raise ValueError(f"banned_tokens: {t!r} is not a token id in [0, {vocab_size})")
+        return banned
+
+    out: list = []
+    _isolated(row, lambda: out.append(get()))
+    return out[0] if out else None
 
 
 def _with_seed(params: Params, seed: int) -> Params:

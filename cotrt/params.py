@@ -23,11 +23,16 @@ def _check_float(name, value, lo=None, hi=None, lo_open=False):
         raise ValueError(f"{name} must be <= {hi}, got {value}")
 
 
+# Temperatures below this are greedy (0): dividing logits by less overflows fp32 (a 1e-300
+# temperature drew NaN garbage), and the distribution is then its argmax anyway.
+GREEDY_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class Params:
     """How one request is decoded.
 
-    Sampling: ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` disable those
+    Sampling: ``temperature == 0`` is greedy (and so is any below ``GREEDY_TEMPERATURE``, 1e-5); ``top_k == 0`` and ``top_p == 1`` disable those
     filters. ``seed`` makes a sampled request reproducible and independent of what else is in
     the batch (None draws one).
 
@@ -86,6 +91,8 @@ class Params:
     def __post_init__(self):
         _check_int("max_new_tokens", self.max_new_tokens, 1, allow_none=False)
         _check_float("temperature", self.temperature, lo=0.0)
+        if self.temperature < GREEDY_TEMPERATURE:  # logits / 1e-300 overflow to inf: NaN draws
+            object.__setattr__(self, "temperature", 0.0)
         _check_float("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
         _check_int("top_k", self.top_k, 0, allow_none=False)
         _check_int("seed", self.seed, 0)
@@ -107,6 +114,11 @@ class Params:
             raise ValueError(f"wait_text must be a non-empty string, got {self.wait_text!r}")
         if len(self.stop) + len(self.step_cues) > 48:
             raise ValueError("stop and step_cues: at most 48 strings together")
+        from .control.automaton import check_pattern_sizes
+
+        check_pattern_sizes(self.stop, "stop")
+        check_pattern_sizes(self.step_cues, "step_cues")
+        check_pattern_sizes(self.stop + self.step_cues, "stop and step_cues")
         if not isinstance(self.logit_bias, dict):
             raise ValueError(f"logit_bias must be a dict of token id -> float, got {type(self.logit_bias).__name__}")
         for k, v in self.logit_bias.items():

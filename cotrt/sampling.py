@@ -41,7 +41,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
 
     ``host``: what the caller already knows on the host, to spare device syncs:
     {"sampled_rows": [indices of rows with temperature > 0], "filtered": any top-k/top-p
-    among them, "kmax": the top-k to take (V when a row has no top-k)}.
+    among them, "kmax": the top-k to take for the rows that filter (V when one of them has
+    no top-k)}.
     """
     B, V = logits.shape
     if host is not None:
@@ -61,29 +62,46 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     k, p = pick(top_k), pick(top_p)
     u = uniform(pick(seed), pick(counter))
     filtered = host["filtered"] if host is not None else bool((k > 0).any()) or bool((p < 1).any())
+    # Every row draws in vocabulary order from its own softmax: drawing from sorted order
+    # (as top-k/top-p need to pick their set) made a row's token depend on its neighbours
+    # (a top-p neighbour sorted every row) and on logit noise that swaps near-equal tokens.
+    probs = torch.softmax(scaled, dim=-1)
     if filtered:
-        if host is not None:
-            kmax = host["kmax"]
-        else:
-            kmax = V if bool((k == 0).any()) else int(k.max())
-        kmax = min(kmax, V)  # a top_k past the vocabulary keeps everything
-        vals, idx = torch.topk(scaled, kmax, dim=-1)  # sorted, descending
-        rank = torch.arange(kmax, device=logits.device)[None, :]
-        in_k = rank < torch.where(k > 0, k, V)[:, None]
-        # top-k first, renormalised (as HF's warpers chain), then top-p on that: keep the
-        # smallest prefix whose mass reaches p (the first token always stays).
-        probs = torch.softmax(vals.masked_fill(~in_k, float("-inf")), dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs
-        probs = probs * (before < p[:, None])
-    else:
-        idx = None
-        probs = torch.softmax(scaled, dim=-1)
-    choice = inverse_cdf(probs, u)
-    tok = choice if idx is None else idx.gather(1, choice[:, None]).squeeze(1)
+        probs = _filter(scaled, probs, k, p, host["kmax"] if host is not None else None)
+    tok = inverse_cdf(probs, u)
     if rows is None:
         return tok
     out = logits.argmax(dim=-1)
     out[rows] = tok
+    return out
+
+
+def _filter(scaled: torch.Tensor, probs: torch.Tensor, k: torch.Tensor, p: torch.Tensor,
+            kmax: int | None) -> torch.Tensor:
+    """``probs`` with the tokens outside each row's top-k, then top-p, set zero: top-k
+    first, renormalised (as HF's warpers chain), then the smallest prefix whose mass
+    reaches p (the first token always stays). Ties at the cut-off value are all kept.
+
+    Only the rows that filter are sorted; the decision for a row is a prefix computation
+    over its own sorted values (a sequential float64 cumsum), so it does not depend on
+    how many values the batch's ``kmax`` made topk return.
+    """
+    V = scaled.shape[-1]
+    sel = ((k > 0) | (p < 1)).nonzero().squeeze(1)
+    ks, ps = k[sel], p[sel]
+    if kmax is None:
+        kmax = V if bool((ks == 0).any()) else int(ks.max())
+    kmax = min(kmax, V)  # a top_k past the vocabulary keeps everything
+    vals, _ = torch.topk(scaled[sel], kmax, dim=-1)  # sorted, descending
+    rank = torch.arange(kmax, device=scaled.device)[None, :]
+    kk = torch.where(ks > 0, ks.clamp(max=kmax), kmax)  # [S]: each row's top-k, V when off
+    e = torch.exp((vals - vals[:, :1]).double()).masked_fill(rank >= kk[:, None], 0.0)
+    mass = e.cumsum(-1)  # [S, kmax]
+    total = mass.gather(1, (kk - 1)[:, None])
+    keep_n = ((mass - e) < ps.double()[:, None] * total).logical_and(rank < kk[:, None]).sum(-1)  # >= 1
+    cut = vals.gather(1, (keep_n - 1)[:, None])  # the smallest kept value
+    out = probs.clone()
+    out[sel] = probs[sel].masked_fill(scaled[sel] < cut, 0.0)
     return out
 
 

@@ -37,12 +37,27 @@ RESERVED_TEMPLATE_KWARGS = {"conversation", "tools", "documents", "chat_template
                             "continue_final_message", "tokenize", "padding", "truncation", "max_length",
                             "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
 _KIND_NAMES = {"int": "an integer", "number": "a number", "bool": "a boolean", "dict": "an object"}
+# Every top-level field a request may carry; anything else is a 400 naming it (a typo such as
+# "max_token" would otherwise be dropped silently).
+KNOWN_FIELDS = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+                "top_k", "n", "stream", "stream_options", "stop", "seed", "logit_bias", "user",
+                "response_format", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "thinking",
+                "cotrt", *UNSUPPORTED, *THINK_BUDGET_ALIASES}
+ROLES = ("system", "user", "assistant")
+MAX_JSON_DEPTH = 32  # nesting of a request body; json.loads itself recursed past ~1,000 levels (500)
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: ~250k tokens of text, far past any --max-len
+HEADER_TIMEOUT_S = 10.0  # a connection gets this long to send a request's headers
+BODY_TIMEOUT_S = 30.0  # and this long to send its body
+_DECIMAL = re.compile(r"[0-9]+")
 
 
 class BadRequest(ValueError):
-    def __init__(self, message: str, param: str | None = None):
+    """A request refused before it reaches the engine: ``status`` (400 unless said),
+    ``param`` the JSON field at fault, ``code`` OpenAI's error code where it has one."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.status, self.code = param, status, code
 
 
 # -- request parsing -----------------------------------------------------------------------------
@@ -66,6 +81,14 @@ def _typed(body: dict, name: str, kind: str, lo=None, hi=None):
 
 def parse_params(body: dict, max_len: int) -> tuple[Params, bool, bool]:
     """(Params, stream, include_usage) from an OpenAI request body."""
+    unknown = sorted(set(body) - KNOWN_FIELDS)
+    if unknown:
+        raise BadRequest(f"{unknown[0]}: unknown field", unknown[0])
+    rf = body.get("response_format")
+    if rf is not None and rf != {"type": "text"}:
+        raise BadRequest("response_format: only {\"type\": \"text\"} is supported", "response_format")
+    if body.get("tool_choice") not in (None, "none"):
+        raise BadRequest("tool_choice: tools are not supported by this server", "tool_choice")
     for name, off in UNSUPPORTED.items():
         if name in body and body[name] not in off:
             raise BadRequest(f"{name} is not supported by this server", name)
@@ -76,7 +99,8 @@ def parse_params(body: dict, max_len: int) -> tuple[Params, bool, bool]:
     include_usage = bool(_typed(opts, "include_usage", "bool"))
     d: dict = {"temperature": 1.0}  # OpenAI's default
     # max_completion_tokens is the newer name; without either, generate up to max_len.
-    mt = _typed(body, "max_completion_tokens", "int", lo=1) or _typed(body, "max_tokens", "int", lo=1)
+    mt = _typed(body, "max_completion_tokens", "int", lo=1, hi=max_len) or \
+        _typed(body, "max_tokens", "int", lo=1, hi=max_len)  # past --max-len: refused, not clamped
     d["max_new_tokens"] = mt or max_len
     for name, kind in (("temperature", "number"), ("top_p", "number"), ("seed", "int"), ("top_k", "int")):
         v = _typed(body, name, kind)
@@ -91,10 +115,11 @@ def parse_params(body: dict, max_len: int) -> tuple[Params, bool, bool]:
         d["stop"] = tuple(s for s in stop if s)
     bias = _typed(body, "logit_bias", "dict")
     if bias:
-        try:
-            d["logit_bias"] = {int(k): v for k, v in bias.items()}
-        except ValueError:
-            raise BadRequest("logit_bias keys must be token ids", "logit_bias") from None
+        bad = [k for k in bias if not _DECIMAL.fullmatch(k)]  # int() took " 5 ", "1_0" and Arabic digits
+        if bad:
+            raise BadRequest(f"logit_bias: keys must be token ids in decimal digits, got {json.dumps(bad[0])}",
+                             "logit_bias")
+        d["logit_bias"] = {int(k): v for k, v in bias.items()}
     for alias in THINK_BUDGET_ALIASES:
         v = _typed(body, alias, "int", lo=0)
         if v is not None:
@@ -108,15 +133,39 @@ def parse_params(body: dict, max_len: int) -> tuple[Params, bool, bool]:
     try:
         return Params.from_dict(d), stream, include_usage
     except (ValueError, TypeError) as e:
-        raise BadRequest(str(e), _param_of(str(e))) from None
+        raise BadRequest(str(e), param_of(str(e), body)) from None
 
 
-_FIELD = re.compile(r"^(?:unknown parameter\(s\): )?([A-Za-z_]\w*)")
+_FIELD = re.compile(r"^(unknown parameter\(s\): )?([A-Za-z_]\w*)")
 
 
-def _param_of(message: str) -> str | None:
+def param_of(message: str, body, chat: bool = True) -> str | None:
+    """The JSON field a Params / engine error message is about (the message starts with
+    the Params field, a policy's name, "prompt" ...): "max_tokens", "cotrt.exit", ..."""
+    from .control.policies import POLICIES
+
     m = _FIELD.match(message)
-    return m.group(1) if m else None
+    if m is None:
+        return None
+    name = m.group(2)
+    body = body if isinstance(body, dict) else {}
+    ext = body.get("cotrt") if isinstance(body.get("cotrt"), dict) else {}
+    if m.group(1):  # an unknown key of the cotrt object
+        return f"cotrt.{name}"
+    if name in POLICIES or name == "exit":
+        return "cotrt.exit"
+    if name in ("prompt", "messages"):
+        return "messages" if chat else "prompt"
+    if name in ext:
+        return f"cotrt.{name}"
+    if name == "max_new_tokens":
+        return "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    if name == "think_budget":
+        alias = next((a for a in THINK_BUDGET_ALIASES if a in body), None)
+        return alias or ("thinking.budget_tokens" if "thinking" in body else "cotrt.think_budget")
+    if name in body or name in ("stop", "logit_bias", "temperature", "top_p", "top_k", "seed"):
+        return name
+    return f"cotrt.{name}" if name in Params.__dataclass_fields__ else None
 
 
 def parse_messages(body: dict) -> list[dict]:
@@ -127,6 +176,9 @@ def parse_messages(body: dict) -> list[dict]:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise BadRequest(f"messages[{i}] must be an object with a string role", "messages")
+        if m["role"] not in ROLES:  # "tool", "function", ...: nothing here can honour them
+            raise BadRequest(f"messages[{i}].role: {json.dumps(m['role'])} is not one of {', '.join(ROLES)}",
+                             f"messages[{i}].role")
         content = m.get("content")
         if isinstance(content, list):  # content parts: only text is understood
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -248,13 +300,35 @@ class ReasoningSplitter:
 
 # -- responses -------------------------------------------------------------------------------------
 
-def error_response(status: int, message: str, param: str | None = None, headers=None):
+def error_response(status: int, message: str, param: str | None = None, headers=None, code: str | None = None):
     from fastapi.responses import JSONResponse
 
-    kind = {400: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
-    body = {"error": {"message": message, "type": kind.get(status, "server_error"), "param": param,
-                      "code": None}}
+    kind = {429: "rate_limit_error", 503: "service_unavailable"}
+    body = {"error": {"message": message,
+                      "type": kind.get(status, "invalid_request_error" if status < 500 else "server_error"),
+                      "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(raw: bytes):
+    """A request body as JSON: 400 for bad JSON, NaN / Infinity, or nesting past MAX_JSON_DEPTH."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        msg = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise BadRequest(f"body: invalid JSON ({msg})", "body") from None
+    level, depth = [body], 0
+    while level:
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            raise BadRequest(f"body: nested more than {MAX_JSON_DEPTH} levels", "body")
+        level = [v for x in level if isinstance(x, (dict, list)) for v in (x.values() if isinstance(x, dict) else x)
+                 if isinstance(v, (dict, list))]
+    return body
 
 
 def _usage(out, split: bool) -> dict:
@@ -307,15 +381,71 @@ def prometheus(m: dict, prefix: str = "cotrt") -> str:
 
 # -- the app ---------------------------------------------------------------------------------------
 
-def create_app(async_engine, model_name: str, split_plain: bool = False):
+class _Guard:
+    """ASGI middleware in front of every route: the ``Host`` check (when bound to loopback,
+    so that a web page cannot reach the server through DNS rebinding), the API key (all but
+    /health) and, for POSTs, a JSON content type (a page may send ``text/plain`` bodies
+    cross-origin without a preflight; it cannot send ``application/json``)."""
+
+    def __init__(self, app, api_key: str | None, allowed_hosts):
+        self.app, self.api_key = app, api_key
+        self.allowed_hosts = {h.lower() for h in allowed_hosts} if allowed_hosts else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            err = self._check(scope)
+            if err is not None:
+                await err(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _check(self, scope):
+        import hmac
+
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.allowed_hosts is not None:
+            host = headers.get("host", "")
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if name.strip("[]").lower() not in self.allowed_hosts:
+                return error_response(403, f"Host {host!r} is not allowed (the server is bound to loopback)")
+        if self.api_key is not None and scope["path"] != "/health":
+            auth = headers.get("authorization", "")
+            token = auth[7:] if auth[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                return error_response(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                                      code="invalid_api_key")
+        if scope["method"] == "POST":
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return error_response(415, f"Content-Type must be application/json, got {ctype or 'none'!r}",
+                                      "content-type")
+        return None
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def create_app(async_engine, model_name: str, split_plain: bool = False, *, aliases=(), api_key: str | None = None,
+               allowed_hosts=None, max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT_S,
+               docs: bool = False):
     """A FastAPI app serving ``async_engine`` as ``model_name``.
 
     The app starts the engine on startup if it is not running (and then shuts it down on
     exit). ``split_plain``: for a model without think markers, split its output at the
     answer cue into reasoning_content / content; by default such output is all content.
+    ``aliases``: other ``model`` values accepted (any other is a 404 model_not_found).
+    ``api_key``: required as ``Authorization: Bearer`` on every route but /health.
+    ``allowed_hosts``: the ``Host`` names accepted (None: any; ``LOOPBACK_HOSTS`` when
+    bound to loopback). ``max_body_bytes``: larger bodies get 413; ``body_timeout``: a body
+    not received within it gets 408. ``docs``: serve /docs and /openapi.json.
+
+    ``app.state.begin_shutdown()`` (async) stops the engine: open streams end with an error
+    event and ``[DONE]``, requests waiting get 503; ``cotrt serve`` calls it first thing on
+    shutdown, before uvicorn waits for the connections.
     """
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.requests import ClientDisconnect
 
     from .async_engine import QueueFull
 
@@ -324,6 +454,13 @@ def create_app(async_engine, model_name: str, split_plain: bool = False):
     split = not fmt.plain or split_plain
     created = int(time.time())
     invalid = [0]  # 400s answered here, before the engine saw the request
+    names = {model_name, *aliases}
+    closing = [False]
+
+    async def begin_shutdown():
+        closing[0] = True
+        if backend.running:
+            await asyncio.get_running_loop().run_in_executor(None, backend.shutdown)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -332,9 +469,40 @@ def create_app(async_engine, model_name: str, split_plain: bool = False):
             backend.start()
         yield
         if owned:
+            closing[0] = True
             await asyncio.get_running_loop().run_in_executor(None, backend.shutdown)
 
-    app = FastAPI(title="cotrt", lifespan=lifespan)
+    off = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="cotrt", lifespan=lifespan, **off)
+    app.add_middleware(_Guard, api_key=api_key, allowed_hosts=allowed_hosts)
+    app.state.begin_shutdown = begin_shutdown
+
+    async def read_body(request) -> bytes | None:
+        """The body, at most ``max_body_bytes`` within ``body_timeout``; None when the
+        client hung up mid-body (logged in one line: nobody is left to answer)."""
+        n = request.headers.get("content-length", "")
+        if n.isdigit() and int(n) > max_body_bytes:
+            raise BadRequest(f"body: {n} bytes, at most {max_body_bytes}", "body", status=413)
+        chunks, size = [], 0
+
+        async def read():
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body_bytes:
+                    raise BadRequest(f"body: more than {max_body_bytes} bytes", "body", status=413)
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), body_timeout)
+        except asyncio.TimeoutError:
+            raise BadRequest(f"body: not received within {body_timeout:g} s", "body", status=408) from None
+        except ClientDisconnect:
+            client = request.client
+            log.info("client %s disconnected before its request body was complete",
+                     f"{client.host}:{client.port}" if client else "?")
+            return None
+        return b"".join(chunks)
 
     class SSEResponse(StreamingResponse):
         """Aborts its request however the response ends (client gone, send failed, the
@@ -383,26 +551,32 @@ def create_app(async_engine, model_name: str, split_plain: bool = False):
         return await _serve(request, chat=False)
 
     async def _serve(request, chat: bool):
+        body = None
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            invalid[0] += 1
-            return error_response(400, f"body: invalid JSON ({e})", "body")
-        try:
+            raw = await read_body(request)
+            if raw is None:
+                return Response(status_code=400)
+            body = parse_json(raw)
+            if isinstance(body, dict) and "model" in body and body["model"] not in names:
+                raise BadRequest(f"model: {json.dumps(body['model'])} is not served here (this is "
+                                 f"{model_name!r})", "model", status=404, code="model_not_found")
             prompt, params, stream, include_usage, ctk = parse_request(body, chat, backend.max_len)
         except BadRequest as e:
             invalid[0] += 1
-            return error_response(400, str(e), e.param)
+            return error_response(e.status, str(e), e.param, code=e.code)
+        if closing[0]:
+            return error_response(503, "the server is shutting down")
         try:
             req = await backend.submit(prompt, params, ctk)
         except QueueFull as e:
             return error_response(429, str(e), headers={"Retry-After": str(e.retry_after)})
         except ValueError as e:
             msg = str(e)
+            param = param_of(msg, body, chat)
             if chat and msg.startswith("prompt"):  # the prompt came from the messages
                 msg = "messages (templated prompt)" + msg[len("prompt"):]
-            return error_response(400, msg, _param_of(msg))
-        except RuntimeError as e:  # engine not running
+            return error_response(400, msg, param)
+        except RuntimeError as e:  # engine not running (or shutting down)
             return error_response(503, str(e))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if stream:
@@ -417,6 +591,8 @@ def create_app(async_engine, model_name: str, split_plain: bool = False):
         out = req.output
         if out.finish_reason == "error":
             return error_response(500, f"generation failed: {out.error}")
+        if out.finish_reason == "abort" and closing[0]:
+            return error_response(503, "the server shut down before the request finished")
         body = whole_response(out, rid, chat, split, model_name)
         return Response(json.dumps(body, default=str), media_type="application/json")
 
@@ -456,6 +632,9 @@ def create_app(async_engine, model_name: str, split_plain: bool = False):
         if out.finish_reason == "error":
             yield _sse({"error": {"message": f"generation failed: {out.error}", "type": "server_error",
                                   "param": None, "code": None}})
+        elif out.finish_reason == "abort" and closing[0]:
+            yield _sse({"error": {"message": "the server shut down before the request finished",
+                                  "type": "service_unavailable", "param": None, "code": None}})
         else:
             chunk = _chunk(rid, obj, {**last, "finish_reason": out.finish_reason}, include_usage)
             chunk["cotrt"] = {"stats": out.stats}
@@ -490,7 +669,59 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond max-batch; then 429")
     p.add_argument("--split-plain-reasoning", action="store_true",
                    help="for a model without think markers, return text before the answer cue as reasoning_content")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $COTRT_API_KEY)")
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies get 413")
+    p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
+                   help="seconds a connection has to send its request headers")
+    p.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S,
+                   help="seconds a request has to send its body; then 408")
+    p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
     p.add_argument("--log-level", default="info")
+
+
+def header_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol with a deadline for each request's headers: uvicorn has none,
+    and 45 slowloris connections, each sending a header byte now and then, stayed open
+    indefinitely (any byte cancels its keep-alive timer)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11(H11Protocol):
+        _deadline = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self):
+            self._disarm()
+            self._deadline = self.loop.call_later(seconds, self._expired)
+
+        def _disarm(self):
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def handle_events(self):
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()  # this request's headers are in
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm()  # the next request's headers, on a kept-alive connection
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _expired(self):
+            self._deadline = None
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                log.info("closing a connection that sent no complete request headers in %g s", seconds)
+                self.transport.close()
+
+    return HeaderTimeoutH11
 
 
 def run_serve(args) -> int:
@@ -510,13 +741,30 @@ def run_serve(args) -> int:
     except ValueError as e:
         print(f"cotrt serve: {e}", file=sys.stderr)
         return 2
+    import os
+
     name = args.served_model_name or (DEFAULT_MODEL if args.model == "default" else args.model.rstrip("/"))
-    app = create_app(engine, name, split_plain=args.split_plain_reasoning)
+    aliases = {args.model, args.model.rstrip("/")} | ({DEFAULT_MODEL} if args.model == "default" else set())
+    loopback = args.host in LOOPBACK_HOSTS or args.host.startswith("127.")
+    app = create_app(engine, name, split_plain=args.split_plain_reasoning, aliases=aliases,
+                     api_key=args.api_key or os.environ.get("COTRT_API_KEY") or None,
+                     allowed_hosts=(*LOOPBACK_HOSTS, args.host) if loopback else None,
+                     max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout, docs=args.docs)
     print(f"[cotrt] serving {name} on http://{args.host}:{args.port}/v1 (think format: {engine.think_format})",
           file=sys.stderr, flush=True)
-    # Open streams get 5 s to finish on shutdown; then they are cut (and their requests aborted).
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # Engine first: open streams get their error event and [DONE] at once, instead of
+            # uvicorn waiting for them and then cutting them (a traceback each).
+            await app.state.begin_shutdown()
+            await super().shutdown(sockets=sockets)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=5, http=header_timeout_protocol(args.header_timeout))
+    Server(config).run()
     return 0
 
 
-__all__ = ["create_app", "add_serve_arguments", "run_serve", "ReasoningSplitter", "parse_params", "prometheus"]
+__all__ = ["create_app", "add_serve_arguments", "run_serve", "ReasoningSplitter", "parse_params", "prometheus",
+           "header_timeout_protocol", "LOOPBACK_HOSTS"]

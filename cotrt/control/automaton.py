@@ -3,7 +3,11 @@
 ``cotrt._C`` compiles Aho-Corasick over bytes against a vocabulary into two tables over
 ``[n_states, vocab]``: the state after a token and the bitmask of patterns completed
 inside it. Decoding then needs one gather per row per step, on any device, and never
-detokenizes. A pattern spanning several tokens is reported on the token whose bytes
+detokenizes. Those tables cost 12 B x n_states x vocab (a 3,000-byte stop string: 1.8 GB
+on a 49k vocabulary), so past ``DENSE_TABLE_BYTES`` an automaton keeps only the byte DFA
+(~1 KiB a state) and computes each (state, token) entry on first use, memoized: host
+lookups only, which is all the engine's rows need. Pattern sizes are capped
+(``MAX_PATTERN_BYTES`` each, ``MAX_TOTAL_PATTERN_BYTES`` a request). A pattern spanning several tokens is reported on the token whose bytes
 complete it; bit i of a mask stands for ``patterns[i]``.
 """
 from __future__ import annotations
@@ -23,6 +27,16 @@ import torch
 from cotrt import _C
 
 MAX_PATTERNS = _C.MAX_PATTERNS  # 63: bit 63 of an int64 mask is the sign bit
+# A stop string, step cue or policy cue: at most this many UTF-8 bytes; a request's
+# patterns together at most MAX_TOTAL_PATTERN_BYTES. The lazy tables' DFA is then at most
+# ~8.4 MB (int32 [8193, 256]) whatever the vocabulary.
+MAX_PATTERN_BYTES = 1024
+MAX_TOTAL_PATTERN_BYTES = 8192
+# Dense [n_states, vocab] tables up to this size (~54 states on a 49k vocabulary: the
+# think markers and a few cues); lazy ones past it.
+DENSE_TABLE_BYTES = 32 << 20
+# Memoized (state, token) entries a lazy automaton keeps before starting over.
+LAZY_MEMO_ENTRIES = 1 << 16  # ~10 MB of dict entries; a request visits ~1 pair a token
 
 _SP_SPACE = "\u2581"  # SentencePiece's '▁' stands for a space
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -151,6 +165,68 @@ def _as_pattern(p, where: str) -> bytes:
     raise TypeError(f"{where} must be bytes or str, got {type(p).__name__}")
 
 
+def check_pattern_sizes(patterns: Sequence[bytes | str], where: str) -> None:
+    """ValueError naming ``where`` when a pattern or the patterns together are too long."""
+    total = 0
+    for i, p in enumerate(patterns):
+        n = len(_as_pattern(p, f"{where}[{i}]"))
+        if n > MAX_PATTERN_BYTES:
+            raise ValueError(f"{where}[{i}]: {n} bytes, at most {MAX_PATTERN_BYTES} a string")
+        total += n
+    if total > MAX_TOTAL_PATTERN_BYTES:
+        raise ValueError(f"{where}: {total} bytes in all, at most {MAX_TOTAL_PATTERN_BYTES}")
+
+
+def byte_dfa(patterns: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The byte-level Aho-Corasick DFA (failure links folded into the goto function):
+    (go int32 [S, 256], out int64 [S], depth int32 [S]), as csrc/automaton.cpp builds it."""
+    if len(patterns) > MAX_PATTERNS:
+        raise ValueError(f"patterns: at most {MAX_PATTERNS} patterns fit an int64 mask, got {len(patterns)}")
+    n = 1 + sum(map(len, patterns))
+    go = np.full((n, 256), -1, dtype=np.int32)
+    out = np.zeros(n, dtype=np.int64)
+    depth = np.zeros(n, dtype=np.int32)
+    used = 1
+    for i, p in enumerate(patterns):
+        if not p:
+            raise ValueError(f"patterns[{i}] is empty: an empty pattern would match everywhere")
+        s = 0
+        for c in p:
+            if go[s, c] < 0:
+                go[s, c] = used
+                depth[used] = depth[s] + 1
+                used += 1
+            s = int(go[s, c])
+        out[s] |= 1 << i
+    go, out, depth = go[:used], out[:used], depth[:used]
+    fail = np.zeros(used, dtype=np.int32)
+    queue = [int(x) for x in go[0][go[0] >= 0]]  # depth-1 states fail to the root
+    go[0][go[0] < 0] = 0
+    head = 0
+    while head < len(queue):  # BFS in depth order: a failure target is final first
+        s = queue[head]
+        head += 1
+        out[s] |= out[fail[s]]
+        row, frow = go[s], go[fail[s]]
+        child = row >= 0
+        fail[row[child]] = frow[child]
+        queue.extend(int(x) for x in row[child])
+        row[~child] = frow[~child]
+    return go, out, depth
+
+
+class _LazyTable:
+    """``table[state, token]`` of a lazy automaton (one of next / emit), ``.shape``."""
+
+    def __init__(self, owner: "Automaton", which: int):
+        self._owner, self._which = owner, which
+        self.shape = (owner.n_states, owner.vocab_size)
+
+    def __getitem__(self, key):
+        state, tok = key
+        return self._owner._entry(int(state), int(tok))[self._which]
+
+
 class Automaton:
     """Aho-Corasick over bytes, compiled for every (state, token) pair of a vocabulary.
 
@@ -162,7 +238,10 @@ class Automaton:
                                            pattern (a whole one right after it completes)
     """
 
-    def __init__(self, patterns: Sequence[bytes | str], vocab: Sequence[bytes]):
+    def __init__(self, patterns: Sequence[bytes | str], vocab: Sequence[bytes], lazy: bool | None = None):
+        """``lazy``: None picks dense tables when they fit ``DENSE_TABLE_BYTES``; True keeps
+        only the byte DFA (``next_state``/``emit`` are then None: ``step`` cannot run, host
+        lookups through ``host_next``/``host_emit`` and ``scan`` can)."""
         if isinstance(patterns, (str, bytes)):
             raise TypeError("patterns must be a list of bytes or str, not a single pattern")
         self.patterns: list[bytes] = [
@@ -171,13 +250,50 @@ class Automaton:
         if len(self.patterns) > MAX_PATTERNS:
             raise ValueError(f"patterns: at most {MAX_PATTERNS} patterns fit an int64 mask, "
                              f"got {len(self.patterns)}")
+        self.vocab_size = len(vocab)
+        if lazy is None:  # states <= 1 + pattern bytes
+            lazy = 12 * (1 + sum(map(len, self.patterns))) * self.vocab_size > DENSE_TABLE_BYTES
+        self.lazy = lazy
+        if lazy:
+            self._go, self._out, depth = byte_dfa(self.patterns)
+            self._vocab = vocab
+            self._memo: dict[int, tuple[int, int]] = {}
+            self.n_states = len(depth)
+            self.next_state = self.emit = None
+            self.depth = torch.from_numpy(depth)
+            self.host_next, self.host_emit = _LazyTable(self, 0), _LazyTable(self, 1)
+            return
         nxt, emit, depth = _C.compile_automaton(self.patterns, list(vocab))
         # Host copies for scan(); on CPU the tensors share their memory.
-        self._next_np, self._emit_np = nxt, emit
+        self.host_next, self.host_emit = nxt, emit
         self.next_state = torch.from_numpy(nxt)
         self.emit = torch.from_numpy(emit)
         self.depth = torch.from_numpy(depth)
-        self.n_states, self.vocab_size = nxt.shape
+        self.n_states = nxt.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory of the tables (the DFA and memo when lazy)."""
+        if self.lazy:
+            return self._go.nbytes + self._out.nbytes + self.depth.numel() * 4 + 100 * len(self._memo)
+        return self.host_next.nbytes + self.host_emit.nbytes + self.depth.numel() * 4
+
+    def _entry(self, state: int, tok: int) -> tuple[int, int]:
+        """(next state, emitted mask) of a lazy automaton, computed once per pair."""
+        key = state * self.vocab_size + tok
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
+        if not (0 <= state < self.n_states and 0 <= tok < self.vocab_size):
+            raise IndexError(f"(state, token) ({state}, {tok}) outside [{self.n_states}, {self.vocab_size}]")
+        go, out, s, mask = self._go, self._out, state, 0
+        for b in self._vocab[tok]:
+            s = int(go[s, b])
+            mask |= int(out[s])
+        if len(self._memo) >= LAZY_MEMO_ENTRIES:
+            self._memo.clear()
+        self._memo[key] = hit = (s, mask)
+        return hit
 
     def __repr__(self) -> str:
         return (f"Automaton({len(self.patterns)} patterns, {self.n_states} states, "
@@ -185,6 +301,8 @@ class Automaton:
 
     def to(self, device) -> "Automaton":
         """Moves the tables to `device` in place (like nn.Module.to) and returns self."""
+        if self.lazy:
+            raise ValueError("a lazy automaton (patterns past DENSE_TABLE_BYTES) has no device tables")
         self.next_state = self.next_state.to(device)
         self.emit = self.emit.to(device)
         self.depth = self.depth.to(device)
@@ -205,6 +323,8 @@ class Automaton:
         A pure gather on the tables' device: no host sync, so it can sit in a CUDA graph.
         Token ids must be < vocab_size (they are not checked: that would need a sync).
         """
+        if self.lazy:
+            raise ValueError("a lazy automaton (patterns past DENSE_TABLE_BYTES) has no device tables")
         flat = state.long() * self.vocab_size + tokens
         return torch.take(self.next_state, flat).to(state.dtype), torch.take(self.emit, flat)
 
@@ -217,8 +337,8 @@ class Automaton:
             raise ValueError(f"token_ids: ids must lie in [0, {self.vocab_size})")
         masks = []
         for t in ids.tolist():
-            masks.append(int(self._emit_np[state, t]))
-            state = int(self._next_np[state, t])
+            masks.append(int(self.host_emit[state, t]))
+            state = int(self.host_next[state, t])
         return state, masks
 
 
@@ -246,8 +366,8 @@ def scan_ref(patterns: Sequence[bytes | str], vocab: Sequence[bytes],
 
 _COMPILED: OrderedDict[tuple, tuple[weakref.ref | None, Automaton]] = OrderedDict()
 _COMPILED_LOCK = threading.Lock()
-# Each entry is ~12 bytes * n_states * vocab (about 35 MB for 60 states on SmolLM2's
-# 49k vocab), so the cache stays small.
+# Each entry is at most ~DENSE_TABLE_BYTES (dense) or ~9 MB plus its memo (lazy), so the
+# cache holds at most ~0.5 GB.
 COMPILE_CACHE_SIZE = 16
 
 

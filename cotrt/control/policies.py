@@ -6,15 +6,72 @@ follow the papers (sources in profiles.py); every knob is a constructor argument
 """
 from __future__ import annotations
 
+import math
+
 from .answers import equivalent
+from .automaton import check_pattern_sizes
 from .deer_scripts import (EXIT_TEXT, HF_END_WORDS, HF_PROBE_STOPS, SCRIPTS, VARIANTS, VLLM_PROBE_STOPS,
                            hf_confidence, special_prefix, token_ids, vllm_confidence)
 from .policy import Exit, Policy, Probe, SetValve
 from .profiles import get_profile, reflection_token_ids
 
 
-def _profile(profile):
-    return get_profile(profile) if isinstance(profile, str) else profile
+def _profile(profile, who: str):
+    from .profiles import ModelProfile
+
+    if isinstance(profile, str):
+        try:
+            return get_profile(profile)
+        except ValueError as e:
+            raise ValueError(f"{who}: profile: {e}") from None
+    if not isinstance(profile, ModelProfile):
+        raise ValueError(f"{who}: profile must be a profile name or a ModelProfile, got {profile!r}")
+    return profile
+
+
+# Settings are checked in the constructors, so a bad one is a 400 before anything is queued
+# (not a 500, or an error event in a stream that had started, when the policy first runs).
+
+def _int(who, name, v, lo, none=False):
+    if v is None and none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{who}: {name} must be an int >= {lo}{' or None' if none else ''}, got {v!r}")
+    return v
+
+
+def _num(who, name, v, lo=None, hi=None, lo_open=False, hi_open=False):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+            or (lo is not None and (v < lo or (lo_open and v == lo))) \
+            or (hi is not None and (v > hi or (hi_open and v == hi))):
+        span = f" in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}" if lo is not None and hi is not None \
+            else f" {'>' if lo_open else '>='} {lo}" if lo is not None else ""
+        raise ValueError(f"{who}: {name} must be a finite number{span}, got {v!r}")
+    return float(v)
+
+
+def _bool(who, name, v, none=False):
+    if not (isinstance(v, bool) or (v is None and none)):
+        raise ValueError(f"{who}: {name} must be true or false, got {v!r}")
+    return v
+
+
+def _text(who, name, v, none=True):
+    if v is None and none:
+        return None
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"{who}: {name} must be a non-empty string, got {v!r}")
+    return v
+
+
+def _texts(who, name, v, none=True):
+    """A sequence of non-empty strings (patterns: sizes capped as stop strings are)."""
+    if v is None and none:
+        return None
+    if isinstance(v, str) or not isinstance(v, (list, tuple)) or not all(isinstance(c, str) and c for c in v):
+        raise ValueError(f"{who}: {name} must be a list of non-empty strings, got {v!r}")
+    check_pattern_sizes(v, f"{who}: {name}")
+    return tuple(v)
 
 
 class DEER(Policy):
@@ -45,17 +102,22 @@ class DEER(Policy):
                  require_end: bool | None = None, before_last: bool = True, variant: str = "cotrt"):
         if variant not in VARIANTS:
             raise ValueError(f"deer: variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-        if not 0 < threshold <= 1:
-            raise ValueError(f"deer: threshold must be in (0, 1], got {threshold}")
+        threshold = _num("deer", "threshold", threshold, 0, 1, lo_open=True)
         if confidence not in ("mean", "geo", "min"):
             raise ValueError(f"deer: confidence must be mean, geo or min, got {confidence!r}")
+        max_probes = _int("deer", "max_probes", max_probes, 0, none=True)
+        cues = _texts("deer", "cues", cues)
+        _text("deer", "inducer", inducer)
+        _int("deer", "max_tokens", max_tokens, 1, none=True)
+        _bool("deer", "require_end", require_end, none=True)
+        _bool("deer", "before_last", before_last)
         if variant == "hf" and confidence != "mean":
             raise ValueError(f"deer: confidence={confidence!r}: variant 'hf' averages, as its script does "
                              "(confidence='mean')")
         if variant != "cotrt" and require_end:
             raise ValueError(f"deer: require_end is the cotrt variant's (Qwen3); variant {variant!r} follows "
                              "its script")
-        prof = _profile(profile)
+        prof = _profile(profile, "deer")
         self.profile, self.variant = prof, variant
         self.threshold, self.how, self.max_probes = threshold, confidence, max_probes
         self.cues = tuple(cues) if cues is not None else ("Wait",)
@@ -169,11 +231,13 @@ class Dynasor(Policy):
 
     def __init__(self, every: int = 64, k: int = 3, max_tokens: int = 32, profile="r1-distill",
                  ending: str = "template", inducer: str | None = None):
-        if every < 1 or k < 1:
-            raise ValueError("dynasor: every and k must be >= 1")
+        _int("dynasor", "every", every, 1)
+        _int("dynasor", "k", k, 1)
+        _int("dynasor", "max_tokens", max_tokens, 1)
+        _text("dynasor", "inducer", inducer)
         if ending not in ("template", "regenerate"):
             raise ValueError(f"dynasor: ending must be template or regenerate, got {ending!r}")
-        self.profile = _profile(profile)
+        self.profile = _profile(profile, "dynasor")
         self.every, self.k, self.max_tokens, self.ending = every, k, max_tokens, ending
         self.inducer = inducer if inducer is not None else self.profile.dynasor_inducer
         self.on_boundary = False
@@ -210,8 +274,12 @@ class EAT(Policy):
 
     def __init__(self, every: int = 32, alpha: float = 0.2, threshold: float = 1e-3, min_probes: int = 4,
                  end_text: str | None = None, on_boundary: bool = False):
-        if not 0 < alpha < 1:
-            raise ValueError(f"eat: alpha must be in (0, 1), got {alpha}")
+        _int("eat", "every", every, 1, none=True)
+        alpha = _num("eat", "alpha", alpha, 0, 1, lo_open=True, hi_open=True)
+        threshold = _num("eat", "threshold", threshold, 0)
+        _int("eat", "min_probes", min_probes, 1)
+        _text("eat", "end_text", end_text)
+        _bool("eat", "on_boundary", on_boundary)
         self.every, self.alpha, self.threshold, self.min_probes = every, alpha, threshold, min_probes
         self.end_text = end_text
         self.on_boundary = on_boundary
@@ -248,7 +316,8 @@ class NoWait(Policy):
     on_boundary = False
 
     def __init__(self, words=None, profile="r1-distill"):
-        self.words = tuple(words) if words is not None else _profile(profile).reflection_words
+        words = _texts("nowait", "words", words)
+        self.words = words if words is not None else _profile(profile, "nowait").reflection_words
         self._ids = None
 
     def banned_tokens(self, phase, tokenizer):
@@ -265,10 +334,8 @@ class StepLimit(Policy):
     name = "steps"
 
     def __init__(self, max_steps: int, cues=None):
-        if max_steps < 0:
-            raise ValueError("steps: max_steps must be >= 0")
-        self.max_steps = max_steps
-        self.cues = tuple(cues) if cues else ()
+        self.max_steps = _int("steps", "max_steps", max_steps, 0)
+        self.cues = _texts("steps", "cues", cues) or ()
 
     def on_step(self, view):
         return Exit(reason="max_steps") if view.steps >= self.max_steps else None
@@ -288,10 +355,12 @@ class ValveSchedule(Policy):
 
     def __init__(self, valve: str, budget: int, start: float = 0.0, end: float = 1.0, power: float = 1.0,
                  every: int | None = 16, min_change: float = 0.05):
-        if budget < 1:
-            raise ValueError("valve_schedule: budget must be >= 1")
-        if power <= 0:
-            raise ValueError("valve_schedule: power must be > 0")
+        _text("valve_schedule", "valve", valve, none=False)
+        _int("valve_schedule", "budget", budget, 1)
+        start, end = _num("valve_schedule", "start", start), _num("valve_schedule", "end", end)
+        power = _num("valve_schedule", "power", power, 0, lo_open=True)
+        _int("valve_schedule", "every", every, 1, none=True)
+        min_change = _num("valve_schedule", "min_change", min_change, 0)
         self.valve, self.budget, self.start, self.end = valve, budget, float(start), float(end)
         self.power, self.every, self.min_change = power, every, min_change
         self.current: float | None = None
@@ -315,7 +384,9 @@ def build_policy(spec: dict) -> Policy:
     """A built-in policy from ``{"name": ..., **settings}`` (server requests, configs)."""
     if not isinstance(spec, dict) or "name" not in spec:
         raise ValueError("exit: a policy spec is a dict with a 'name'")
-    name = str(spec["name"]).lower()
+    if not isinstance(spec["name"], str):
+        raise ValueError(f"exit: name must be a string, got {spec['name']!r}")
+    name = spec["name"].lower()
     cls = POLICIES.get(name)
     if cls is None:
         raise ValueError(f"exit: unknown policy {spec['name']!r}; known: {', '.join(sorted(POLICIES))}")

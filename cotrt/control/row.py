@@ -34,8 +34,8 @@ class RowPatterns:
 
     def __init__(self, automaton, fmt, stop: tuple, cues: tuple):
         self.automaton = automaton
-        self.next = automaton.next_state.numpy()
-        self.emit = automaton.emit.numpy()
+        self.next = automaton.host_next  # numpy, or computed per entry when lazy
+        self.emit = automaton.host_emit
         self.depth = automaton.depth.numpy()
         pats = automaton.patterns
         enc = lambda s: s.encode("utf-8")
