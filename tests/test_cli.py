@@ -31,8 +31,9 @@ def test_generate_rejects_bad_arguments(capsys):
 @pytest.mark.slow
 def test_demo_prints_the_table(capsys):
     assert cli.main(["demo", "--max-new-tokens", "24", "--max-len", "256", "--no-testbed"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "control" in out and "think_budget=16" in out and "tok/s" in out
+    assert "demo:" in err  # progress
 
 
 def test_demo_testbed_part(capsys, tmp_path, monkeypatch):
@@ -133,3 +134,49 @@ def test_version_and_help(capsys):
     assert "(default: 256)" in text and "(default: default)" in text
     serve = sub.choices["serve"].format_help()
     assert "{critical,error,warning,info,debug,trace}" in serve and "(default: 8000)" in serve
+
+
+# -- demo: progress on stderr, a --quick testbed marked as such -----------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_rt(smol_tokenizer):
+    import cotrt
+    from conftest import tiny_model
+
+    return cotrt.wrap(tiny_model("llama", len(smol_tokenizer), seed=4), smol_tokenizer, max_batch=2, max_len=128)
+
+
+@pytest.mark.parametrize("with_tqdm", [True, False])
+def test_demo_progress_on_stderr(capsys, monkeypatch, tiny_rt, with_tqdm):
+    import sys
+
+    import cotrt
+
+    if not with_tqdm:
+        monkeypatch.setitem(sys.modules, "tqdm", None)  # import fails: the plain counter
+    convs = [[{"role": "user", "content": q}] for q in cli.DEMO_QUESTIONS[:3]]
+    params = cotrt.Params(max_new_tokens=5, ignore_eos=True)
+    bar = cli._Progress(3, "demo")
+    outs = cli._chat(tiny_rt, convs, params, bar)
+    bar.close()
+    assert [o.token_ids for o in outs] == [o.token_ids for o in tiny_rt.chat(convs, params)]
+    out, err = capsys.readouterr()
+    assert out == "" and (bar.done, bar.tokens) == (3, 15)
+    assert ("demo:" in err and "req" in err) if with_tqdm else "[cotrt] demo: 3/3 requests, 15 tokens" in err
+
+
+def test_demo_marks_a_quick_testbed(capsys, monkeypatch, tmp_path):
+    import json
+
+    import cotrt.testbed.evaluate as ev
+
+    (tmp_path / "testbed" / "base").mkdir(parents=True)
+    (tmp_path / "testbed" / "base" / "config.json").write_text("{}")
+    monkeypatch.setenv("COTRT_CACHE", str(tmp_path))
+    row = {"control": "plain", "setting": "-", "accuracy": 0.0, "think_tokens": 3.0, "wall_s": 0.1}
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: [row])
+    for quick in (True, False):
+        (tmp_path / "testbed" / "train_log.json").write_text(json.dumps({"quick": quick}))
+        cli._demo_testbed(5)
+        out = capsys.readouterr().out
+        assert ("a --quick build" in out) == quick and "plain" in out
