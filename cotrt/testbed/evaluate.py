@@ -5,8 +5,9 @@
 Every setting runs the same held-out problems (``task.held_out(seed, n)``, never trained
 on) greedily through ``cotrt.wrap``; a row is correct when the number after ``</think>``
 equals the exact answer (no answer after ``</think>``, e.g. thinking never closed, is
-wrong). Reported per setting: accuracy, mean think tokens (the think phase's tokens, its
-end marker included, forced or not), think tokens saved against plain decoding, mean probe tokens (decoded by exit
+wrong). Reported per setting: accuracy, mean think tokens (the tokens the model chose
+while thinking, its own end marker included; a forced marker is counted apart, as
+``stats["forced_tokens"]``), think tokens saved against plain decoding, mean probe tokens (decoded by exit
 policies, then rolled back), and the wall time of the whole batch.
 """
 from __future__ import annotations
