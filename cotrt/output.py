@@ -144,8 +144,10 @@ def _split(raw: str, fmt: ThinkFormat, phase0: int, plain_split: bool = False) -
     """(reasoning, answer) of the generated text. A plain model's text is all answer unless
     the answer cue was forced (``plain_split``): then it splits at the cue."""
     if fmt.plain:
-        i = raw.find(fmt.end) if plain_split else -1
-        return ("", raw) if i < 0 else (raw[:i], raw[i + len(fmt.end):])
+        if not plain_split:
+            return "", raw
+        i = raw.find(fmt.end)
+        return (raw, "") if i < 0 else (raw[:i], raw[i + len(fmt.end):])
     body = raw
     if phase0 != THINK:
         i = raw.find(fmt.start)
