@@ -92,3 +92,33 @@ def test_wrap_refuses_a_foreign_valve_set(smol_tokenizer):
     model.cotrt_valves = ValveSet(tiny_model("llama", len(smol_tokenizer), seed=3))
     with pytest.raises(ValueError, match="model.cotrt_valves was built on another model"):
         cotrt.wrap(model, smol_tokenizer)
+
+
+def test_loading_is_quiet_and_restores_the_progress_bar(smol_tokenizer, tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    tiny_model("llama", len(smol_tokenizer), seed=6).save_pretrained(tmp_path)
+    smol_tokenizer.save_pretrained(tmp_path)
+    capfd.readouterr()
+    hf_logging.enable_progress_bar()
+    cotrt.load_model(str(tmp_path))
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and err.startswith("[cotrt] loading")
+    assert hf_logging.is_progress_bar_enabled()  # the user's setting is back
+
+
+def test_peft_futurewarning_is_quiet_while_loading(smol_tokenizer):
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    from cotrt.models import quiet_loading
+
+    def wrap_with_peft():
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with quiet_loading():
+                peft.get_peft_model(tiny_model("llama", len(smol_tokenizer), seed=7),
+                                    peft.LoraConfig(r=2, target_modules=["q_proj"]))
+        return [w for w in seen if "is_gradient_checkpointing" in str(w.message)]
+
+    assert wrap_with_peft() == []
