@@ -78,11 +78,18 @@ def test_the_server_follows_the_same_rule(rt):
             assert reasoning_tokens == want.stats["think_tokens"] == r["cotrt"]["stats"]["think_tokens"]
             assert reasoning_tokens == (5 if extra else 0)
             if not extra:  # a stream cannot take text back: only an unforced reply streams as it is
-                content = ""
-                with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+                content, chunks = "", []
+                stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+                with client.stream("POST", "/v1/chat/completions", json=stream) as s:
                     for line in s.iter_lines():
                         if line.startswith("data: {"):
-                            for ch in json.loads(line[6:])["choices"]:
+                            chunks.append(json.loads(line[6:]))
+                            for ch in chunks[-1]["choices"]:
                                 content += ch["delta"].get("content") or ""
                                 assert not ch["delta"].get("reasoning_content")
                 assert content == want.answer
+                # README: cotrt.stats comes in the chunk carrying finish_reason; the usage-only
+                # chunk after it (the last) has none.
+                (fin,) = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+                assert fin["cotrt"]["stats"]["answer_tokens"] == 12 and "cotrt" not in chunks[-1]
+                assert chunks[-1]["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
