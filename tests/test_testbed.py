@@ -158,13 +158,14 @@ def test_run_setting_grades_the_first_answer_line_and_averages():
 
 
 def test_evaluate_writes_a_table(quick, monkeypatch):
-    """evaluate() end to end on the quick model, on a reduced list of settings (the full
-    list ran 302 s on a busy 2-core machine): every setting gives a row, a think budget
-    holds, and the markdown has a line per row."""
+    """evaluate() end to end on the quick model, on a reduced list of settings and tokens
+    (the full list ran 302 s on a busy 2-core machine): every setting gives a row, a think
+    budget holds, and the markdown has a line per row."""
     from cotrt.testbed import evaluate
 
     full = evaluate.settings
     monkeypatch.setattr(evaluate, "settings", lambda: full(budgets=(8,), alphas=(0.0, 1.0)))
+    monkeypatch.setattr(evaluate, "MAX_NEW", 40)  # the quick model's chains run on to 256 tokens
     out, _ = quick
     rows = evaluate.evaluate(out, n=3, max_batch=3, only={"plain", "think_budget", "valve"}, log=False)
     assert [(r["control"], r["setting"]) for r in rows] == [("plain", "-"), ("think_budget", "8"),
