@@ -4,7 +4,7 @@ Plain C++17 with pybind11: no torch headers, so ``pip install .`` works with bui
 isolation on a CPU-only machine. Metadata lives in pyproject.toml.
 """
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ext_modules = [
     Pybind11Extension(
@@ -15,4 +15,8 @@ ext_modules = [
     ),
 ]
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})
+# Every package under cotrt/ (found, so a new one cannot be left out of the wheel), and the
+# top-level kernels/ folder installed as cotrt.kernels (package-dir in pyproject.toml).
+packages = find_packages(include=["cotrt", "cotrt.*"]) + ["cotrt.kernels"]
+
+setup(packages=packages, ext_modules=ext_modules, cmdclass={"build_ext": build_ext})

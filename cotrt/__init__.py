@@ -21,9 +21,20 @@ _LAZY = {
     "Continue": "cotrt.control.policy",
     "SetValve": "cotrt.control.policy",
     "ProbeResult": "cotrt.control.policy",
+    # the built-in policies (README "Early exit"), as cotrt.DEER(...) etc.
+    "DEER": "cotrt.control.policies",
+    "Dynasor": "cotrt.control.policies",
+    "EAT": "cotrt.control.policies",
+    "NoWait": "cotrt.control.policies",
+    "StepLimit": "cotrt.control.policies",
+    "ValveSchedule": "cotrt.control.policies",
 }
 
 __all__ = sorted(_LAZY)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def __getattr__(name: str):

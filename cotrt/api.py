@@ -25,16 +25,29 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
+DEFAULT_MAX_LEN = 2048
+
+
+def default_max_len(model) -> int:
+    """min(2048, the model's position limit): 2048 slots of KV per request unless the
+    model cannot address them (GPT-2: 1024)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return min(DEFAULT_MAX_LEN, int(limit)) if limit else DEFAULT_MAX_LEN
+
+
 class Runtime:
     """A wrapped model: batch generation, chat, streaming, and the engine underneath."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int = 2048,
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int | None = None,
                  think_format: ThinkFormat | None = None, decode_graph: str = "auto",
                  fuse: bool | None = None):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if max_len is None:
+            max_len = default_max_len(model)
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
-            raise ValueError(f"max_len must be an int >= 2, got {max_len!r}")
+            raise ValueError(f"max_len must be an int >= 2 or None, got {max_len!r}")
         if think_format is not None and not isinstance(think_format, ThinkFormat):
             raise ValueError(f"think_format must be a cotrt.ThinkFormat or None, got {type(think_format).__name__}")
         if fuse is not None and not isinstance(fuse, bool):
@@ -43,7 +56,6 @@ class Runtime:
 
         param = next(model.parameters(), None)
         resolve_mode(decode_graph, param.device if param is not None else torch.device("cpu"))  # checks it
-        limit = getattr(model.config, "max_position_embeddings", None)
         if limit and max_len > limit:
             raise ValueError(f"max_len={max_len} exceeds the model's max_position_embeddings={limit}")
         model.eval()
@@ -54,6 +66,12 @@ class Runtime:
         self.valves = None
         self.engine = Engine(self.runner, tokenizer, self.think_format, max_batch, max_len,
                              eos_ids=_eos_ids(model, tokenizer), decode_graph=decode_graph)
+        # Valves a loader left on the model (load_ccot_bundle without a runtime keeps its
+        # ValveSet as model.cotrt_valves) are this runtime's from the start; END heads in
+        # model.cotrt_end_heads are found by name when a Latent binds.
+        loaded = getattr(model, "cotrt_valves", None)
+        if loaded is not None:
+            self._adopt_valves(loaded)
 
     # -- valves ---------------------------------------------------------------------------------
     def load_valve(self, source, name: str, scale: float | None = None) -> int:
@@ -78,6 +96,15 @@ class Runtime:
         else:
             idx = self.valves.load(source, name, scale=scale)
         return idx
+
+    def _adopt_valves(self, valves) -> None:
+        from .valve import ValveSet
+
+        if not isinstance(valves, ValveSet):
+            raise ValueError(f"model.cotrt_valves must be a cotrt.valve.ValveSet, got {type(valves).__name__}")
+        if valves.model is not self.model:
+            raise ValueError("model.cotrt_valves was built on another model")
+        self.valves = self.engine.valves = valves
 
     def unload_valve(self, name: str) -> None:
         if self.valves is None or name not in self.valves:
@@ -144,7 +171,9 @@ class Runtime:
 
     # -- helpers ------------------------------------------------------------------------------
     def _params_list(self, params, n: int) -> list[Params]:
-        if params is None or isinstance(params, (Params, dict)):
+        if params is None:
+            return [Params()] * n
+        if isinstance(params, (Params, dict)):
             p = Params.from_dict(params) if isinstance(params, dict) else params
             return [p] * n
         plist = list(params)
@@ -166,10 +195,13 @@ class Runtime:
         return [outs[i] for i in ids]
 
 
-def wrap(model, tokenizer, max_batch: int = 8, max_len: int = 2048,
+def wrap(model, tokenizer, max_batch: int = 8, max_len: int | None = None,
          think_format: ThinkFormat | None = None, decode_graph: str = "auto",
          fuse: bool | None = None) -> Runtime:
     """Wrap an HF causal LM and its tokenizer for fast, controlled generation.
+
+    ``max_len``: prompt + output tokens per request (the KV slot's length); None takes
+    min(2048, the model's ``max_position_embeddings``), e.g. 1024 on GPT-2.
 
     ``decode_graph``: "auto" captures decode steps as CUDA graphs on a CUDA model and runs
     them eagerly elsewhere; "cuda" insists on graphs; "static" runs the graph's

@@ -8,10 +8,12 @@ take well under a second.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -54,8 +56,9 @@ def default_model_dir(quiet: bool = False) -> Path:
     _log(f"converting {gguf.name} to safetensors in {out} (once, ~30 s)...", quiet)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with quiet_loading():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The dequantized weights are ordinary fp32 tensors; drop the GGUF quantizer so that
     # save_pretrained accepts the model.
     if hasattr(model.config, "quantization_config"):
@@ -91,6 +94,25 @@ def _portable_tokenizer_config(path: Path) -> None:
         cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """No transformers "Loading weights" progress bar (one per load, 272 steps for SmolLM2,
+    noise in every CLI run and log), and no FutureWarning from peft asking a model for the
+    deprecated ``is_gradient_checkpointing`` (transformers 5; raised on every PEFT wrap).
+    Both are restored on exit."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
 def resolve_model_path(name_or_path: str, quiet: bool = False) -> Path:
     if name_or_path in ("default", DEFAULT_MODEL, "smollm2"):
         return default_model_dir(quiet=quiet)
@@ -116,7 +138,8 @@ def load_model(name_or_path: str = "default", dtype=None, device=None, quiet: bo
 
     path = resolve_model_path(name_or_path, quiet)
     _log(f"loading {path}", quiet)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     if device is not None:
         model = model.to(device)
     model.eval()

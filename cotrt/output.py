@@ -98,7 +98,7 @@ class OutputBuilder:
         tok = self.tokenizer
         raw = tok.decode(row.gen, skip_special_tokens=False)
         raw = _cut_stop(raw, row.params.stop) if row.finished == "stop_string" else raw
-        reasoning, answer = _split(raw, self.fmt, row.phase0)
+        reasoning, answer = _split(raw, self.fmt, row.phase0, row.plain_split)
         clean = self._clean
         reasoning, answer = clean(reasoning).strip(), _drop(clean(answer), self.fmt).strip()
         text = clean(raw)
@@ -140,9 +140,12 @@ def _cut_stop(text: str, stops) -> str:
     return text if cut < 0 else text[:cut]
 
 
-def _split(raw: str, fmt: ThinkFormat, phase0: int) -> tuple[str, str]:
-    """(reasoning, answer) of the generated text."""
+def _split(raw: str, fmt: ThinkFormat, phase0: int, plain_split: bool = False) -> tuple[str, str]:
+    """(reasoning, answer) of the generated text. A plain model's text is all answer unless
+    the answer cue was forced (``plain_split``): then it splits at the cue."""
     if fmt.plain:
+        if not plain_split:
+            return "", raw
         i = raw.find(fmt.end)
         return (raw, "") if i < 0 else (raw[:i], raw[i + len(fmt.end):])
     body = raw

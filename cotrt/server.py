@@ -335,7 +335,7 @@ def _usage(out, split: bool) -> dict:
     s = out.stats or {}
     prompt, completion = s.get("prompt_tokens", 0), len(out.token_ids)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "completion_tokens_details": {"reasoning_tokens": s.get("think_tokens", 0) if split else 0}}
+            "completion_tokens_details": {"reasoning_tokens": s.get("think_tokens", 0)}}
 
 
 def whole_response(out, rid: str, chat: bool, split: bool, model_name: str) -> dict:
@@ -343,9 +343,9 @@ def whole_response(out, rid: str, chat: bool, split: bool, model_name: str) -> d
     if not chat:
         choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}
     else:
-        message = {"role": "assistant", "content": out.text}
-        if split:
-            message = {"role": "assistant", "content": out.answer, "reasoning_content": out.reasoning or None}
+        # The engine's split (Output): a plain model's reply is all answer unless a control
+        # forced the answer cue, and then the text before the cue is reasoning.
+        message = {"role": "assistant", "content": out.answer, "reasoning_content": out.reasoning or None}
         choice = {"index": 0, "message": message, "finish_reason": out.finish_reason, "logprobs": None}
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model_name, "choices": [choice], "usage": _usage(out, split), "cotrt": {"stats": out.stats}}
@@ -604,14 +604,13 @@ def create_app(async_engine, model_name: str, split_plain: bool = False, *, alia
 
     async def _chat_stream(req, rid, include_usage):
         obj = "chat.completion.chunk"
-        splitter = ReasoningSplitter(fmt, req.thinking) if split else None
+        # A plain model streams as content (stripped as Output.answer is): a stream cannot
+        # take back the text sent before a budget forces the answer cue.
+        splitter = ReasoningSplitter(fmt, req.thinking if split else False)
         yield _sse(_chunk(rid, obj, {"index": 0, "delta": {"role": "assistant", "content": ""},
                                      "finish_reason": None}, include_usage))
         async for ev in req:
-            if splitter is None:
-                parts = [["content", ev.text]] if ev.text else []
-            else:
-                parts = splitter.feed(ev.text) + (splitter.flush() if ev.finished else [])
+            parts = splitter.feed(ev.text) + (splitter.flush() if ev.finished else [])
             for kind, text in parts:
                 yield _sse(_chunk(rid, obj, {"index": 0, "delta": {kind: text}, "finish_reason": None},
                                   include_usage))
@@ -663,12 +662,14 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--model", default="default", help="local HF checkpoint directory, or 'default' (SmolLM2)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV slots)")
-    p.add_argument("--max-len", type=int, default=2048, help="prompt + output tokens per request")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="prompt + output tokens per request (default: min(2048, the model's position limit))")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond max-batch; then 429")
     p.add_argument("--split-plain-reasoning", action="store_true",
-                   help="for a model without think markers, return text before the answer cue as reasoning_content")
+                   help="for a model without think markers, stream its text as reasoning_content until the answer "
+                        "cue (without it, content; a whole response always splits at a forced cue)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $COTRT_API_KEY)")
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies get 413")
@@ -677,7 +678,8 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S,
                    help="seconds a request has to send its body; then 408")
     p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's log level")
 
 
 def header_timeout_protocol(seconds: float):

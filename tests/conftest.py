@@ -86,6 +86,14 @@ def tiny_model(arch: str, vocab_size: int, seed: int = 0, **overrides):
     return model.eval()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that load the embedded SmolLM2 (through the smol_model fixture) carry the
+    ``slow`` marker; they still run by default (``-m "not slow"`` leaves them out)."""
+    for item in items:
+        if "smol_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def seeded():
     torch.manual_seed(0)

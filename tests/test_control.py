@@ -68,7 +68,7 @@ def test_hard_budget_forces_the_end_marker(think_tokenizer, budget):
     assert row.think_sampled == budget
     assert drain(row) == [end_id]
     assert row.phase == ANSWER and row.think_end == "think_budget"
-    assert row.stats()["think_tokens"] == budget + 1  # + the forced marker
+    assert row.stats()["think_tokens"] == budget and row.stats()["forced_tokens"] == 1  # the marker apart
 
 
 def test_transition_phrase_precedes_the_marker(think_tokenizer):

@@ -178,7 +178,8 @@ def test_think_budget_end_to_end(think_rt, think_tokenizer, budget):
     for o in outs:
         assert o.stats["think_sampled"] == budget and o.stats["think_end"] == "think_budget"
         assert o.token_ids[budget] == end_id and o.token_ids.count(end_id) == 1
-        assert o.stats["think_tokens"] == budget + 1 and o.stats["answer_tokens"] == 40 - budget - 1
+        assert o.stats["think_tokens"] == budget and o.stats["forced_tokens"] == 1
+        assert o.stats["answer_tokens"] == 40 - budget - 1
         assert "</think>" not in o.answer and o.reasoning == tok.decode(o.token_ids[:budget]).strip()
 
 

@@ -150,16 +150,25 @@ def test_min_think_replaces_end_by_wait(model, think_tokenizer, end_id):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_min_think_sampled_end_never_early_while_waits_remain(model, think_tokenizer, end_id, seed):
+    """Sampling; the model wants to end (bias 100 on the marker) twice too early, after 0
+    and 2 chosen thinking tokens, then after 8: each early end becomes a wait, and the end
+    comes past min_think=6 with a wait still left (so the rule, not the waits running out,
+    let it through). Without the processor the first try ends thinking at once."""
     ids, mask = left_pad(think_tokenizer, [OPEN])
     wait = think_tokenizer.encode("\nWait", add_special_tokens=False)
-    want_end = Bias([end_id], 9.0, ids.shape[1])
-    proc = MinThinkProcessor(think_tokenizer, min_think=10, max_waits=2)
-    (gen,) = generate(model, ids, mask, [want_end, proc], n=24, seed=seed)
+    w = len(wait)
+    tries = {0, w + 2, 2 * w + 8}  # generated positions of the three tries
+    want_end = Bias([end_id], 100.0, ids.shape[1], at=tries)
+    proc = MinThinkProcessor(think_tokenizer, min_think=6, max_waits=3)
+    (gen,) = generate(model, ids, mask, [want_end, proc], n=2 * w + 10, seed=seed)
     (st,) = proc.tracker.stats()
-    if end_id in gen:
-        p = gen.index(end_id)
-        chosen_before = p - st["waits"] * len(wait)
-        assert chosen_before >= 10 or st["waits"] == 2, (gen, st)
+    assert end_id in gen, gen
+    p = gen.index(end_id)
+    assert p == 2 * w + 8 and st["waits"] == 2 < 3, (gen, st)
+    assert gen[:w] == wait and gen[w + 2:2 * w + 2] == wait
+    assert p - st["waits"] * w >= 6  # chosen thinking tokens before the end
+    (free,) = generate(model, ids, mask, [Bias([end_id], 100.0, ids.shape[1], at=tries)], n=2, seed=seed)
+    assert free[0] == end_id
 
 
 def test_min_think_multi_token_marker_masks_its_first_token(smol_tokenizer):

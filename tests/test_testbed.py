@@ -136,14 +136,47 @@ def test_valve_and_latent_load(quick, runtime):
     assert [o.stats["latent_steps"] for o in outs] == [2, 2]
 
 
-def test_evaluate_writes_a_table(quick):
+def test_run_setting_grades_the_first_answer_line_and_averages():
+    """The table's numbers from known outputs: the first "Answer:" line after thinking is
+    graded (a model that goes on writing is not re-graded), means are per problem."""
     from cotrt.testbed import evaluate
 
+    problems = task.held_out(0, 4)
+    a = [p.answer for p in problems]
+    answers = [f"Answer: {a[0]}\n", f"Answer: {a[1]}\nAnswer: {a[1] + 1}\n", f"Answer: {a[2] + 1}\nAnswer: {a[2]}",
+               "no answer"]
+
+    class Scripted:
+        def generate(self, prompts, params):
+            assert prompts == [p.prompt for p in problems]
+            return [cotrt.Output(i, [], [], ans, "", ans, "stop",
+                                 {"think_tokens": 10 * (i + 1), "probe_tokens": i, "answer_tokens": 5})
+                    for i, ans in enumerate(answers)]
+
+    r = evaluate.run_setting(Scripted(), problems, evaluate.Setting("plain", "-", cotrt.Params()))
+    assert (r["accuracy"], r["think_tokens"], r["probe_tokens"], r["n"], r["errors"]) == (0.5, 25.0, 1.5, 4, 0)
+
+
+def test_evaluate_writes_a_table(quick, monkeypatch):
+    """evaluate() end to end on the quick model, on a reduced list of settings and tokens
+    (the full list ran 302 s on a busy 2-core machine): every setting gives a row, a think
+    budget holds, and the markdown has a line per row."""
+    from cotrt.testbed import evaluate
+
+    full = evaluate.settings
+    monkeypatch.setattr(evaluate, "settings", lambda: full(budgets=(8,), alphas=(0.0, 1.0)))
+    monkeypatch.setattr(evaluate, "MAX_NEW", 40)  # the quick model's chains run on to 256 tokens
     out, _ = quick
-    rows = evaluate.evaluate(out, n=4, max_batch=4, only={"plain", "think_budget", "valve"}, log=False)
-    assert {r["control"] for r in rows} == {"plain", "think_budget", "valve"}
-    assert all(0 <= r["accuracy"] <= 1 and r["errors"] == 0 for r in rows)
-    md = evaluate.markdown(rows, {"n": 4, "seed": 0, "max_batch": 4, "device": "cpu", "model": "quick"})
+    rows = evaluate.evaluate(out, n=3, max_batch=3, only={"plain", "think_budget", "valve"}, log=False)
+    assert [(r["control"], r["setting"]) for r in rows] == [("plain", "-"), ("think_budget", "8"),
+                                                          ("valve", "alpha 0"), ("valve", "alpha 1")]
+    assert all(r["errors"] == 0 and r["n"] == 3 for r in rows)
+    by = {(r["control"], r["setting"]): r for r in rows}
+    assert 0 < by["think_budget", "8"]["think_tokens"] <= 8 < by["plain", "-"]["think_tokens"]
+    # alpha 0 is the base model exactly: the same answers and think tokens as plain.
+    assert by["valve", "alpha 0"]["think_tokens"] == by["plain", "-"]["think_tokens"]
+    assert by["valve", "alpha 0"]["accuracy"] == by["plain", "-"]["accuracy"]
+    md = evaluate.markdown(rows, {"n": 3, "seed": 0, "max_batch": 3, "device": "cpu", "model": "quick"})
     assert md.count("\n| ") == len(rows) + 1
 
 

@@ -336,13 +336,26 @@ class Row:
         self.finish_reason = finish_reason
         self.forced.clear()
 
+    @property
+    def plain_split(self) -> bool:
+        """A plain model's reply is its answer unless a control forced the answer cue
+        (a budget, a step cap, an exit policy): then the text before the cue is reasoning.
+        A cue the model writes itself is part of its answer."""
+        return self.fmt.plain and self.think_end not in (None, "natural")
+
     def stats(self) -> dict:
+        # think_tokens: tokens the model chose while thinking (its own end marker included);
+        # forced ones (transition, end marker or cue, wait texts) are counted apart, so
+        # think_tokens <= think_budget. answer_tokens: every token after thinking.
+        think, answer = self.think_sampled, self.count(ANSWER)
+        if self.fmt.plain and not self.plain_split:
+            think, answer = 0, answer + self.count(THINK)
         return {
             "prompt_tokens": len(self.prompt),
-            "think_tokens": self.count(THINK),
-            "answer_tokens": self.count(ANSWER),
+            "think_tokens": think,
+            "answer_tokens": answer,
             "think_sampled": self.think_sampled,
-            "forced_tokens": sum(self.gen_forced),
+            "forced_tokens": sum(f for f, ph in zip(self.gen_forced, self.gen_phase) if ph != LATENT),
             "steps": self.steps,
             "latent_steps": self.latent_steps,
             "new_tokens": len(self.gen) - self.uncounted,  # what max_new_tokens counts

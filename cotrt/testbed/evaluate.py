@@ -5,8 +5,9 @@
 Every setting runs the same held-out problems (``task.held_out(seed, n)``, never trained
 on) greedily through ``cotrt.wrap``; a row is correct when the number after ``</think>``
 equals the exact answer (no answer after ``</think>``, e.g. thinking never closed, is
-wrong). Reported per setting: accuracy, mean think tokens (the think phase's tokens, its
-end marker included, forced or not), think tokens saved against plain decoding, mean probe tokens (decoded by exit
+wrong). Reported per setting: accuracy, mean think tokens (the tokens the model chose
+while thinking, its own end marker included; a forced marker is counted apart, as
+``stats["forced_tokens"]``), think tokens saved against plain decoding, mean probe tokens (decoded by exit
 policies, then rolled back), and the wall time of the whole batch.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import cotrt
 from cotrt.control.policies import DEER, EAT, Dynasor
 from cotrt.control.profiles import ModelProfile
 from cotrt.control.think import ThinkFormat
+from cotrt.models import quiet_loading
 
 from .task import END, INDUCER, THINK, held_out, parse_answer
 
@@ -127,8 +129,9 @@ def evaluate_latent(models: Path, problems, ks=LATENT_KS, max_batch: int = 32, l
         if not ckpt.exists():
             continue
         base = Path(models) / "base"
-        model, tok, latent = load_coconut(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                                          AutoTokenizer.from_pretrained(base), str(ckpt), steps=k)
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model, tok, latent = load_coconut(model, AutoTokenizer.from_pretrained(base), str(ckpt), steps=k)
         rt = cotrt.wrap(model, tok, max_batch=max_batch, max_len=512)
         s = Setting("latent (Coconut)", f"k {k} (stage {k} model)", cotrt.Params(max_new_tokens=MAX_NEW, latent=latent))
         r = run_setting(rt, problems, s)
@@ -144,7 +147,8 @@ def evaluate(models: Path, n: int = 200, seed: int = 0, max_batch: int = 32, onl
 
     base = Path(models) / "base"
     tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     rt = cotrt.wrap(model, tok, max_batch=max_batch, max_len=512)
     problems = held_out(seed, n)
     todo = [s for s in settings() if only is None or s.control in only]
