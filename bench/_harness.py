@@ -117,3 +117,61 @@ def ratio(num: list[float], den: list[float]) -> str:
     per = sorted(a / b for a, b in zip(num, den))
     m, lo, hi = quantiles(per)
     return f"{statistics.median(num) / statistics.median(den):.2f}x [{lo:.2f}, {hi:.2f}]"
+
+
+# -- the two sides of an end-to-end comparison ------------------------------------------------
+
+
+class plain_hf:
+    """Context manager: the model's linears are plain nn.Linear inside (wrap() made them
+    CpuLinear, which outside cotrt's forwards runs F.linear plus one Python check a call);
+    the HF baseline then runs exactly the modules it came with."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        from cotrt.cpu_linear import unswap_cpu_linears
+
+        self.names = [n for n, m in self.model.named_modules() if type(m).__name__ == "CpuLinear"]
+        unswap_cpu_linears(self.model)
+
+    def __exit__(self, *exc):
+        from cotrt.cpu_linear import CpuLinear
+
+        for n in self.names:
+            self.model.get_submodule(n).__class__ = CpuLinear
+
+
+def hf_generate(model, prompts, new_tokens, pad_id, batch):
+    """HF ``generate`` as a user runs it: batches of ``batch`` prompts, left-padded, greedy,
+    each batch generating exactly max(its new_tokens) tokens (min_new_tokens: EOS does not
+    stop it). Returns the useful tokens (sum of new_tokens)."""
+    for i in range(0, len(prompts), batch):
+        ps, ns = prompts[i:i + batch], new_tokens[i:i + batch]
+        T = max(map(len, ps))
+        ids = torch.full((len(ps), T), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(ps), T, dtype=torch.long)
+        for j, p in enumerate(ps):
+            ids[j, T - len(p):] = torch.tensor(p)
+            mask[j, T - len(p):] = 1
+        with torch.inference_mode(), plain_hf(model):
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=max(ns), min_new_tokens=max(ns),
+                                 do_sample=False, pad_token_id=pad_id)
+        assert out.shape[1] - T == max(ns)
+    return sum(new_tokens)
+
+
+def cotrt_generate(rt, prompts, params, batch=None):
+    """``rt.generate`` over all prompts at once (continuous batching), or ``batch`` at a
+    time (batch=1: one request at a time, as HF's batch 1). Returns tokens generated."""
+    import cotrt
+
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    step = batch or len(prompts)
+    n = 0
+    for i in range(0, len(prompts), step):
+        outs = rt.generate(prompts[i:i + step], params[i:i + step])
+        n += sum(len(o.token_ids) for o in outs)
+    assert isinstance(params[0], cotrt.Params)
+    return n
