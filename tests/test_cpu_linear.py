@@ -111,6 +111,32 @@ def test_bad_arguments_name_the_argument(bad, match):
         cpu_linear(**args)
 
 
+def test_portable_kernel_matches_reference():
+    """The scalar fallback (what a CPU without AVX2/FMA runs), forced by COTRT_CPU_ISA."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from cotrt import _cpu
+from cotrt.ops.cpu_linear import cpu_linear, cpu_linear_ref
+assert _cpu.isa() == "scalar", _cpu.isa()
+g = torch.Generator().manual_seed(0)
+for dt in (torch.float32, torch.bfloat16):
+    x, w, b = torch.randn(3, 37, generator=g), torch.randn(21, 37, generator=g) / 6, torch.randn(21, generator=g)
+    a, lb = torch.randn(2, 4, 37, generator=g) / 6, torch.randn(21, 2, 4, generator=g).permute(1, 0, 2) / 2
+    al, idx = torch.tensor([0.5, 0.0, -1.0]), torch.tensor([1, 0, -1], dtype=torch.int32)
+    args = [t.to(dt) for t in (x, w, b, a)] + [lb.to(dt).permute(1, 0, 2).contiguous().permute(1, 0, 2), al, idx]
+    err = (cpu_linear(*args).float() - cpu_linear_ref(*args)).abs().max().item()
+    assert err < (1e-5 if dt == torch.float32 else 2e-2), (dt, err)
+print("ok")
+"""
+    env = dict(os.environ, COTRT_CPU_ISA="scalar")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------- the module swap
 
 
