@@ -82,7 +82,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies the reasoning think budgets")
     ap.add_argument("--workloads", default="batch1,mixed,reasoning")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads for both sides (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), quiet=True)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     rt = cotrt.wrap(model, tok, max_batch=8, max_len=1536)
