@@ -366,8 +366,9 @@ class ModelRunner:
             if patch.modules:
                 self._rope_patch = patch
                 self.fused["rope"] = patch.modules
-        # Decode-sized linears on CPU through cotrt's kernel (cotrt.cpu_linear): 2.x faster
-        # a step than torch's one-core GEMV on a 2-core machine (bench/RESULTS.md).
+        # Decode-sized linears on CPU through cotrt's kernel (cotrt.cpu_linear): torch's fp32
+        # GEMV at M=1 runs on one core (11-12 GB/s of the 31-36 a 2-thread read gets, issue
+        # 12); the kernel splits W over every thread (bench/bench_cpu_linear.py).
         if cpu_kernels if cpu_kernels is not None else self.device.type == "cpu":
             from .cpu_linear import CpuKernels, swap_cpu_linears
 
