@@ -42,7 +42,9 @@ class CpuKernels:
 
 
 def packable(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype in _DTYPES
+    # Plain tensors only: a tensor subclass (a DTensor shard under tensor parallelism, a
+    # quantized weight) has no raw buffer the kernel may read.
+    return (type(weight.data) is torch.Tensor and weight.device.type == "cpu" and weight.dtype in _DTYPES
             and weight.dim() == 2 and weight.is_contiguous())
 
 

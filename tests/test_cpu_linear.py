@@ -163,6 +163,20 @@ def test_swap_runs_the_kernel_only_inside_cotrt_forwards(monkeypatch):
     assert type(model[0]) is nn.Linear
 
 
+def test_swap_leaves_tensor_subclass_weights_alone():
+    """A weight that is a tensor subclass (a DTensor shard, a quantized weight) has no raw
+    buffer for the kernel: that linear stays nn.Linear."""
+    from cotrt import cpu_linear as cl
+
+    class Sub(torch.Tensor):
+        pass
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model[0].weight = nn.Parameter(torch.randn(4, 3).as_subclass(Sub))
+    assert cl.swap_cpu_linears(model) == ["1"]
+    assert type(model[0]) is nn.Linear
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_valve_linear_rides_the_kernel(monkeypatch, dtype):
     """A ValveLinear (mixed alphas, adapter -1) inside CpuKernels runs the kernel with its
