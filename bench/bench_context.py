@@ -123,8 +123,8 @@ def write_svg(path, rows, contexts):
         pts = sorted((r[0], r[2], r[3]) for r in rows if r[1] == B)
         col = colors.get(B, "#555")
         for k, dash, label in ((2, "", "cotrt"), (1, ' stroke-dasharray="5,4"', "HF")):
-            path = " ".join(f"{px(q[0]):.1f},{py(q[k]):.1f}" for q in pts)
-            out.append(f'<polyline points="{path}" fill="none" stroke="{col}" stroke-width="2"{dash}/>')
+            points = " ".join(f"{px(q[0]):.1f},{py(q[k]):.1f}" for q in pts)
+            out.append(f'<polyline points="{points}" fill="none" stroke="{col}" stroke-width="2"{dash}/>')
             out.append(f'<line x1="{W - R + 10}" y1="{legend_y}" x2="{W - R + 35}" y2="{legend_y}" '
                        f'stroke="{col}" stroke-width="2"{dash}/>')
             out.append(f'<text x="{W - R + 40}" y="{legend_y + 4}">{label}, batch {B}</text>')
