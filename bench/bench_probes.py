@@ -10,7 +10,9 @@ continues, so the visible output is the plain run's. Reported per context length
   time per probe token next to the time per visible token (the goal: close, and flat in the
   context length, since nothing is copied);
 - HF with a deep-copied DynamicCache per probe (what DEER's HF driver does), same probes,
-  same count: its extra time grows with the context it copies.
+  same count: its extra time grows with the context it copies. HF's loop computes logits
+  for the last position only (``logits_to_keep=1``, as ``generate`` does) and is warmed up
+  like cotrt before timing.
 """
 from __future__ import annotations
 
@@ -23,9 +25,11 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cotrt  # noqa: E402
+from _harness import header, plain_hf  # noqa: E402
 from cotrt.models import load_model  # noqa: E402
 
 NEW = 64
@@ -60,20 +64,21 @@ def hf_loop(model, prompt, inducer_ids, probes: bool):
     t0 = time.perf_counter()
     cache = DynamicCache()
     ids = torch.tensor([prompt])
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     tok = out.logits[0, -1].argmax()
     gen = [int(tok)]
     probe_tokens = 0
     for i in range(1, NEW):
-        out = model(input_ids=tok.view(1, 1), past_key_values=cache, use_cache=True)
+        out = model(input_ids=tok.view(1, 1), past_key_values=cache, use_cache=True, logits_to_keep=1)
         tok = out.logits[0, -1].argmax()
         gen.append(int(tok))
         if probes and i % EVERY == 0:
             c = copy.deepcopy(cache)
-            p_out = model(input_ids=torch.tensor([inducer_ids]), past_key_values=c, use_cache=True)
+            p_out = model(input_ids=torch.tensor([inducer_ids]), past_key_values=c, use_cache=True,
+                          logits_to_keep=1)
             p_tok = p_out.logits[0, -1].argmax()
             for _ in range(PROBE_NEW - 1):
-                p_out = model(input_ids=p_tok.view(1, 1), past_key_values=c, use_cache=True)
+                p_out = model(input_ids=p_tok.view(1, 1), past_key_values=c, use_cache=True, logits_to_keep=1)
                 p_tok = p_out.logits[0, -1].argmax()
             probe_tokens += len(inducer_ids) + PROBE_NEW
             del c
@@ -91,7 +96,10 @@ def main():
     table = []
     for ctx in (64, 1024):
         prompt = (tok.encode(base * 200)[:ctx])
-        cotrt_time(rt, prompt, None)  # warm-up
+        cotrt_time(rt, prompt, None)  # warm-up, both sides
+        cotrt_time(rt, prompt, ProbeAlways())
+        with plain_hf(model):
+            hf_loop(model, prompt, inducer_ids, probes=True)
         plain_t, probe_t, hf_t, hfp_t = [], [], [], []
         for _ in range(args.repeats):
             t, plain = cotrt_time(rt, prompt, None)
@@ -99,10 +107,11 @@ def main():
             t, probed = cotrt_time(rt, prompt, ProbeAlways())
             probe_t.append(t)
             assert probed.token_ids == plain.token_ids  # probes are invisible
-            t, hf_gen, _ = hf_loop(model, prompt, inducer_ids, probes=False)
-            hf_t.append(t)
-            t, _, hf_probe_tokens = hf_loop(model, prompt, inducer_ids, probes=True)
-            hfp_t.append(t)
+            with plain_hf(model):
+                t, hf_gen, _ = hf_loop(model, prompt, inducer_ids, probes=False)
+                hf_t.append(t)
+                t, _, hf_probe_tokens = hf_loop(model, prompt, inducer_ids, probes=True)
+                hfp_t.append(t)
         m = statistics.median
         n_probe = probed.stats["probe_tokens"]
         extra = m(probe_t) - m(plain_t)
@@ -110,11 +119,8 @@ def main():
         table.append((ctx, m(plain_t), m(probe_t), n_probe, extra, extra / n_probe * 1e3,
                       m(plain_t) / NEW * 1e3, m(hf_t), m(hfp_t), hf_probe_tokens, hf_extra,
                       hf_extra / hf_probe_tokens * 1e3))
-    import transformers
-
-    print(f"\nSmolLM2-135M fp32, CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; batch 1, {NEW} new tokens, a probe every {EVERY} "
-          f"tokens ({len(inducer_ids)} + {PROBE_NEW} tokens), median of {args.repeats}")
+    print(header(model, f"batch 1, {NEW} new tokens, a probe every {EVERY} tokens "
+                        f"({len(inducer_ids)} + {PROBE_NEW} tokens), median of {args.repeats}"))
     print("| context | cotrt plain s | cotrt probing s | probe tokens | extra s | extra ms / probe token "
           "| ms / visible token | HF plain s | HF deep-copy probing s | extra s | extra ms / probe token |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

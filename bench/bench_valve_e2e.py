@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cotrt  # noqa: E402
+from _harness import header  # noqa: E402
 from cotrt.models import load_model  # noqa: E402
 
 ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
@@ -70,8 +72,8 @@ def main():
         tps, outs = run(rt, prompts, mixed)
         mix.append(tps)
     m = statistics.median
-    print(f"\nSmolLM2-135M fp32, CPU ({torch.get_num_threads()} threads), torch {torch.__version__}; "
-          f"LoRA r={args.rank} on all linears; 8 requests x {new} tokens, median of {args.repeats}")
+    print(header(model, f"LoRA r={args.rank} on all linears but the LM head; 8 requests x {new} tokens, "
+                        f"median of {args.repeats}"))
     print("| run | tok/s | vs no valve |")
     print("|---|---:|---:|")
     print(f"| no valve loaded | {m(plain):.1f} | 1.00x |")

@@ -40,7 +40,7 @@ class Runtime:
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int | None = None,
                  think_format: ThinkFormat | None = None, decode_graph: str = "auto",
-                 fuse: bool | None = None):
+                 fuse: bool | None = None, cpu_kernels: bool | None = None):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
         limit = getattr(model.config, "max_position_embeddings", None)
@@ -52,6 +52,8 @@ class Runtime:
             raise ValueError(f"think_format must be a cotrt.ThinkFormat or None, got {type(think_format).__name__}")
         if fuse is not None and not isinstance(fuse, bool):
             raise ValueError(f"fuse must be True, False or None, got {fuse!r}")
+        if cpu_kernels is not None and not isinstance(cpu_kernels, bool):
+            raise ValueError(f"cpu_kernels must be True, False or None, got {cpu_kernels!r}")
         from .graph import resolve_mode
 
         param = next(model.parameters(), None)
@@ -62,7 +64,8 @@ class Runtime:
         self.model = model
         self.tokenizer = tokenizer
         self.think_format = think_format or ThinkFormat.detect(tokenizer)
-        self.runner = ModelRunner(model, max_batch=max_batch, max_len=max_len, fuse=fuse)
+        self.runner = ModelRunner(model, max_batch=max_batch, max_len=max_len, fuse=fuse,
+                                  cpu_kernels=cpu_kernels)
         self.valves = None
         self.engine = Engine(self.runner, tokenizer, self.think_format, max_batch, max_len,
                              eos_ids=_eos_ids(model, tokenizer), decode_graph=decode_graph)
@@ -197,7 +200,7 @@ class Runtime:
 
 def wrap(model, tokenizer, max_batch: int = 8, max_len: int | None = None,
          think_format: ThinkFormat | None = None, decode_graph: str = "auto",
-         fuse: bool | None = None) -> Runtime:
+         fuse: bool | None = None, cpu_kernels: bool | None = None) -> Runtime:
     """Wrap an HF causal LM and its tokenizer for fast, controlled generation.
 
     ``max_len``: prompt + output tokens per request (the KV slot's length); None takes
@@ -210,9 +213,13 @@ def wrap(model, tokenizer, max_batch: int = 8, max_len: int | None = None,
     (``cotrt.norms``; same weights) and HF's rotary function run as one kernel during
     cotrt's forwards (``cotrt.rotary``), each checked to compute the same function;
     None: on CUDA models.
+    ``cpu_kernels``: decode steps' linears (projections, LM head; fp32/bf16, at most 8
+    rows) through cotrt's multithreaded CPU kernel (``cotrt.cpu_linear``; the module
+    classes change in place, weights are not copied, calls outside cotrt's forwards stay
+    ``F.linear``); None: on CPU models where ``cotrt._cpu`` is built.
     """
     return Runtime(model, tokenizer, max_batch=max_batch, max_len=max_len, think_format=think_format,
-                   decode_graph=decode_graph, fuse=fuse)
+                   decode_graph=decode_graph, fuse=fuse, cpu_kernels=cpu_kernels)
 
 
 __all__ = ["wrap", "Runtime", "Output", "Params", "ThinkFormat"]

@@ -316,7 +316,8 @@ class ModelRunner:
     what makes in-place probes and rollback free).
     """
 
-    def __init__(self, model: nn.Module, max_batch: int, max_len: int, fuse: bool | None = None):
+    def __init__(self, model: nn.Module, max_batch: int, max_len: int, fuse: bool | None = None,
+                 cpu_kernels: bool | None = None):
         check_architecture(model)
         register_attention()
         self.model = model
@@ -350,6 +351,7 @@ class ModelRunner:
         self._calls = 0
         self.fused = {}
         self._rope_patch = contextlib.nullcontext()
+        self._cpu_kernels = contextlib.nullcontext()
         self._self_check(n_layers)
         # Fewer kernels a step, by default where the kernels exist (CUDA): RMSNorm modules
         # as one kernel each (cotrt.norms) and HF's rotary function as one kernel for q
@@ -364,6 +366,16 @@ class ModelRunner:
             if patch.modules:
                 self._rope_patch = patch
                 self.fused["rope"] = patch.modules
+        # Decode-sized linears on CPU through cotrt's kernel (cotrt.cpu_linear): torch's fp32
+        # GEMV at M=1 runs on one core (11-12 GB/s of the 31-36 a 2-thread read gets, issue
+        # 12); the kernel splits W over every thread (bench/bench_cpu_linear.py).
+        if cpu_kernels if cpu_kernels is not None else self.device.type == "cpu":
+            from .cpu_linear import CpuKernels, swap_cpu_linears
+
+            names = swap_cpu_linears(model)
+            if names:
+                self._cpu_kernels = CpuKernels()
+                self.fused["cpu_linear"] = names
 
     # -- building the step ----------------------------------------------------------------
     def make_meta(self, slots: list[int], q_lens: list[int], starts: list[int] | None = None) -> StepMeta:
@@ -426,7 +438,7 @@ class ModelRunner:
         self.tapped = {}
         hooks = [self._layers()[l].register_forward_hook(self._tap_hook(l)) for l in taps]
         try:
-            with self._rope_patch:
+            with self._rope_patch, self._cpu_kernels:
                 out = self.decoder(
                     input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=meta.mask,
                     position_ids=meta.positions, use_cache=True, cotrt_meta=meta,
@@ -462,7 +474,7 @@ class ModelRunner:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM head on the rows that sample: ``[R, H]`` -> fp32 ``[R, V]``."""
-        with torch.inference_mode():
+        with torch.inference_mode(), self._cpu_kernels:
             logits = self.lm_head(h).float()
         if self.logits_scaling:
             logits = logits / self.logits_scaling

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cotrt import cpu_linear
 from cotrt.ops.valve_lora import valve_lora
 
 try:  # GPT-2 style layers: weight stored [in, out] (PEFT's fan_in_fan_out)
@@ -188,15 +189,19 @@ class ValveLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.t() if self.transposed else self.weight  # [N, K] (a view)
         alpha = self.state.alpha
+        fast = not self.transposed and cpu_linear.active()  # decode rows on CPU: one pass over W
         if alpha is None:
-            return F.linear(x, w, self.bias)
+            y = cpu_linear.decode_linear(x, w, self.bias) if fast else None
+            return F.linear(x, w, self.bias) if y is None else y
         x2 = x.reshape(-1, self.in_features)  # (T, K), row-major over (batch, seq)
         T = x2.shape[0]
         alpha = _rows(alpha, T, "alpha")
         adapter = self.state.adapter
         if adapter is not None:
             adapter = _rows(adapter, T, "adapter")
-        y = valve_lora(x2, w, self.lora_a, self.lora_b, alpha, adapter, self.bias)
+        y = cpu_linear.decode_linear(x2, w, self.bias, self.lora_a, self.lora_b, alpha, adapter) if fast else None
+        if y is None:
+            y = valve_lora(x2, w, self.lora_a, self.lora_b, alpha, adapter, self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,126 @@
+"""cpu_linear (the CPU decode-linear kernel) against the alternatives, in one run.
+
+    python bench/bench_cpu_linear.py [--dtypes float32,bfloat16] [--rows 1,4,8] [--repeats 15] [--threads N]
+
+Providers, on SmolLM2-135M's weight shapes (N x K; the same x, W, bias for all):
+  F.linear        torch's linear (MKL; at M=1 a GEMV that runs on one core here)
+  mkldnn          oneDNN's linear with the weight prepacked once (torch.utils.mkldnn)
+  cpu_linear      cotrt.ops.cpu_linear (csrc/cpu_linear.cpp)
+  valve           cpu_linear with a valve: r=16, one adapter, per-row alphas (0.5..1.7)
+  valve_lora      cotrt.ops.valve_lora's torch path (what a valve cost before): F.linear + 2 GEMMs
+  read            torch.sum over W (all threads): the measured read-bandwidth floor
+
+Each figure is the median [p20, p80] of --repeats interleaved samples, a sample being as
+many back-to-back calls as fill ~5 ms. GB/s counts W (plus A and B for valve rows) once.
+Runtime: ~2 min for both dtypes on a 2-core machine.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _harness import header, interleave, quantiles  # noqa: E402
+from cotrt.ops.cpu_linear import cpu_linear  # noqa: E402
+from cotrt.ops.valve_lora import valve_lora  # noqa: E402
+
+SHAPES = [("q_proj/o_proj", 576, 576), ("k_proj/v_proj", 192, 576), ("gate/up_proj", 1536, 576),
+          ("down_proj", 576, 1536), ("lm_head", 49152, 576)]
+R = 16
+_MKLDNN_FAILED = set()
+
+
+def providers(M, N, K, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = (torch.randn(N, K, generator=g) * K**-0.5).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if N != 49152 else None  # the LM head has no bias
+    a = (torch.randn(1, R, K, generator=g) * K**-0.5).to(dtype)
+    lb = (torch.randn(N, 1, R, generator=g) * R**-0.5).to(dtype).permute(1, 0, 2)
+    alpha = torch.linspace(0.5, 1.7, M)
+    lin = torch.nn.Linear(K, N, bias=b is not None).to(dtype)
+    lin.weight.data = w
+    if b is not None:
+        lin.bias.data = b
+    out = {
+        "F.linear": lambda: F.linear(x, w, b),
+        "cpu_linear": lambda: cpu_linear(x, w, b),
+        "valve": lambda: cpu_linear(x, w, b, a, lb, alpha),
+        "valve_lora": lambda: valve_lora(x, w, a, lb, alpha, None, b),
+        "read": lambda: w.sum(),
+    }
+    try:
+        from torch.utils import mkldnn
+
+        packed = mkldnn.to_mkldnn(lin, dtype)
+        packed(x)
+        out["mkldnn"] = lambda: packed(x)
+    except Exception as e:  # noqa: BLE001 - a torch build without oneDNN, or no bf16 support
+        if dtype not in _MKLDNN_FAILED:  # once per dtype, its last line (the reason)
+            _MKLDNN_FAILED.add(dtype)
+            print(f"# mkldnn unavailable for {dtype}: {str(e).strip().splitlines()[-1]}")
+    bytes_w = N * K * w.element_size()
+    bytes_lora = (R * K + N * R) * w.element_size()
+    return out, bytes_w, bytes_lora
+
+
+def batched(fn, target_s=0.005):
+    """fn repeated as many times as fill ~target_s (timed once up front)."""
+    import time
+
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    n = max(1, int(target_s / max(time.perf_counter() - t0, 1e-7)))
+
+    def run():
+        for _ in range(n):
+            fn()
+    return run, n
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--rows", default="1,4,8")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    order = ["F.linear", "mkldnn", "cpu_linear", "valve", "valve_lora", "read"]
+    print(header(note=f"median [p20, p80] of {args.repeats} interleaved samples"))
+    print("| dtype | weight (N x K) | M | " + " | ".join(f"{p} us (GB/s)" for p in order)
+          + " | F.linear / cpu_linear | valve / cpu_linear |")
+    print("|---|---|---:|" + "---:|" * (len(order) + 2))
+    with torch.inference_mode():
+        for dt in args.dtypes.split(","):
+            dtype = getattr(torch, dt)
+            for name, N, K in SHAPES:
+                for M in map(int, args.rows.split(",")):
+                    fns, bw, bl = providers(M, N, K, dtype)
+                    runs = {k: batched(f) for k, f in fns.items()}
+                    times = interleave({k: r for k, (r, _) in runs.items()}, args.repeats, warmup=1)
+                    per = {k: [t / runs[k][1] for t in ts] for k, ts in times.items()}
+                    cells = []
+                    for p in order:
+                        if p not in per:
+                            cells.append("n/a")
+                            continue
+                        m, lo, hi = quantiles(per[p])
+                        moved = bw + (bl if p in ("valve", "valve_lora") else 0)
+                        cells.append(f"{m * 1e6:.0f} [{lo * 1e6:.0f}, {hi * 1e6:.0f}] ({moved / m / 1e9:.1f})")
+                    med = {k: quantiles(v)[0] for k, v in per.items()}
+                    print(f"| {dt} | {name} {N}x{K} | {M} | " + " | ".join(cells)
+                          + f" | {med['F.linear'] / med['cpu_linear']:.2f}x | {med['valve'] / med['cpu_linear']:.2f}x |",
+                          flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""cpu_linear: the CPU decode-linear kernel (cotrt._cpu) against cpu_linear_ref / valve_lora_ref,
+and the module swap (cotrt.cpu_linear) inside and outside cotrt's forwards."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from _tolerance import assert_close, assert_flash_rule
+from cotrt.ops.cpu_linear import HAS_CPU_KERNEL, cpu_linear, cpu_linear_ref
+
+pytestmark = pytest.mark.skipif(not HAS_CPU_KERNEL, reason="cotrt._cpu is not built")
+
+ALPHAS = [0.0, 0.5, 1.0, 1.7, -0.8]
+
+
+def make(M, K, N, *, dtype=torch.float32, seed=0, bias=False, lora=None, noncontig_x=False):
+    """Inputs scaled so outputs are O(1). lora=(n, r): a bank, lora_b N-major as ValveLinear
+    keeps it; alpha cycles 0 / positive / negative; adapter indices include -1."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    x = rnd(M, 2 * K)[:, ::2] if noncontig_x else rnd(M, K)
+    c = dict(x=x, weight=rnd(N, K, scale=K**-0.5), bias=rnd(N) if bias else None)
+    if lora is not None:
+        n, r = lora
+        c["lora_a"] = rnd(n, r, K, scale=K**-0.5)
+        c["lora_b"] = rnd(N, n, r, scale=r**-0.5).permute(1, 0, 2)
+        c["alpha"] = torch.tensor([ALPHAS[(i + seed) % len(ALPHAS)] for i in range(M)], dtype=torch.float32)
+        c["adapter_idx"] = torch.randint(-1, n, (M,), generator=g).to(torch.int64 if seed % 2 else torch.int32)
+    return c
+
+
+def check(c, msg):
+    y = cpu_linear(**c)
+    assert y.dtype == c["x"].dtype and y.shape == (c["x"].shape[0], c["weight"].shape[0])
+    ref = cpu_linear_ref(**c)
+    if c["x"].dtype == torch.float32:
+        assert_close(y, ref, msg=msg)
+    else:  # bf16: no worse than 2x plain bf16 PyTorch against the fp32 reference
+        base = F.linear(c["x"], c["weight"], c["bias"])
+        if "lora_a" in c:
+            from cotrt.ops.valve_lora import valve_lora
+            base = valve_lora(**c)
+        assert_flash_rule(y, ref, base, msg=msg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("N,K", [(7, 13), (111, 576), (1536, 577), (577, 1536)])
+def test_base_matches_reference(dtype, M, N, K):
+    for bias in (False, True):
+        check(make(M, K, N, dtype=dtype, seed=M + N, bias=bias), f"{dtype} M={M} N={N} K={K} bias={bias}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("n,r", [(1, 16), (3, 5)])
+def test_valve_matches_reference(dtype, M, n, r):
+    for seed in (0, 1):  # int32 and int64 adapter indices
+        c = make(M, 579, 131, dtype=dtype, seed=seed, bias=True, lora=(n, r), noncontig_x=True)
+        check(c, f"{dtype} M={M} n={n} r={r} seed={seed}")
+
+
+def test_valve_base_only_rows_are_the_base_result_bit_for_bit():
+    c = make(8, 64, 33, seed=2, lora=(2, 4))
+    c["alpha"] = torch.tensor([0.0, 1.0, -2.0, 0.0, 0.5, 1.0, 3.0, 0.0])
+    c["adapter_idx"] = torch.tensor([0, -1, 1, 1, 0, 5, -1, -1], dtype=torch.int32)  # 5: past the bank
+    y = cpu_linear(**c)
+    base = cpu_linear(c["x"], c["weight"])
+    only = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1], dtype=torch.bool)
+    assert torch.equal(y[only], base[only])
+    assert not torch.equal(y[~only], base[~only])
+    assert_close(y, cpu_linear_ref(**c))
+
+
+def test_alpha_broadcast_and_default_adapter():
+    c = make(3, 40, 17, seed=3, lora=(1, 8))
+    alpha = torch.tensor([0.7]).expand(3)  # stride 0, as ValveState.set_uniform gives
+    y = cpu_linear(c["x"], c["weight"], None, c["lora_a"], c["lora_b"], alpha)
+    assert_close(y, cpu_linear_ref(c["x"], c["weight"], None, c["lora_a"], c["lora_b"], alpha.contiguous()))
+
+
+def test_out_and_threads():
+    c = make(4, 100, 50, seed=4, bias=True)
+    out = torch.full((4, 60), float("nan"))[:, :50]  # row stride 60
+    for threads in (1, 2, 3):
+        y = cpu_linear(**c, out=out, threads=threads)
+        assert y is out
+        assert_close(out, cpu_linear_ref(**c))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(x=torch.zeros(2, 5)), "weight must be"),
+    (dict(x=torch.zeros(2, 4, dtype=torch.float64), weight=torch.zeros(3, 4, dtype=torch.float64)), "weight dtype"),
+    (dict(weight=torch.zeros(4, 3).t()), "contiguous"),
+    (dict(x=torch.zeros(2, 4, dtype=torch.bfloat16)), "differs"),
+    (dict(bias=torch.zeros(4)), "bias must be"),
+    (dict(lora_a=torch.zeros(1, 2, 4)), "come together"),
+    (dict(lora_a=torch.zeros(1, 2, 4), lora_b=torch.zeros(1, 3, 2), alpha=torch.zeros(3)), "alpha must be"),
+    (dict(lora_a=torch.zeros(1, 2, 4), lora_b=torch.zeros(1, 3, 2), alpha=torch.zeros(2),
+          adapter_idx=torch.zeros(2)), "adapter_idx must be"),
+    (dict(lora_a=torch.zeros(1, 2, 4), lora_b=torch.zeros(1, 3, 3), alpha=torch.zeros(2)), "lora_b must be"),
+    (dict(out=torch.zeros(3, 2)), "out must be"),
+])
+def test_bad_arguments_name_the_argument(bad, match):
+    args = dict(x=torch.zeros(2, 4), weight=torch.zeros(3, 4))
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        cpu_linear(**args)
+
+
+def test_portable_kernel_matches_reference():
+    """The scalar fallback (what a CPU without AVX2/FMA runs), forced by COTRT_CPU_ISA."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from cotrt import _cpu
+from cotrt.ops.cpu_linear import cpu_linear, cpu_linear_ref
+assert _cpu.isa() == "scalar", _cpu.isa()
+g = torch.Generator().manual_seed(0)
+for dt in (torch.float32, torch.bfloat16):
+    x, w, b = torch.randn(3, 37, generator=g), torch.randn(21, 37, generator=g) / 6, torch.randn(21, generator=g)
+    a, lb = torch.randn(2, 4, 37, generator=g) / 6, torch.randn(21, 2, 4, generator=g).permute(1, 0, 2) / 2
+    al, idx = torch.tensor([0.5, 0.0, -1.0]), torch.tensor([1, 0, -1], dtype=torch.int32)
+    args = [t.to(dt) for t in (x, w, b, a)] + [lb.to(dt).permute(1, 0, 2).contiguous().permute(1, 0, 2), al, idx]
+    err = (cpu_linear(*args).float() - cpu_linear_ref(*args)).abs().max().item()
+    assert err < (1e-5 if dt == torch.float32 else 2e-2), (dt, err)
+print("ok")
+"""
+    env = dict(os.environ, COTRT_CPU_ISA="scalar")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------- the module swap
+
+
+def test_swap_runs_the_kernel_only_inside_cotrt_forwards(monkeypatch):
+    from cotrt import cpu_linear as cl
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8, bias=False))
+    w0 = model[0].weight
+    names = cl.swap_cpu_linears(model)
+    assert names == ["0", "2"] and model[0].weight is w0 and isinstance(model[0], nn.Linear)
+    calls = []
+    real = cl._launch
+    monkeypatch.setattr(cl, "_launch", lambda *a: calls.append(a[0].shape) or real(*a))
+    x = torch.randn(3, 16)
+    plain = model(x)
+    assert calls == []  # outside CpuKernels: F.linear
+    with cl.CpuKernels():
+        fast = model(x)
+        model(torch.randn(9, 16))  # more than MAX_ROWS rows: F.linear
+    assert calls == [(3, 16), (3, 32)]
+    assert_close(fast, plain)
+    cl.unswap_cpu_linears(model)
+    assert type(model[0]) is nn.Linear
+
+
+def test_swap_leaves_tensor_subclass_weights_alone():
+    """A weight that is a tensor subclass (a DTensor shard, a quantized weight) has no raw
+    buffer for the kernel: that linear stays nn.Linear."""
+    from cotrt import cpu_linear as cl
+
+    class Sub(torch.Tensor):
+        pass
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model[0].weight = nn.Parameter(torch.randn(4, 3).as_subclass(Sub))
+    assert cl.swap_cpu_linears(model) == ["1"]
+    assert type(model[0]) is nn.Linear
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_valve_linear_rides_the_kernel(monkeypatch, dtype):
+    """A ValveLinear (mixed alphas, adapter -1) inside CpuKernels runs the kernel with its
+    bank and matches the valve_lora path it takes outside."""
+    from cotrt import cpu_linear as cl
+    from cotrt.valve import ValveLinear, ValveState
+
+    torch.manual_seed(0)
+    base = nn.Linear(96, 40).to(dtype)
+    cl.swap_cpu_linears(nn.Sequential(base))  # a swapped linear is what ValveSet wraps
+    state = ValveState()
+    vl = ValveLinear(base, state)
+    vl.set_adapter(0, torch.randn(8, 96) * 0.1, torch.randn(40, 8) * 0.1)
+    vl.set_adapter(1, torch.randn(4, 96) * 0.1, torch.randn(40, 4) * 0.1)
+    state.set_rows([0.0, 1.0, -1.5, 2.0], [0, 1, 0, -1])
+    x = torch.randn(4, 1, 96).to(dtype)
+    calls = []
+    real = cl._launch
+    monkeypatch.setattr(cl, "_launch", lambda *a: calls.append(a[3] is not None) or real(*a))
+    slow = vl(x)
+    assert calls == []
+    with cl.CpuKernels():
+        fast = vl(x)
+        state.clear()
+        plain = vl(x)
+    assert calls == [True, False]
+    assert_close(fast.float(), slow.float(), dtype=dtype)
+    assert_close(plain.float(), F.linear(x, base.weight, base.bias).float(), dtype=dtype)
+
+
+def test_wrap_decodes_like_hf_with_and_without_kernels(smol_model):
+    """SmolLM2 greedy decoding with the kernels matches HF generate (tie-gap rule), and
+    wrap(cpu_kernels=False) leaves the linears alone."""
+    import cotrt
+    from _parity import assert_greedy_match, hf_greedy
+    from cotrt.cpu_linear import CpuLinear
+
+    model, tok = smol_model
+    prompt = tok("The capital of France is", add_special_tokens=False)["input_ids"]
+    ref = hf_greedy(model, prompt, 24)
+    try:
+        rt = cotrt.wrap(model, tok, max_batch=2, max_len=128, cpu_kernels=True)
+        assert "cpu_linear" in rt.runner.fused
+        assert isinstance(model.lm_head, CpuLinear)
+        out = rt.generate([prompt], cotrt.Params(max_new_tokens=24))
+        assert_greedy_match(model, prompt, out[0].token_ids, ref, "cpu_kernels")
+        assert hf_greedy(model, prompt, 24) == ref  # HF generate on the swapped model: F.linear
+    finally:
+        from cotrt.cpu_linear import unswap_cpu_linears
+        unswap_cpu_linears(model)
+    rt = cotrt.wrap(model, tok, max_batch=2, max_len=128, cpu_kernels=False)
+    assert "cpu_linear" not in rt.runner.fused and type(model.lm_head) is nn.Linear
+
+
+def test_wrap_refuses_a_bad_cpu_kernels_value(smol_model):
+    import cotrt
+
+    model, tok = smol_model
+    with pytest.raises(ValueError, match="cpu_kernels"):
+        cotrt.wrap(model, tok, cpu_kernels="yes")
