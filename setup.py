@@ -4,21 +4,8 @@ CPU decode linear kernel).
 Plain C++17 with pybind11: no torch headers, so ``pip install .`` works with build
 isolation on a CPU-only machine. Metadata lives in pyproject.toml.
 """
-from pybind11.setup_helpers import Pybind11Extension, build_ext, has_flag
+from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
-
-
-class BuildExt(build_ext):
-    """cotrt._cpu gets OpenMP when the compiler takes -fopenmp; without it the kernel
-    builds single-threaded (still correct, slower)."""
-
-    def build_extensions(self):
-        openmp = has_flag(self.compiler, "-fopenmp")
-        for ext in self.extensions:
-            if ext.name == "cotrt._cpu" and openmp:
-                ext.extra_compile_args.append("-fopenmp")
-                ext.extra_link_args.append("-fopenmp")
-        super().build_extensions()
 
 
 ext_modules = [
@@ -32,9 +19,10 @@ ext_modules = [
     # so the module is built without -march flags and runs on any x86-64 (or other) CPU.
     Pybind11Extension(
         "cotrt._cpu",
-        ["csrc/cpu_linear.cpp", "csrc/cpu_bindings.cpp"],
+        ["csrc/cpu_linear.cpp", "csrc/work_pool.cpp", "csrc/cpu_bindings.cpp"],
         cxx_std=17,
-        extra_compile_args=["-O3"],
+        extra_compile_args=["-O3", "-pthread"],
+        extra_link_args=["-pthread"],
     ),
 ]
 
@@ -42,4 +30,4 @@ ext_modules = [
 # top-level kernels/ folder installed as cotrt.kernels (package-dir in pyproject.toml).
 packages = find_packages(include=["cotrt", "cotrt.*"]) + ["cotrt.kernels"]
 
-setup(packages=packages, ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})
+setup(packages=packages, ext_modules=ext_modules, cmdclass={"build_ext": build_ext})

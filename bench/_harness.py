@@ -65,7 +65,7 @@ def header(model=None, note: str = "") -> str:
     try:
         from cotrt import _cpu
 
-        kernel = f"cotrt._cpu {_cpu.isa()}{'+openmp' if _cpu.has_openmp() else ''}"
+        kernel = f"cotrt._cpu {_cpu.isa()} (work-claiming pool)"
     except ImportError:
         kernel = "cotrt._cpu not built"
     parts = [dev, cpu_model(), f"torch threads {torch.get_num_threads()}", load,

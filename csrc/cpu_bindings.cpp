@@ -50,7 +50,7 @@ PYBIND11_MODULE(_cpu, m) {
   m.doc() = "CPU decode linear kernels (private: use cotrt.ops.cpu_linear)";
   m.def("linear", &linear,
         "y = x Wᵀ (+ bias) (+ alpha-scaled LoRA); arguments: pointers (0 = absent), sizes, "
-        "strides, flags, threads (<= 0: OpenMP's default)");
+        "strides, flags, threads (the caller's included; <= 0: 1)");
   m.def("isa", &cotrt::isa, "the kernel linear() runs here: 'avx2' or 'scalar'");
-  m.def("has_openmp", &cotrt::has_openmp, "whether the module was built with OpenMP");
+  m.def("workers", &cotrt::workers, "worker threads the kernel's pool has started (the caller works too)");
 }

@@ -5,13 +5,12 @@
 // 2-core EPYC this was written on, where a 2-thread read streams 31-36 GB/s.
 #include "cpu_linear.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
+#include "work_pool.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define COTRT_X86 1
@@ -51,16 +50,20 @@ struct Shrunk {
   const int64_t* off = nullptr;  // [M]
 };
 
-// bias, the LoRA expand of row m, and the store: shared by both kernels.
-inline void finish(const LinearArgs& a, const Shrunk& lo, int64_t m, int64_t n, float v) {
+// The LoRA expand of row m at output n: t[m] · B[n, a_m] (r terms), 0 for base-only rows.
+inline float expand_scalar(const LinearArgs& a, const Shrunk& lo, int64_t m, int64_t n) {
+  if (!lo.off || lo.off[m] < 0) return 0.f;
+  const float* t = lo.t + m * a.r;
+  const int64_t b0 = n * a.n_adapters * a.r + lo.off[m];
+  float d = 0.f;
+  for (int64_t j = 0; j < a.r; ++j) d += t[j] * load_w(a.lora_b, a.wtype, b0 + j);
+  return d;
+}
+
+// bias, the LoRA term d, and the store: shared by both kernels.
+inline void finish(const LinearArgs& a, int64_t m, int64_t n, float v, float d) {
   if (a.bias) v += load_w(a.bias, a.wtype, n);
-  if (lo.off && lo.off[m] >= 0) {
-    const float* t = lo.t + m * a.r;
-    const int64_t b0 = n * a.n_adapters * a.r + lo.off[m];
-    float d = 0.f;
-    for (int64_t j = 0; j < a.r; ++j) d += t[j] * load_w(a.lora_b, a.wtype, b0 + j);
-    v += d;
-  }
+  v += d;
   if (a.y_bf16)
     static_cast<uint16_t*>(a.y)[m * a.ldy + n] = f32_to_bf16(v);
   else
@@ -79,7 +82,7 @@ void rows_scalar(const LinearArgs& a, const Shrunk& lo, int64_t n0, int64_t n1) 
         for (int l = 0; l < 8; ++l) s[l] += x[k + l] * load_w(a.w, a.wtype, n * a.K + k + l);
       float v = ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
       for (; k < a.K; ++k) v += x[k] * load_w(a.w, a.wtype, n * a.K + k);
-      finish(a, lo, m, n, v);
+      finish(a, m, n, v, expand_scalar(a, lo, m, n));
     }
   }
 }
@@ -105,6 +108,21 @@ inline float hsum(__m256 v) {  // ((0+4)+(2+6)) + ((1+5)+(3+7))
   return _mm_cvtss_f32(s);
 }
 
+float dot_avx2(const float* x, const void* w, WType t, int64_t w0, int64_t K) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(load8(w, t, w0 + k), _mm256_loadu_ps(x + k), acc);
+  float v = hsum(acc);
+  for (; k < K; ++k) v += x[k] * load_w(w, t, w0 + k);
+  return v;
+}
+
+// The LoRA expand, vectorized over r (B's r values of one output are contiguous).
+inline float expand_avx2(const LinearArgs& a, const Shrunk& lo, int64_t m, int64_t n) {
+  if (!lo.off || lo.off[m] < 0) return 0.f;
+  return dot_avx2(lo.t + m * a.r, a.lora_b, a.wtype, n * a.n_adapters * a.r + lo.off[m], a.r);
+}
+
 // NR weight rows (n..n+NR) times MR x rows (m..m+MR).
 template <int NR, int MR>
 inline void tile(const LinearArgs& a, const Shrunk& lo, int64_t n, int64_t m) {
@@ -126,7 +144,7 @@ inline void tile(const LinearArgs& a, const Shrunk& lo, int64_t n, int64_t m) {
     for (int j = 0; j < MR; ++j) {
       float v = hsum(acc[i][j]);
       for (int64_t k = K8; k < a.K; ++k) v += x[j][k] * load_w(a.w, a.wtype, (n + i) * a.K + k);
-      finish(a, lo, m + j, n + i, v);
+      finish(a, m + j, n + i, v, expand_avx2(a, lo, m + j, n + i));
     }
 }
 
@@ -141,15 +159,6 @@ void rows_avx2(const LinearArgs& a, const Shrunk& lo, int64_t n0, int64_t n1) {
   int64_t n = n0;
   for (; n + kNR <= n1; n += kNR) block<kNR>(a, lo, n);
   for (; n < n1; ++n) block<1>(a, lo, n);
-}
-
-float dot_avx2(const float* x, const void* w, WType t, int64_t w0, int64_t K) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(load8(w, t, w0 + k), _mm256_loadu_ps(x + k), acc);
-  float v = hsum(acc);
-  for (; k < K; ++k) v += x[k] * load_w(w, t, w0 + k);
-  return v;
 }
 
 #if defined(__clang__)
@@ -206,29 +215,30 @@ void linear(const LinearArgs& a) {
     lo.t = t.data();
     lo.off = off.data();
   }
+  // Chunks of whole 4-row blocks, about 8 per thread, claimed by whichever thread is free
+  // (work_pool.h): a thread the OS deschedules delays only the chunk it holds.
+  struct Job {
+    const LinearArgs* a;
+    const Shrunk* lo;
+    int64_t rows;  // weight rows per chunk
+    bool avx2;
+  };
+  const int threads = a.threads > 0 ? a.threads : 1;
   const int64_t blocks = (a.N + kNR - 1) / kNR;
-  // Contiguous ranges of W per thread (static schedule): each core streams its own range.
-#if defined(_OPENMP)
-  const int nt = a.threads > 0 ? a.threads : omp_get_max_threads();
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && blocks > 1)
-#endif
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t n0 = b * kNR, n1 = n0 + kNR < a.N ? n0 + kNR : a.N;
-    if (avx2)
-      rows_avx2(a, lo, n0, n1);
+  const int64_t per = std::max<int64_t>(4, (blocks + 8 * threads - 1) / (8 * threads));
+  const Job job{&a, &lo, per * kNR, avx2};
+  parallel_chunks((blocks + per - 1) / per, threads, [](const void* ctx, int64_t c) {
+    const Job& j = *static_cast<const Job*>(ctx);
+    const int64_t n0 = c * j.rows, n1 = std::min(n0 + j.rows, j.a->N);
+    if (j.avx2)
+      rows_avx2(*j.a, *j.lo, n0, n1);
     else
-      rows_scalar(a, lo, n0, n1);
-  }
+      rows_scalar(*j.a, *j.lo, n0, n1);
+  }, &job);
 }
 
 const char* isa() { return cpu_has_avx2() ? "avx2" : "scalar"; }
 
-bool has_openmp() {
-#if defined(_OPENMP)
-  return true;
-#else
-  return false;
-#endif
-}
+int workers() { return pool_workers(); }
 
 }  // namespace cotrt

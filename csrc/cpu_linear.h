@@ -28,14 +28,15 @@ struct LinearArgs {
   // meta
   WType wtype;
   bool adapter_i64, y_bf16;
-  int threads;  // <= 0: OpenMP's default
+  int threads;  // threads to use, the caller's included (<= 0: 1)
 };
 
 // Runs the AVX2+FMA kernel when the CPU has it, the portable one otherwise.
 void linear(const LinearArgs& a);
 
-// Which kernel linear() runs on this CPU: "avx2" or "scalar"; and whether OpenMP is in.
+// Which kernel linear() runs on this CPU: "avx2" or "scalar"; and the pool's worker threads
+// started so far.
 const char* isa();
-bool has_openmp();
+int workers();
 
 }  // namespace cotrt

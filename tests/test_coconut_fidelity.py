@@ -159,7 +159,8 @@ def test_max_new_tokens_counts_answer_tokens_only(latent_tok):
 def test_answer_tokens_leave_the_latent_phase_out(latent_tok):
     """With think markers and a latent phase outside thinking, the tokens after the
     end-latent token are the answer (what answer_budget counts); the end-latent token is
-    part of the latent phase (it was counted as an answer token)."""
+    part of the latent phase (it was counted as an answer token), and latent steps are not
+    forced tokens (those count what controls forced into the text: cues, markers, waits)."""
     tok = latent_tok
     model = _model("llama", tok, seed=84)
     rt = cotrt.wrap(model, tok, max_batch=1, max_len=128, think_format=ThinkFormat("<think>", "</think>"))
@@ -167,7 +168,7 @@ def test_answer_tokens_leave_the_latent_phase_out(latent_tok):
     o = rt.generate([q], cotrt.Params(max_new_tokens=n, ignore_eos=True, latent=cotrt.Latent(steps=k)))[0]
     assert len(o.token_ids) == k + 1 + n
     assert o.stats["answer_tokens"] == n and o.stats["new_tokens"] == n and o.stats["think_tokens"] == 0
-    assert o.stats["latent_steps"] == k and o.stats["forced_tokens"] == k + 1
+    assert o.stats["latent_steps"] == k and o.stats["forced_tokens"] == 0
 
 
 # ------------------------------------------------- item 12: an EOS as the first answer token

@@ -91,6 +91,58 @@ def test_out_and_threads():
         assert_close(out, cpu_linear_ref(**c))
 
 
+def test_pool_threads_chunks_and_concurrent_callers():
+    """The work-claiming pool (csrc/work_pool.cpp): more threads than chunks, more threads
+    than cores, and Python threads calling at once (one owns the pool, the others run
+    alone) all give the reference result; workers are started once, not per call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cotrt import _cpu
+
+    c = make(5, 64, 4099, seed=6, bias=True)  # N not a multiple of the 4-row block
+    ref = cpu_linear_ref(**c)
+    for threads in (1, 2, 7, 64):
+        assert_close(cpu_linear(**c, threads=threads), ref, msg=f"threads={threads}")
+    started = _cpu.workers()
+    assert 1 <= started <= 63
+    for _ in range(50):
+        cpu_linear(**c, threads=7)
+    assert _cpu.workers() == started
+
+    cases = [make(1 + i % 8, 96, 1000 + 37 * i, seed=i, bias=i % 2 == 0) for i in range(12)]
+    with ThreadPoolExecutor(4) as ex:
+        outs = list(ex.map(lambda c: [cpu_linear(**c, threads=3) for _ in range(20)][-1], cases))
+    for i, (c, y) in enumerate(zip(cases, outs)):
+        assert_close(y, cpu_linear_ref(**c), msg=f"concurrent case {i}")
+
+
+def test_pool_in_a_forked_child():
+    """A forked child has none of the parent's pool threads: it starts its own and gets the
+    reference result (no hang on the parent's copied state)."""
+    import os
+
+    c = make(3, 64, 2048, seed=8)
+    cpu_linear(**c, threads=2)  # the parent's pool is running
+    ref = cpu_linear_ref(**c)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        ok = b"0"
+        try:
+            ok = b"1" if torch.allclose(cpu_linear(**c, threads=2), ref, atol=1e-4) else b"0"
+        finally:
+            os.write(w, ok)
+            os._exit(0)
+    os.close(w)
+    import select
+    ready, _, _ = select.select([r], [], [], 120)
+    got = os.read(r, 1) if ready else b"hang"
+    if not ready:
+        os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    assert got == b"1"
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(x=torch.zeros(2, 5)), "weight must be"),
     (dict(x=torch.zeros(2, 4, dtype=torch.float64), weight=torch.zeros(3, 4, dtype=torch.float64)), "weight dtype"),

@@ -137,11 +137,12 @@ def test_decoding_with_the_kernel_equals_plain(arch, smol_tokenizer):
     vocab = len(smol_tokenizer)
     prompts = [[5, 17, 300, 9, 41], list(range(100, 130)), [7, 7, 7]]
     params = cotrt.Params(max_new_tokens=10, ignore_eos=True)
-    plain = cotrt.wrap(tiny_model(arch, vocab, seed=3), smol_tokenizer, max_batch=2, max_len=64, fuse=False)
+    plain = cotrt.wrap(tiny_model(arch, vocab, seed=3), smol_tokenizer, max_batch=2, max_len=64, fuse=False,
+                       cpu_kernels=False)
     assert plain.runner.fused == {}
     ref = [o.token_ids for o in plain.generate(prompts, params)]
     rt = cotrt.wrap(tiny_model(arch, vocab, seed=3), smol_tokenizer, max_batch=2, max_len=64, fuse=True,
-                    decode_graph="static")
+                    decode_graph="static", cpu_kernels=False)
     assert set(rt.runner.fused) == {"norms", "rope"} and rt.runner.fused["norms"]
     model = rt.model
     head_dim = model.config.head_dim

@@ -5,10 +5,12 @@
 A decode step multiplies a few rows (M <= 8) by every weight once, so it is bound by
 reading W. PyTorch's fp32 GEMV at M=1 used one core at 11-12 GB/s on the 2-core EPYC of
 bench/RESULTS.md, where a 2-thread read of the same tensor streams 31-36 GB/s. The C++
-kernel (csrc/cpu_linear.cpp, module ``cotrt._cpu``) splits W's rows over the OpenMP
-threads, streams each 4-row block once, and accumulates in fp32 (fp32 or bf16 weights). The
-valve rides the same pass: the LoRA shrink ``alpha · x Aᵀ`` ([M, r]) is computed first,
-the expand is added per output element while W streams.
+kernel (csrc/cpu_linear.cpp, module ``cotrt._cpu``) cuts W's rows into chunks that the
+calling thread and the pool's workers claim (csrc/work_pool.h: no barrier, so a thread the
+OS deschedules delays only its own chunk), streams each 4-row block once, and accumulates
+in fp32 (fp32 or bf16 weights). The valve rides the same pass: the LoRA shrink
+``alpha · x Aᵀ`` ([M, r]) is computed first, the expand is added per output element while
+W streams.
 
 - :func:`cpu_linear` — the launcher (validates, then calls the kernel).
 - :func:`cpu_linear_ref` — the fp32 reference (the test oracle).
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-try:  # torch first: the kernel's OpenMP is then torch's libgomp (one thread pool, not two)
+try:
     from cotrt import _cpu
 except ImportError:  # pragma: no cover - built by setup.py; absent in a source tree never built
     _cpu = None
@@ -102,7 +104,7 @@ def cpu_linear(x, weight, bias=None, lora_a=None, lora_b=None, alpha=None, adapt
         adapter_idx: [M] int32/int64 or None (adapter 0). Rows with alpha == 0 or an index
             outside [0, n_adapters) are base-only: they get no LoRA term at all.
         out: [M, N] of x's dtype (unit column stride) to write into, or None.
-        threads: OpenMP threads, <= 0 for the default (torch's ``get_num_threads()``).
+        threads: threads, the caller's included; <= 0 for torch's ``get_num_threads()``.
 
     Returns:
         y: [M, N] of x's dtype; fp32 accumulation, rounded once to bf16 for bf16 inputs.
@@ -116,6 +118,7 @@ def cpu_linear(x, weight, bias=None, lora_a=None, lora_b=None, alpha=None, adapt
 
 def _launch(x, weight, bias, lora_a, lora_b, alpha, adapter_idx, out, threads):
     """The call without validation (callers that checked their fixed tensors once)."""
+    threads = threads if threads > 0 else torch.get_num_threads()
     xf = x if x.dtype == torch.float32 and x.stride(1) == 1 else x.float().contiguous()
     M, K = xf.shape
     N = weight.shape[0]
