@@ -1,6 +1,7 @@
 """cpu_linear (the CPU decode-linear kernel) against the alternatives, in one run.
 
     python bench/bench_cpu_linear.py [--dtypes float32,bfloat16] [--rows 1,4,8] [--repeats 15] [--threads N]
+                                     [--sweep shapes|model|both] [--model default]
 
 Providers, on SmolLM2-135M's weight shapes (N x K; the same x, W, bias for all):
   F.linear        torch's linear (MKL; at M=1 a GEMV that runs on one core here)
@@ -10,6 +11,9 @@ Providers, on SmolLM2-135M's weight shapes (N x K; the same x, W, bias for all):
   valve           cpu_linear with a valve: r=16, one adapter, per-row alphas (0.5..1.7)
   valve_lora      cotrt.ops.valve_lora's torch path (what a valve cost before): F.linear + 2 GEMMs
   read            torch.sum over W (all threads): the measured read-bandwidth floor
+
+The model sweep then runs every linear of the model once, in order, at M=1 (F.linear,
+cpu_linear, read): a batch-1 decode step's weight traffic, weights cold as in a real step.
 
 Each figure is the median [p20, p80] of --repeats interleaved samples, a sample being as
 many back-to-back calls as fill ~5 ms. GB/s counts W (plus A and B for valve rows) once.
@@ -87,8 +91,37 @@ def batched(fn, target_s=0.005):
     return run, n
 
 
+def model_sweep(args):
+    """Every linear of the model once, in the model's order, M=1: a decode step's weight
+    traffic with cold weights (540 MB for SmolLM2 fp32; the per-shape rows above reuse one
+    weight that stays in cache)."""
+    from cotrt.models import load_model
+
+    model, _ = load_model(args.model)
+    ws = [m.weight.data for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    total = sum(w.numel() * w.element_size() for w in ws)
+    xs = {(w.shape[1], w.dtype): torch.randn(1, w.shape[1]).to(w.dtype) for w in ws}
+    sweeps = {
+        "F.linear": lambda: [F.linear(xs[w.shape[1], w.dtype], w) for w in ws],
+        "cpu_linear": lambda: [_launch(xs[w.shape[1], w.dtype], w, None, None, None, None, None, None, 0)
+                               for w in ws],
+        "read": lambda: [w.sum() for w in ws],
+    }
+    times = interleave(sweeps, args.repeats, warmup=1)
+    print(f"\n{len(ws)} linears of the model, {total / 1e6:.0f} MB, M=1, in order (one decode step's weights)")
+    print("| provider | ms [p20, p80] | GB/s | vs F.linear |")
+    print("|---|---:|---:|---:|")
+    base = quantiles(times["F.linear"])[0]
+    for k, ts in times.items():
+        m, lo, hi = quantiles(ts)
+        print(f"| {k} | {m * 1e3:.1f} [{lo * 1e3:.1f}, {hi * 1e3:.1f}] | {total / m / 1e9:.1f} | {base / m:.2f}x |")
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="default", help="the model whose linears --sweep reads")
+    ap.add_argument("--sweep", choices=["shapes", "model", "both"], default="both",
+                    help="per-shape rows, the whole-model sweep, or both")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--rows", default="1,4,8")
     ap.add_argument("--repeats", type=int, default=15)
@@ -98,6 +131,14 @@ def main():
         torch.set_num_threads(args.threads)
     order = ["F.linear", "mkldnn", "cpu_linear", "valve", "valve_lora", "read"]
     print(header(note=f"median [p20, p80] of {args.repeats} interleaved samples"))
+    if args.sweep != "model":
+        shapes(args, order)
+    if args.sweep != "shapes":
+        with torch.inference_mode():
+            model_sweep(args)
+
+
+def shapes(args, order):
     print("| dtype | weight (N x K) | M | " + " | ".join(f"{p} us (GB/s)" for p in order)
           + " | F.linear / cpu_linear | valve / cpu_linear |")
     print("|---|---|---:|" + "---:|" * (len(order) + 2))

@@ -13,6 +13,7 @@
 #include <pthread.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -32,9 +33,20 @@ constexpr int kGenShift = 40, kCountShift = 20;
 constexpr uint64_t kField = (uint64_t(1) << 20) - 1;
 constexpr int64_t kMaxChunks = int64_t(kField);
 constexpr int kMaxWorkers = 63;
-// How long an idle worker polls for the next job before it sleeps: a decode step calls a
-// linear every few tens of microseconds, and waking a sleeping thread costs about as much.
-constexpr auto kSpin = std::chrono::microseconds(100);
+constexpr long kDefaultSpinUs = 0;
+// How long an idle worker polls for the next job before it sleeps (COTRT_CPU_SPIN_US
+// overrides; default 0: sleep at once). Measured on the 2-core EPYC (bench/RESULTS.md): a
+// worker that polls takes a core from the main thread's own work between two linears (a
+// decode step's Python, norms, attention), and batch-1 decode was slowest with the longest
+// poll (100 us: 1.01x HF, 1 ms: 0.72x; 0: 1.10-1.31x); waking costs a futex call instead.
+std::chrono::microseconds spin_time() {
+  static const std::chrono::microseconds t = [] {
+    const char* e = std::getenv("COTRT_CPU_SPIN_US");
+    long v = e ? std::strtol(e, nullptr, 10) : kDefaultSpinUs;
+    return std::chrono::microseconds(v < 0 ? 0 : v);
+  }();
+  return t;
+}
 
 inline uint64_t gen_of(uint64_t s) { return s >> kGenShift; }
 inline int64_t count_of(uint64_t s) { return int64_t((s >> kCountShift) & kField); }
@@ -108,7 +120,7 @@ class Pool {
   }
 
   uint64_t wait_for_job(uint64_t seen) {
-    const auto until = std::chrono::steady_clock::now() + kSpin;
+    const auto until = std::chrono::steady_clock::now() + spin_time();
     for (int i = 0;; ++i) {
       uint64_t g = gen_of(state_.load(std::memory_order_acquire));
       if (g != seen) return g;
