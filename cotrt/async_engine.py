@@ -26,7 +26,6 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
-from .control.row import THINK
 from .output import Event, Output
 from .params import Params
 
@@ -278,10 +277,8 @@ class AsyncEngine:
             err = e if isinstance(e, ValueError) else ValueError(f"{type(e).__name__}: {e}")
             self._finish_unqueued(req, err, "invalid")
             return
-        row = self.engine.requests.get(rid)
         req.id = rid
-        req.prompt_tokens = len(row.prompt) if row is not None else 0
-        req.thinking = row is not None and row.phase0 == THINK
+        req.prompt_tokens, req.thinking = self.engine.prompt_state(rid)
         self._live[rid] = req
         _call(req._loop, _resolve, req._accepted, None)
 

@@ -1,5 +1,11 @@
 """Per-row sampling: greedy, temperature, top-k, top-p, seeded per request.
 
+The draws, all on one counter-based uniform: :func:`sample` (the eager step, any
+parameters), :func:`sample_captured` (inside a captured decode step: biases, then greedy
+or a plain seeded draw) and :func:`draw_probe` (a probe's token). Which one a step uses,
+and the per-row biases and bans, are decided once per step by
+``cotrt.engine.sampler.Sampler``.
+
 Randomness is counter-based: row b draws its uniform from ``hash(seed[b], position[b])``,
 so a request's tokens depend only on its own seed and position, never on which other
 requests share the batch or on how many draws they made (a per-batch torch.Generator
@@ -12,6 +18,8 @@ import math
 import torch
 
 _M32 = 0xFFFFFFFF
+MAX_BIASES = 16  # logit-bias / banned-token entries a row may carry into a captured sampling
+_PROBE_SALT = 0x5EED  # a probe's draws use another stream than its row's tokens
 
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:
@@ -145,3 +153,27 @@ def sample_static(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.T
     t = torch.where(hot, temperature, 1.0)
     drawn = inverse_cdf(torch.softmax(logits / t[:, None], dim=-1), uniform(seed, counter))
     return torch.where(hot, drawn, logits.argmax(dim=-1))
+
+
+def sample_captured(logits: torch.Tensor, mode: str, ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
+    """The sampling of a captured decode step, from fixed-shape device buffers only:
+    ``ints`` int64 ``[B, 2 + MAX_BIASES]`` (seed, counter, bias token ids...), ``floats``
+    fp32 ``[B, 1 + MAX_BIASES]`` (temperature, bias values...; -inf bans). Adds the biases to
+    ``logits`` (fp32 ``[B, V]``, in place), then takes the argmax (``mode="greedy"``) or
+    :func:`sample_static`'s draw (``"plain"``). Returns int64 ``[B]``."""
+    logits.scatter_add_(1, ints[:, 2:], floats[:, 1:])  # unused entries add 0.0 to logit 0
+    if mode == "greedy":
+        return logits.argmax(dim=-1)
+    return sample_static(logits, floats[:, 0], ints[:, 0], ints[:, 1])
+
+
+def draw_probe(logits: torch.Tensor, temperature: float, seed: int, counter: int) -> int:
+    """A probe's next token from its logits ``[V]`` (fp32): the argmax, or a draw from
+    ``softmax(logits / temperature)`` with the uniform of (``seed`` salted, ``counter``), so
+    the probe never consumes its row's random stream. A float64 cumsum over the row: one
+    row a step, and probes' recorded tokens stay what they were."""
+    probs = torch.softmax(logits / temperature if temperature > 0 else logits, -1)
+    if temperature <= 0:
+        return int(probs.argmax())
+    u = float(uniform(torch.tensor([seed ^ _PROBE_SALT]), torch.tensor([counter])))
+    return int(torch.searchsorted(torch.cumsum(probs.double(), -1), torch.tensor([u])).clamp_max(probs.numel() - 1))
