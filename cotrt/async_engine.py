@@ -15,6 +15,11 @@ growing an unbounded backlog.
     async with AsyncEngine(cotrt.wrap(model, tok, max_batch=8), max_queue=32) as engine:
         async for ev in engine.stream("Hello", {"max_new_tokens": 32}):
             print(ev.text, end="")
+
+Past ~400 lines on purpose: the file is one protocol between three kinds of threads (event
+loops, the preparation thread, the engine thread) over one condition variable, and every
+method here takes part in it; split, the rule "only the engine thread calls the engine"
+would have to be checked across files. About a third of it is docstrings.
 """
 from __future__ import annotations
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..sampling import draw_probe
 from .policy import Continue, Exit, Probe, ProbeRecord, ProbeResult, RowView, SetValve
 from .phase import PHASE_NAMES, THINK
 
@@ -133,6 +132,8 @@ class ExitControl:
             pr.entropy = float(-(logp.exp() * logp).sum())
             if pr.spec.max_tokens == 0:
                 return self._finish(row, "length")
+        from ..engine.sampler import draw_probe  # here: cotrt.engine imports this module
+
         tok = draw_probe(logits, pr.spec.temperature, row.params.seed, pr.start + len(pr.tokens))
         pr.tokens.append(tok)
         p1 = torch.softmax(logits, -1)

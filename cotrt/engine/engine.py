@@ -19,10 +19,10 @@ import torch
 from ..control.phase import THINK
 from ..control.request import Request, RowPatterns
 from ..control.think import ThinkFormat
-from ..graph import DecodeGraphs, resolve_mode
 from ..output import Event, OutputBuilder
 from ..params import Params, check_valve
 from .batch import StepBatch, set_valves
+from .graph import DecodeGraphs, resolve_mode
 from .intake import Intake
 from .sampler import Sampler
 from .scheduler import Scheduler, plan, prefill_groups
@@ -194,7 +194,7 @@ class Engine:
         self._after_forward(b, hidden, tapped)
 
     def _decode_static(self, b: StepBatch) -> bool:
-        """The decode step through ``self.graphs`` (cotrt.graph), sampling inside it when the
+        """The decode step through ``self.graphs`` (engine/graph.py), sampling inside it when the
         draws allow; False when this step's key cannot be captured (the eager step runs)."""
         graphs, n = self.graphs, len(b.rows)
         B = graphs.bucket(n)

@@ -18,8 +18,8 @@ What makes the step capturable:
 The captured part is the decoder forward, the LM head of every row (fp32 logits) and,
 when every sampling row allows it, the sampling: each row's logit biases and banned tokens
 (at most ``MAX_BIASES``, scattered from a buffer), then the argmax ("greedy") or a seeded
-draw without top-k / top-p ("plain"): ``sampling.sample_captured``, fed the spec that
-``cotrt.engine.sampler.Sampler.captured`` built. Otherwise (top-k, top-p,
+draw without top-k / top-p ("plain"): ``sampler.sample_captured``, fed the spec that
+``Sampler.captured`` built (cotrt/engine/sampler.py). Otherwise (top-k, top-p,
 many biases) the engine samples the captured logits itself. The token automaton and the
 controls run after the step: they make host decisions on the sampled tokens, and the
 step's one sync is reading those tokens. Prefill and probe starts (several tokens a row)
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import MAX_BIASES, sample_captured
+from .sampler import MAX_BIASES, sample_captured
 
 MODES = ("auto", "cuda", "static", "off")
 _BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
