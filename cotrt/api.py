@@ -54,7 +54,7 @@ class Runtime:
             raise ValueError(f"fuse must be True, False or None, got {fuse!r}")
         if cpu_kernels is not None and not isinstance(cpu_kernels, bool):
             raise ValueError(f"cpu_kernels must be True, False or None, got {cpu_kernels!r}")
-        from .graph import resolve_mode
+        from .engine.graph import resolve_mode
 
         param = next(model.parameters(), None)
         resolve_mode(decode_graph, param.device if param is not None else torch.device("cpu"))  # checks it

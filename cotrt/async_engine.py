@@ -15,6 +15,11 @@ growing an unbounded backlog.
     async with AsyncEngine(cotrt.wrap(model, tok, max_batch=8), max_queue=32) as engine:
         async for ev in engine.stream("Hello", {"max_new_tokens": 32}):
             print(ev.text, end="")
+
+Past ~400 lines on purpose: the file is one protocol between three kinds of threads (event
+loops, the preparation thread, the engine thread) over one condition variable, and every
+method here takes part in it; split, the rule "only the engine thread calls the engine"
+would have to be checked across files. About a third of it is docstrings.
 """
 from __future__ import annotations
 
@@ -26,7 +31,6 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
-from .control.row import THINK
 from .output import Event, Output
 from .params import Params
 
@@ -278,10 +282,8 @@ class AsyncEngine:
             err = e if isinstance(e, ValueError) else ValueError(f"{type(e).__name__}: {e}")
             self._finish_unqueued(req, err, "invalid")
             return
-        row = self.engine.requests.get(rid)
         req.id = rid
-        req.prompt_tokens = len(row.prompt) if row is not None else 0
-        req.thinking = row is not None and row.phase0 == THINK
+        req.prompt_tokens, req.thinking = self.engine.prompt_state(rid)
         self._live[rid] = req
         _call(req._loop, _resolve, req._accepted, None)
 

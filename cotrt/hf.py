@@ -14,7 +14,8 @@ token automaton, so markers split over several tokens are seen; rows of a batch 
 independent, left padding is skipped. The tracker advances one token per step (O(1) per row)
 and rescans a row only when its history changed under it (beam search reordering).
 
-Counting follows the engine (cotrt/control/row.py): thinking tokens are the ones the model
+Phases are tracked as the engine's are (cotrt/control/phase.py), and counting follows the
+engine (cotrt/control/request.py): thinking tokens are the ones the model
 chose inside the think phase (the end marker it emits itself included); tokens forced by
 these processors (the end marker and transition, wait texts) are not counted. Tokens before
 a ``<think>`` that never came count as answer tokens.
@@ -26,7 +27,8 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from cotrt.control.automaton import compile_cached, token_bytes
 from cotrt.control.profiles import NOWAIT_WORDS, reflection_token_ids
-from cotrt.control.row import ANSWER, PHASE_NAMES, PRE, THINK, _incomplete_utf8_tail
+from cotrt.control.phase import ANSWER, PHASE_NAMES, THINK, closes_thinking, opens_thinking, prompt_phase
+from cotrt.control.request import incomplete_utf8_tail
 from cotrt.control.think import ThinkFormat
 from cotrt.params import _check_int
 
@@ -111,20 +113,11 @@ class ThinkTracker:
     def _scan(self, ids: list[int]) -> _RowState:
         """A row from scratch: the prompt decides the starting phase (the last marker in it
         wins), then every generated token is advanced."""
-        fmt, width = self.fmt, self._next.shape[1]
         p = min(self._prompt_len, len(ids))
         skip = 0
         while skip < p and ids[skip] == self.pad_id:  # left padding
             skip += 1
-        phase, state = (THINK if fmt.plain else PRE), 0
-        for tok in ids[skip:p]:
-            if tok >= width:
-                continue
-            e, state = int(self._emit[state, tok]), int(self._next[state, tok])
-            if not fmt.plain and e & self.start_bit:
-                phase = THINK
-            if not fmt.plain and e & self.end_bit:
-                phase = PRE  # closed in an earlier turn: this turn starts outside thinking
+        phase = prompt_phase(ids[skip:p], self._next, self._emit, self.start_bit, self.end_bit, self.fmt.plain)
         row = _RowState(phase)  # matching restarts clean: prompt text does not count
         row.last = ids[p - 1] if p else None
         for tok in ids[p:]:
@@ -143,14 +136,14 @@ class ThinkTracker:
             row.tail = (row.tail + self.vocab_bytes[tok])[-4:]
         else:  # ids past the tokenizer (padded embedding matrix): no text
             e = 0
-        if row.phase == PRE and self.start_bit and e & self.start_bit:
+        if opens_thinking(row.phase, e, self.start_bit):
             row.phase = THINK
         if row.phase == THINK:
             if forced:
                 row.forced += 1
             else:
                 row.think += 1
-            if e & self.end_bit:
+            if closes_thinking(row.phase, e, self.end_bit):
                 row.phase = ANSWER
                 row.think_end = row.closing or "natural"
                 row.queue.clear()
@@ -182,7 +175,7 @@ class ThinkTracker:
 
     def utf8_pending(self, row: int) -> bool:
         """Whether the row's text ends inside a multi-byte UTF-8 character."""
-        return _incomplete_utf8_tail(self.rows[row].tail) > 0
+        return incomplete_utf8_tail(self.rows[row].tail) > 0
 
     def stats(self) -> list[dict]:
         """Per row: phase, think (chosen thinking tokens), forced, answer, waits, think_end."""

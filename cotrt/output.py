@@ -3,14 +3,15 @@
 Text is built from the generated tokens: stop strings cut, special tokens (EOS, pad) left
 out but think markers kept, reasoning and answer split at the think format's markers.
 Streaming text is decoded incrementally over a small window and holds back what the row
-has not committed (see ``Row.holdback``).
+has not committed (see ``Request.holdback``).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
-from .control.row import PHASE_NAMES, THINK, Row
+from .control.phase import PHASE_NAMES, THINK
+from .control.request import Request
 from .control.think import ThinkFormat
 
 
@@ -47,8 +48,9 @@ class OutputBuilder:
         self.tokenizer = tokenizer
         self.fmt = fmt
         self._decode = _window_decoder(tokenizer)
+        self._specials: list | None = None  # special tokens to drop from text, found on first use
 
-    def event(self, row: Row) -> Event | None:
+    def event(self, row: Request) -> Event | None:
         """The tokens (and text) ``row`` committed since the last event, if any."""
         if row.finished:
             return self.final_event(row)
@@ -59,16 +61,16 @@ class OutputBuilder:
         row.emitted = commit
         return Event(row.id, new, self._text_delta(row, commit))
 
-    def final_event(self, row: Row) -> Event:
+    def final_event(self, row: Request) -> Event:
         out = self.output(row)
         new = row.gen[row.emitted:]
         row.emitted = len(row.gen)
         # The stream's text ends exactly where the final text does (stop strings cut).
-        streamed = getattr(row, "streamed_text", "")
+        streamed = row.streamed_text
         delta = out.text[len(streamed):] if out.text.startswith(streamed) else ""
         return Event(row.id, new, delta, finished=True, output=out)
 
-    def _text_delta(self, row: Row, upto: int) -> str:
+    def _text_delta(self, row: Request, upto: int) -> str:
         # Incremental detokenization over a small window (a token's text can depend on its
         # neighbours, e.g. SentencePiece's leading space).
         dec = lambda a, b: self._clean(self._decode(row.gen[a:b]))
@@ -78,12 +80,12 @@ class OutputBuilder:
             return ""
         delta = full[len(prefix):]
         row.stream_prefix, row.stream_read = row.stream_read, upto
-        row.streamed_text = getattr(row, "streamed_text", "") + delta
+        row.streamed_text += delta
         return delta
 
     def _clean(self, s: str) -> str:
         """Text without special tokens (EOS, BOS, pad), but with the think markers."""
-        specials = getattr(self, "_specials", None)
+        specials = self._specials
         if specials is None:
             # Keep specials that are part of a marker (s1's "<|im_start|>think").
             markers = (self.fmt.start or "") + "\0" + self.fmt.end
@@ -94,7 +96,7 @@ class OutputBuilder:
                 s = s.replace(sp, "")
         return s
 
-    def output(self, row: Row) -> Output:
+    def output(self, row: Request) -> Output:
         tok = self.tokenizer
         raw = tok.decode(row.gen, skip_special_tokens=False)
         raw = _cut_stop(raw, row.params.stop) if row.finished == "stop_string" else raw
@@ -103,9 +105,9 @@ class OutputBuilder:
         reasoning, answer = clean(reasoning).strip(), _drop(clean(answer), self.fmt).strip()
         text = clean(raw)
         stats = row.stats()
-        now = time.perf_counter()
-        stats["time_s"] = round(getattr(row, "t_done", now) - row.t_add, 6)
-        if hasattr(row, "t_first"):
+        done = row.t_done if row.t_done is not None else time.perf_counter()
+        stats["time_s"] = round(done - row.t_add, 6)
+        if row.t_first is not None:
             stats["ttft_s"] = round(row.t_first - row.t_add, 6)
         stats["phase"] = PHASE_NAMES[row.phase]
         return Output(row.id, row.prompt, list(row.gen), text, reasoning, answer,

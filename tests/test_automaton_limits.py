@@ -61,7 +61,7 @@ def test_pattern_size_caps_name_the_field():
 def test_compile_runs_in_the_callers_thread(smol_tokenizer, monkeypatch):
     """AsyncEngine compiles a request's patterns (and tokenizes it) before it reaches the
     engine thread, so a big pattern set never stalls the running streams."""
-    from cotrt import engine as engine_mod
+    from cotrt.engine import intake as engine_mod
     from cotrt.async_engine import AsyncEngine
 
     threads = []

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from cotrt.control.automaton import compile_cached, token_bytes
-from cotrt.control.row import ANSWER, PRE, THINK, Row, RowPatterns
+from cotrt.control.phase import ANSWER, PRE, THINK
+from cotrt.control.request import Request as Row, RowPatterns
 from cotrt.control.think import ThinkFormat
 from cotrt.params import Params
 

@@ -269,7 +269,7 @@ def vllm_deer(model, tok, prompt, threshold, n_tokens, seed):
     until a stop string, EOS or 20 tokens; exit ("\\n</think>\\n\\n" after the cut text,
     then greedy answer) when avg1 > threshold, else "Wait" goes back on; at most 10 probes.
     Keeps tokens where the script re-tokenizes its text (the README's one difference)."""
-    from cotrt.sampling import uniform
+    from cotrt.engine.sampler import uniform
 
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     stops = (" }", "}\n", "}\n\n", "}.", "}.\n", "}\\", "}}", ")}", ")}.", ")}\n")

@@ -20,7 +20,7 @@ import torch
 import cotrt
 from _parity import assert_greedy_match, hf_greedy
 from conftest import ARCHS, tiny_model
-from cotrt.graph import DecodeGraphs, buckets, resolve_mode
+from cotrt.engine.graph import DecodeGraphs, buckets, resolve_mode
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -207,7 +207,7 @@ def test_sampling_inside_the_step(think_tokenizer):
     """Greedy and plain temperature batches sample inside the static step (logit biases
     and the banned end marker scattered from buffers); top-p or too many biases leave it
     to the engine; the tokens equal the eager step's either way."""
-    from cotrt.graph import MAX_BIASES
+    from cotrt.engine.graph import MAX_BIASES
 
     tok = think_tokenizer
     model = tiny_model("qwen3", len(tok), seed=8)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cotrt.sampling import sample, uniform
+from cotrt.engine.sampler import sample, uniform
 
 
 def _draw(logits, n, temperature=1.0, top_p=1.0, top_k=0, seed0=0):
@@ -101,7 +101,7 @@ def test_top_k_past_the_vocabulary_keeps_everything():
 def test_inverse_cdf_equals_a_full_cumsum(V):
     """The two-level inverse CDF picks what a row-long float64 cumsum picks, never a
     zero-mass entry (zero entries inside the row and a V that is no multiple of 32)."""
-    from cotrt.sampling import inverse_cdf
+    from cotrt.engine.sampler import inverse_cdf
 
     g = torch.Generator().manual_seed(V)
     p = torch.softmax(torch.randn(64, V, generator=g) * 4, -1)
@@ -122,7 +122,7 @@ def test_inverse_cdf_equals_a_full_cumsum(V):
 def test_sample_static_equals_sample_without_filters():
     """The captured step's sampler gives each row what sample() gives it (greedy and
     temperature rows mixed, no top-k / top-p)."""
-    from cotrt.sampling import sample_static
+    from cotrt.engine.sampler import sample_static
 
     g = torch.Generator().manual_seed(3)
     B, V = 12, 999

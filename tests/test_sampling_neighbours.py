@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cotrt
-from cotrt.sampling import sample
+from cotrt.engine.sampler import sample
 
 from conftest import tiny_model
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .policy import Continue, Exit, Probe, ProbeRecord, ProbeResult, RowView, SetValve
-from .row import PHASE_NAMES, THINK
+from .phase import PHASE_NAMES, THINK
 
 
 @dataclass
@@ -87,7 +87,7 @@ class ExitControl:
             text=lambda: tok.decode(row.gen, skip_special_tokens=True),
             step_text=lambda: _last_step(tok.decode(row.gen, skip_special_tokens=True)),
             probes=list(self.records), think_budget=row.params.think_budget,
-            valve=dict(getattr(row, "valve", {}) or {}),
+            valve=dict(row.valve),
             last_token=row.gen[-1] if row.gen else None,
         )
 
@@ -132,14 +132,9 @@ class ExitControl:
             pr.entropy = float(-(logp.exp() * logp).sum())
             if pr.spec.max_tokens == 0:
                 return self._finish(row, "length")
-        probs = torch.softmax(logits / pr.spec.temperature if pr.spec.temperature > 0 else logits, -1)
-        if pr.spec.temperature > 0:
-            from ..sampling import uniform
+        from ..engine.sampler import draw_probe  # here: cotrt.engine imports this module
 
-            u = float(uniform(torch.tensor([row.params.seed ^ 0x5EED]), torch.tensor([pr.start + len(pr.tokens)])))
-            tok = int(torch.searchsorted(torch.cumsum(probs.double(), -1), torch.tensor([u])).clamp_max(probs.numel() - 1))
-        else:
-            tok = int(probs.argmax())
+        tok = draw_probe(logits, pr.spec.temperature, row.params.seed, pr.start + len(pr.tokens))
         pr.tokens.append(tok)
         p1 = torch.softmax(logits, -1)
         pr.max_probs.append(float(p1.max()))

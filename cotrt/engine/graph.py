@@ -18,7 +18,8 @@ What makes the step capturable:
 The captured part is the decoder forward, the LM head of every row (fp32 logits) and,
 when every sampling row allows it, the sampling: each row's logit biases and banned tokens
 (at most ``MAX_BIASES``, scattered from a buffer), then the argmax ("greedy") or a seeded
-draw without top-k / top-p ("plain", ``sampling.sample_static``). Otherwise (top-k, top-p,
+draw without top-k / top-p ("plain"): ``sampler.sample_captured``, fed the spec that
+``Sampler.captured`` built (cotrt/engine/sampler.py). Otherwise (top-k, top-p,
 many biases) the engine samples the captured logits itself. The token automaton and the
 controls run after the step: they make host decisions on the sampled tokens, and the
 step's one sync is reading those tokens. Prefill and probe starts (several tokens a row)
@@ -39,10 +40,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import sample_static
+from .sampler import MAX_BIASES, sample_captured
 
 MODES = ("auto", "cuda", "static", "off")
-MAX_BIASES = 16  # logit-bias / banned-token entries a row may carry into a captured sampling
 _BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
@@ -217,10 +217,7 @@ class DecodeGraphs:
         logits = r.logits(h)
         tokens = None
         if mode is not None:
-            s_i, s_f = self._s_i[:B], self._s_f[:B]
-            logits.scatter_add_(1, s_i[:, 2:], s_f[:, 1:])  # biases; -inf bans
-            tokens = logits.argmax(dim=-1) if mode == "greedy" else \
-                sample_static(logits, s_f[:, 0], s_i[:, 0], s_i[:, 1])
+            tokens = sample_captured(logits, mode, self._s_i[:B], self._s_f[:B])
         return h, logits, {l: r.tapped[l][:, 0] for l in taps}, tokens
 
     def _capture(self, key: tuple) -> _Entry | None:  # pragma: no cover - CUDA only

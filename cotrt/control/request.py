@@ -1,6 +1,7 @@
-"""One request's control state: phases, budgets, step boundaries, stops, rollback.
+"""One request's state: phases, budgets, step boundaries, stops, rollback.
 
-The engine feeds every token a row appends (sampled or forced) through ``Row.accept``.
+The engine feeds every token a request appends (sampled or forced) through
+``Request.accept``.
 Marker, cue and stop detection is the token automaton (csrc/): one table lookup per
 token, on bytes, so markers split over several tokens, or sharing a token with other
 text, are seen exactly where their last byte lands.
@@ -12,13 +13,21 @@ the slot length, which the engine reads from ``cache_len``.
 from __future__ import annotations
 
 import bisect
+import time
 from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
-PRE, THINK, ANSWER, LATENT = 0, 1, 2, 3
-PHASE_NAMES = ("pre", "think", "answer", "latent")
+from .phase import ANSWER, LATENT, PHASE_NAMES, PRE, THINK, closes_thinking, opens_thinking, prompt_phase
+
+if TYPE_CHECKING:
+    from .exits import ExitControl
+    from .latent_run import LatentRun
+
+__all__ = ["Request", "RowPatterns", "incomplete_utf8_tail", "PRE", "THINK", "ANSWER", "LATENT", "PHASE_NAMES"]
 
 
-def _incomplete_utf8_tail(buf: bytes) -> int:
+def incomplete_utf8_tail(buf: bytes) -> int:
     """Number of trailing bytes of ``buf`` that start a UTF-8 character not yet complete."""
     for back in range(1, min(4, len(buf)) + 1):
         b = buf[-back]
@@ -61,70 +70,80 @@ class RowPatterns:
         return tuple(out)
 
 
-class Row:
-    """Host-side state of one request while it runs."""
+@dataclass(eq=False, repr=False)
+class Request:
+    """Host-side state of one request, from ``Engine.add`` until its output is built.
 
-    def __init__(self, rid, prompt_ids, params, fmt, pats: RowPatterns, vocab_bytes, eos_ids,
-                 encode, max_len):
-        self.id = rid
-        self.prompt = list(prompt_ids)
-        self.params = params
-        self.fmt = fmt
-        self.pats = pats
-        self.vocab_bytes = vocab_bytes
-        self.eos_ids = eos_ids
-        self.encode = encode  # str -> list[int], no special tokens added
-        self.max_len = max_len
-        self.slot = -1
-        self.gen: list[int] = []
-        self.gen_phase: list[int] = []
-        self.phase_counts = [0] * len(PHASE_NAMES)
-        self.gen_forced: list[bool] = []
-        self.states: list[int] = []  # automaton state after each generated token
-        self.byte_ends: list[int] = []
-        self.gen_bytes = bytearray()
-        self.forced: deque = deque()
-        self.closing: str | None = None  # why the forced end of thinking is underway
-        self.finished: str | None = None  # exit reason once done
-        self.finish_reason: str | None = None  # OpenAI-style: stop / length / abort / error
-        self.error: str | None = None
-        self.think_end: str | None = None
-        self.steps = 0
-        self.waits = 0
-        self.rolled_back = 0
-        self.soft_passed_at: int | None = None
-        self.think_sampled = 0
-        self.finish_after_forced = False
-        self.last_cue: str | None = None
-        self.valve = dict(getattr(params, "valve", None) or {})
-        self.exits = None  # ExitControl, set by the engine when the request has policies
-        self.latent = None  # LatentRun, set by the engine for a request with a latent phase
-        # Latent steps and the forced end-latent token: max_new_tokens does not count them
-        # (Coconut's generate counts answer tokens only: N=16, k=6 gives 16, not 9).
-        self.uncounted = 0
-        self.latent_steps = 0
-        # Phase at the end of the prompt: a template may pre-open thinking, earlier turns
-        # may hold closed markers; the last marker seen decides.
-        phase = THINK if fmt.plain else PRE
-        state = 0
-        width = pats.next.shape[1]
-        for t in self.prompt:
-            if t >= width:
-                continue
-            e = int(pats.emit[state, t])
-            state = int(pats.next[state, t])
-            if fmt.plain:
-                continue
-            if e & pats.start_bit:
-                phase = THINK
-            if e & pats.end_bit:
-                phase = PRE  # closed (in an earlier turn): this turn starts outside thinking
-        # Matching restarts at a clean state: cues and stops in the prompt do not count.
-        self.state0 = 0
-        self.phase0 = self.phase = phase
-        self.stream_prefix = 0  # incremental detokenization offsets (engine)
-        self.stream_read = 0
-        self.emitted = 0
+    Every field is declared here: the controls' state, what the engine attaches (exit
+    policies, latent phase, valve check), the timing it records and the streaming offsets
+    ``cotrt/output.py`` keeps. The first nine are the constructor's arguments, in order.
+    """
+
+    id: int
+    prompt: list
+    params: object  # cotrt.Params
+    fmt: object  # cotrt.control.think.ThinkFormat
+    pats: RowPatterns
+    vocab_bytes: list = field(repr=False)
+    eos_ids: frozenset = frozenset()
+    encode: Callable[[str], list] | None = None  # str -> token ids, no special tokens added
+    max_len: int = 0
+    # -- the request's attachments (set by the engine at add) ---------------------------------
+    exits: ExitControl | None = None  # its early-exit policies and probe in flight
+    latent: LatentRun | None = None  # its latent (contemplation) phase
+    valve_check: Callable[[dict], None] | None = None  # validates a valve a policy sets
+    valve: dict = field(default_factory=dict)  # {"name": alpha} or {} (the base model)
+    # -- the sequence -------------------------------------------------------------------------
+    slot: int = -1  # cache slot while running, -1 waiting or done
+    gen: list = field(default_factory=list)
+    gen_phase: list = field(default_factory=list)
+    phase_counts: list = field(default_factory=lambda: [0] * len(PHASE_NAMES))
+    gen_forced: list = field(default_factory=list)
+    states: list = field(default_factory=list)  # automaton state after each generated token
+    byte_ends: list = field(default_factory=list)
+    gen_bytes: bytearray = field(default_factory=bytearray)
+    forced: deque = field(default_factory=deque)  # tokens to force, head next
+    # -- control state --------------------------------------------------------------------------
+    state0: int = 0  # matching restarts at a clean state: cues and stops in the prompt do not count
+    phase0: int = PRE  # the phase the prompt leaves open (set from the prompt)
+    phase: int = PRE
+    closing: str | None = None  # why the forced end of thinking is underway
+    finished: str | None = None  # exit reason once done
+    finish_reason: str | None = None  # OpenAI-style: stop / length / abort / error
+    error: str | None = None
+    think_end: str | None = None
+    steps: int = 0
+    waits: int = 0
+    rolled_back: int = 0
+    soft_passed_at: int | None = None
+    think_sampled: int = 0
+    finish_after_forced: bool = False
+    last_cue: str | None = None
+    # Latent steps and the forced end-latent token: max_new_tokens does not count them
+    # (Coconut's generate counts answer tokens only: N=16, k=6 gives 16, not 9).
+    uncounted: int = 0
+    latent_steps: int = 0
+    end_ids: list | None = None  # the end marker's token ids, encoded on first use
+    # -- streaming offsets (cotrt/output.py) ------------------------------------------------------
+    emitted: int = 0  # tokens handed out in events
+    stream_prefix: int = 0  # incremental detokenization window
+    stream_read: int = 0
+    streamed_text: str = ""  # the text handed out in events
+    # -- timing (time.perf_counter) ---------------------------------------------------------------
+    t_add: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None  # after its prompt's forward
+    t_done: float | None = None  # when its slot was released
+
+    def __post_init__(self):
+        self.prompt = list(self.prompt)
+        self.valve = dict(self.valve or self.params.valve or {})
+        pats = self.pats
+        self.phase0 = self.phase = prompt_phase(self.prompt, pats.next, pats.emit, pats.start_bit, pats.end_bit,
+                                                self.fmt.plain)
+
+    def __repr__(self) -> str:
+        return (f"Request(id={self.id}, slot={self.slot}, prompt={len(self.prompt)} tokens, "
+                f"gen={len(self.gen)} tokens, phase={PHASE_NAMES[self.phase]}, finished={self.finished!r})")
 
     # -- accounting --------------------------------------------------------------------------
     @property
@@ -156,7 +175,7 @@ class Row:
         marker, cue or stop string still being matched, or an incomplete UTF-8 character."""
         if self.finished:
             return 0
-        tail = max(int(self.pats.depth[self.state]), _incomplete_utf8_tail(self.gen_bytes))
+        tail = max(int(self.pats.depth[self.state]), incomplete_utf8_tail(self.gen_bytes))
         if tail == 0:
             return 0
         first_byte = len(self.gen_bytes) - tail
@@ -173,10 +192,9 @@ class Row:
 
     @property
     def _end_single(self):
-        ids = getattr(self, "_end_ids", None)
-        if ids is None:
-            ids = self._end_ids = self.encode(self.fmt.end)
-        return ids[0] if len(ids) == 1 else None
+        if self.end_ids is None:
+            self.end_ids = self.encode(self.fmt.end)
+        return self.end_ids[0] if len(self.end_ids) == 1 else None
 
     def accept(self, tok: int, forced: bool) -> None:
         """Append one token and apply every control that it triggers."""
@@ -194,7 +212,7 @@ class Row:
         self.gen_bytes += self.vocab_bytes[tok] if tok < len(self.vocab_bytes) else b""
         self.byte_ends.append(len(self.gen_bytes))
         phase = self.phase
-        if phase == PRE and pats.start_bit and emit & pats.start_bit:
+        if opens_thinking(phase, emit, pats.start_bit):
             phase = self.phase = THINK
         # The forced end-latent token closes the latent phase: neither think nor answer.
         self._push_phase(LATENT if len(self.gen) <= self.uncounted else ANSWER if phase == PRE else phase)
@@ -202,11 +220,11 @@ class Row:
             self.think_sampled += 1
 
         if emit & pats.stop_bits:
-            return self._finish("stop_string", "stop")
+            return self.finish("stop_string", "stop")
         if tok in self.eos_ids and not p.ignore_eos:
-            return self._finish("eos", "stop")
+            return self.finish("eos", "stop")
         self.last_cue = None
-        if phase == THINK and emit & pats.end_bit:
+        if closes_thinking(phase, emit, pats.end_bit):
             if self._extend_thinking(forced):
                 return
             self.phase = ANSWER
@@ -218,13 +236,13 @@ class Row:
                 self.last_cue = pats.patterns[(emit & pats.cue_bits).bit_length() - 1].decode("utf-8", "replace")
             self._check_think_limits(emit)
         if forced and self.finish_after_forced and not self.forced:
-            return self._finish("exit_finish", "stop")
+            return self.finish("exit_finish", "stop")
         elif self.phase == ANSWER and p.answer_budget is not None and self.count(ANSWER) >= p.answer_budget:
-            return self._finish("answer_budget", "length")
+            return self.finish("answer_budget", "length")
         if len(self.gen) - self.uncounted >= p.max_new_tokens:
-            return self._finish("max_new_tokens", "length")
+            return self.finish("max_new_tokens", "length")
         if self.seq_len >= self.max_len:
-            return self._finish("max_len", "length")
+            return self.finish("max_len", "length")
 
     def start(self) -> None:
         """Apply limits that bite before the first token (a budget of 0)."""
@@ -259,9 +277,8 @@ class Row:
     def set_valve(self, valve: dict) -> None:
         """Replace this request's valve ({"name": alpha}, or {} for none) from the next
         token on; validated by the engine's check."""
-        check = getattr(self, "valve_check", None)
-        if check is not None:
-            check(valve)
+        if self.valve_check is not None:
+            self.valve_check(valve)
         self.valve = dict(valve)
 
     def _force_end(self, reason: str, text: str | None = None) -> None:
@@ -269,7 +286,7 @@ class Row:
         inside a character."""
         self.closing = reason
         prefix = b""
-        cut = _incomplete_utf8_tail(self.gen_bytes)
+        cut = incomplete_utf8_tail(self.gen_bytes)
         if cut:
             # The last token(s) stop mid-character: take them back and re-emit the
             # complete part, so the marker never splits a multi-byte character.
@@ -314,7 +331,7 @@ class Row:
         self.uncounted += 1
         self.latent_steps += 1
         if self.seq_len >= self.max_len:
-            return self._finish("max_len", "length")
+            return self.finish("max_len", "length")
 
     def truncate(self, n: int) -> None:
         """Roll back to the first ``n`` generated tokens (the engine sets the slot length)."""
@@ -331,10 +348,25 @@ class Row:
         self.stream_read = min(self.stream_read, n)
         self.stream_prefix = min(self.stream_prefix, n)
 
-    def _finish(self, reason: str, finish_reason: str) -> None:
+    def finish(self, reason: str, finish_reason: str, error: str | None = None) -> None:
+        """End the request: ``reason`` is its exit reason (stats), ``finish_reason`` the
+        OpenAI-style one (stop / length / abort / error)."""
         self.finished = reason
         self.finish_reason = finish_reason
         self.forced.clear()
+        if error is not None:
+            self.error = error
+
+    def guard(self, fn) -> bool:
+        """Run per-request work (controls, user policies): a failure ends this request with
+        an error and leaves the others alone. True when ``fn`` returned."""
+        try:
+            fn()
+            return True
+        except Exception as e:  # noqa: BLE001 - one request's failure must not end the others
+            if not self.finished:
+                self.finish("error", "error", f"{type(e).__name__}: {e}")
+            return False
 
     @property
     def plain_split(self) -> bool:

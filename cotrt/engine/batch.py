@@ -1,0 +1,112 @@
+"""``StepBatch``: the rows of one forward and everything the forward and the sampler read.
+
+Built once per forward (the step's decode forward, each padded prefill group): each row's
+feed and start position, its role this step (probing, latent, sampling: decided before the
+forward, and no row changes until its own controls run after it), the decoder layers to
+tap, the input tensors (padded token ids, latent inputs), the rows each valve slot serves,
+and the sampling rows' draws (asked of the sampler once, on first use).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..control.request import Request
+
+
+class StepBatch:
+    def __init__(self, rows: list[Request], plans: dict, sampler):
+        self.rows = rows
+        self.feeds = [plans[r.id][0] for r in rows]  # tokens each row feeds
+        self.starts = [plans[r.id][1] for r in rows]  # slot position of each row's first fed token
+        self.slots = [r.slot for r in rows]
+        # Roles: rows that probe, that take a latent step, that sample (the others force a
+        # token or are done).
+        self.probing = [i for i, r in enumerate(rows) if r.exits is not None and r.exits.probe is not None]
+        self.latent = [i for i, r in enumerate(rows) if r.latent is not None and r.latent.active and not r.finished]
+        skip = set(self.probing) | set(self.latent)
+        self.sampling = [i for i, r in enumerate(rows) if i not in skip and not r.forced and not r.finished]
+        # Decoder layers whose residual some latent row feeds back this step.
+        self.taps = tuple(sorted({r.latent.tap for r in rows if r.latent is not None and r.latent.tap is not None}))
+        # Rows whose next input is a fed-back state instead of a token.
+        self.latent_inputs_needed = any(r.latent is not None and r.latent.pending is not None for r in rows)
+        self._sampler = sampler
+        self._draws = None
+
+    @property
+    def draws(self) -> list:
+        """The sampling rows' draws (``Sampler.draws``): biases and bans asked once."""
+        if self._draws is None:
+            self._draws = self._sampler.draws([self.rows[i] for i in self.sampling])
+        return self._draws
+
+    @property
+    def tokens(self) -> list[int]:
+        """Each row's one input token (decode batches)."""
+        return [f[0] for f in self.feeds]
+
+    def padded_ids(self) -> torch.Tensor:
+        """``[R, T]`` int64 feeds, right-padded with 0 (multi-token forwards)."""
+        T = max(map(len, self.feeds))
+        ids = torch.zeros(len(self.rows), T, dtype=torch.long)
+        for i, f in enumerate(self.feeds):
+            ids[i, : len(f)] = torch.tensor(f)
+        return ids
+
+    def decode_layout(self, running_slots) -> tuple[list, list, list, list]:
+        """``(slots, tokens, starts, rows)`` of the eager decode forward: the batch's own rows,
+        or, when a few free slots lie between them, every slot of the span (free ones as
+        dummy rows: token 0 at position 0, row None), so that attention reads the cache
+        through views. A decode step is bound by reading the weights, so a few extra rows
+        cost little, while gathering every layer's K/V rows cost ~10% of the step (CPU).
+        Only free slots may be padded: a hole can also be a row that runs a multi-token
+        forward this step (a prompt, a probe start), whose cache must not be touched."""
+        slots, tokens, starts, rows = self.slots, self.tokens, self.starts, list(self.rows)
+        span = range(slots[0], slots[-1] + 1)
+        holes = set(span) - set(slots)
+        if holes and len(span) <= 2 * len(rows) and not holes & set(running_slots):
+            by_slot = {s: i for i, s in enumerate(slots)}
+            slots = list(span)
+            tokens = [tokens[by_slot[s]] if s in by_slot else 0 for s in slots]
+            starts = [starts[by_slot[s]] if s in by_slot else 0 for s in slots]
+            rows = [self.rows[by_slot[s]] if s in by_slot else None for s in slots]
+        return slots, tokens, starts, rows
+
+    def latent_inputs(self, slots: list, tokens: torch.Tensor, embed_weight: torch.Tensor) -> torch.Tensor:
+        """``[len(slots), E]`` next inputs: fed-back vectors on latent rows, E[tok] on the
+        others (one pass of the contemplate op)."""
+        from ..ops.contemplate import contemplate
+
+        emb = embed_weight
+        by_slot = {r.slot: r for r in self.rows}
+        states = torch.zeros(len(slots), emb.shape[1], dtype=emb.dtype, device=emb.device)
+        mask = torch.zeros(len(slots), dtype=torch.bool, device=emb.device)
+        for i, s in enumerate(slots):
+            r = by_slot.get(s)
+            if r is not None and r.latent is not None and r.latent.pending is not None:
+                states[i] = r.latent.pending
+                mask[i] = True
+        return contemplate(tokens.to(emb.device), mask, states, emb)
+
+
+def set_valves(valves, rows, tokens_per_row: int) -> bool:
+    """Per-token valve alpha and adapter index for a forward of ``rows`` (None: padding) in
+    ``valves`` (a ValveSet, or None when none is loaded). With no valve in use the
+    ValveLinears run plain F.linear. True when a valve is on."""
+    if valves is None:
+        return False
+    state = valves.state
+    alphas, adapters = [], []
+    for r in rows:
+        valve = r.valve if r is not None else None
+        (name, alpha), = valve.items() if valve else ((None, 0.0),)
+        if alpha != 0.0:  # alpha 0 is the base model exactly: no delta to compute
+            alphas.append(float(alpha))
+            adapters.append(valves.index(name))
+        else:
+            alphas.append(0.0)
+            adapters.append(-1)
+    if all(a < 0 for a in adapters):
+        state.clear()
+        return False
+    state.set_rows(alphas, adapters, tokens_per_row)
+    return True
