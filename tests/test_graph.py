@@ -19,7 +19,7 @@ import torch
 
 import cotrt
 from _parity import assert_greedy_match, hf_greedy
-from conftest import ARCHS, tiny_model
+from cotrt.testing import ARCHS, tiny_model
 from cotrt.graph import DecodeGraphs, buckets, resolve_mode
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
