@@ -131,13 +131,13 @@ class plain_hf:
         self.model = model
 
     def __enter__(self):
-        from cotrt.cpu_linear import unswap_cpu_linears
+        from cotrt.layers.cpu_linear import unswap_cpu_linears
 
         self.names = [n for n, m in self.model.named_modules() if type(m).__name__ == "CpuLinear"]
         unswap_cpu_linears(self.model)
 
     def __exit__(self, *exc):
-        from cotrt.cpu_linear import CpuLinear
+        from cotrt.layers.cpu_linear import CpuLinear
 
         for n in self.names:
             self.model.get_submodule(n).__class__ = CpuLinear

@@ -1,7 +1,7 @@
 """decode_attention against the decode attention cotrt runs today, one run, grouped by shape.
 
 Providers (all fast paths; the per-row reference is not timed):
-  sdpa    what cotrt's decode step does now (cotrt/model.py): contiguous slots 0..B-1 sliced
+  sdpa    what cotrt's decode step does now (cotrt/model/attention.py): contiguous slots 0..B-1 sliced
           to the live length, K/V views [B, KVH, L, D], each kv head's query group folded
           into the query length ([B, KVH, G, D]), F.scaled_dot_product_attention, no mask.
           Its shapes follow L, so it cannot be captured once and replayed.

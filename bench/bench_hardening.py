@@ -214,14 +214,13 @@ def main() -> int:
     args = ap.parse_args()
 
     import torch
-
     from bench_serve import serve_in_thread
+
     from cotrt.async_engine import AsyncEngine
     from cotrt.models import load_model, load_tokenizer
 
     if args.tiny:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import tiny_model
+        from cotrt.testing import tiny_model
 
         tok = load_tokenizer("default", quiet=True)
         model = tiny_model("llama", len(tok), seed=1)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
 
@@ -36,8 +35,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
 
     import cotrt
-    from conftest import tiny_model
     from cotrt.models import load_tokenizer
+    from cotrt.testing import tiny_model
 
     tok = load_tokenizer("default", quiet=True)
     model = tiny_model("llama", len(tok), seed=0, num_hidden_layers=1)

@@ -16,7 +16,7 @@ Sections, in order, each with a wall-clock deadline (what does not fit is skippe
 listed under "skipped"; a failing section is recorded under "errors" and the rest runs):
 
 1. correctness: valve_lora, decode_attention and contemplate against their fp32 references
-   in the run's dtype under tests/_tolerance.py's rules; greedy parity of cotrt (decode steps
+   in the run's dtype under cotrt/testing.py's tolerance rules; greedy parity of cotrt (decode steps
    as captured CUDA graphs) vs HF ``generate`` (3 prompts of ragged lengths, 32 tokens) per
    model, reporting the first divergence and the logit gap there (HF's logits over the
    common prefix, one full forward; random bf16 models have near-ties, exact ones too: a
@@ -67,10 +67,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # _tolerance: the one tolerance helper
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from cotrt.testing import byte_tokenizer as build_tokenizer  # noqa: E402
 
 T0 = time.monotonic()
 
@@ -102,7 +103,6 @@ SMOKE_CONFIGS = {
                   if "rope_scaling" in cfg else {}))
     for name, cfg in CONFIGS.items()
 }
-LATENT_TOKENS = ["<|start-latent|>", "<|end-latent|>", "<|latent|>"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -170,24 +170,6 @@ def ensure_extension() -> dict:
     return {"built": True, "build_s": round(time.perf_counter() - t, 1)}
 
 
-def build_tokenizer():
-    """A byte-level BPE with no merges: 256 byte tokens (ids 0-255), EOS (256) and the three
-    latent tokens (257-259). Builds in milliseconds, needs no hub, and token_bytes /
-    the automaton see real bytes for every id it has."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    extra = iter(range(256, 512))
-    char = {b: chr(b if b in printable else next(extra)) for b in range(256)}  # GPT-2's byte map
-    tk = Tokenizer(models.BPE(vocab={char[b]: b for b in range(256)}, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|eos|>")
-    tok.add_special_tokens({"additional_special_tokens": LATENT_TOKENS})
-    return tok
-
-
 def build_config(cfg: dict, tok):
     import transformers as tf
 
@@ -225,8 +207,8 @@ def build_model(name: str, plan: Plan, tok, seed: int = 0, dtype=None):
 def hf_attention(model):
     """Run HF as HF ships it: its own SDPA attention (cotrt.wrap points the config at
     cotrt's) and its own RMSNorm modules (cotrt.wrap swaps in fused ones on CUDA)."""
-    from cotrt.model import _set_attn_impl
-    from cotrt.norms import original_norms
+    from cotrt.layers.rms_norm import original_norms
+    from cotrt.model.attention import _set_attn_impl
 
     old = model.config._attn_implementation
     _set_attn_impl(model.config, "sdpa")
@@ -280,9 +262,9 @@ def copy_bandwidth(plan: Plan) -> dict:
 def check_kernels(plan: Plan) -> list[dict]:
     """valve_lora (flash rule against fp32 ref; then the bf16 table at 4x, as tests/) and
     contemplate (the table) in the run's dtype on the run's device."""
-    from _tolerance import assert_close, assert_flash_rule, tolerance
     from cotrt.ops.contemplate import contemplate, contemplate_ref
     from cotrt.ops.valve_lora import valve_lora, valve_lora_ref
+    from cotrt.testing import assert_close, assert_flash_rule, tolerance
 
     dev, dt = plan.device, plan.dtype
     g = torch.Generator().manual_seed(0)
@@ -354,7 +336,7 @@ def parity(name: str, model, rt, plan: Plan) -> dict:
     cotrt (a ragged batch). At the first divergence: HF's logits over the common prefix,
     the gap between HF's token and cotrt's token, and HF's top-2 gap."""
     import cotrt
-    from _tolerance import tolerance
+    from cotrt.testing import tolerance
 
     vocab = model.config.vocab_size
     prompts = prompts_for(plan.parity_lens, vocab, seed=1)

@@ -210,11 +210,11 @@ def wrap(model, tokenizer, max_batch: int = 8, max_len: int | None = None,
     them eagerly elsewhere; "cuda" insists on graphs; "static" runs the graph's
     static-shape step without capturing (tests, debugging); "off" is the eager step.
     ``fuse``: fewer kernels a step — RMSNorm modules swapped for one-kernel ones
-    (``cotrt.norms``; same weights) and HF's rotary function run as one kernel during
-    cotrt's forwards (``cotrt.rotary``), each checked to compute the same function;
+    (``cotrt.layers.rms_norm``; same weights) and HF's rotary function run as one kernel during
+    cotrt's forwards (``cotrt.layers.rope``), each checked to compute the same function;
     None: on CUDA models.
     ``cpu_kernels``: decode steps' linears (projections, LM head; fp32/bf16, at most 8
-    rows) through cotrt's multithreaded CPU kernel (``cotrt.cpu_linear``; the module
+    rows) through cotrt's multithreaded CPU kernel (``cotrt.layers.cpu_linear``; the module
     classes change in place, weights are not copied, calls outside cotrt's forwards stay
     ``F.linear``); None: on CPU models where ``cotrt._cpu`` is built.
     """

@@ -78,7 +78,7 @@ class Params:
     latent: object = None
 
     # ``latent``: a cotrt.Latent (or its dict form): a dense latent phase (Coconut's k
-    # steps, or CCoT's END head) right after the prompt; see cotrt/latent.py.
+    # steps, or CCoT's END head) right after the prompt; see cotrt/latent/.
 
     # ``valve``: {"name": alpha} of a loaded valve (``Runtime.load_valve``): the request
     # runs θ + alpha·Δθ for that LoRA. One valve per request; alpha may be any finite

@@ -8,7 +8,7 @@ import psutil
 import pytest
 
 import cotrt
-from conftest import tiny_model
+from cotrt.testing import tiny_model
 from cotrt.async_engine import AsyncEngine, QueueFull
 
 P = dict(max_new_tokens=6, temperature=0.0, ignore_eos=True)

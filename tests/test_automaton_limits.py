@@ -11,7 +11,7 @@ import cotrt
 from cotrt.control import automaton as am
 from cotrt.control.automaton import Automaton, scan_ref
 
-from conftest import tiny_model
+from cotrt.testing import tiny_model
 
 
 def test_lazy_tables_equal_dense_ones():

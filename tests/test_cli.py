@@ -141,7 +141,7 @@ def test_version_and_help(capsys):
 @pytest.fixture(scope="module")
 def tiny_rt(smol_tokenizer):
     import cotrt
-    from conftest import tiny_model
+    from cotrt.testing import tiny_model
 
     return cotrt.wrap(tiny_model("llama", len(smol_tokenizer), seed=4), smol_tokenizer, max_batch=2, max_len=128)
 

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import cotrt
-from conftest import tiny_model
 from cotrt.control.think import ThinkFormat
 from cotrt.latent import decoder_layers
+from cotrt.testing import tiny_model
 
 LATENT_TOKENS = ["<|start-latent|>", "<|end-latent|>", "<|latent|>"]
 
@@ -33,7 +33,7 @@ def tiny_gpt2(vocab_size: int, seed: int):
                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(8.0)  # no greedy ties (see conftest.tiny_model)
+        model.get_output_embeddings().weight.mul_(8.0)  # no greedy ties (see cotrt.testing.tiny_model)
     return model.eval()
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import cotrt
-from conftest import tiny_model
+from cotrt.testing import tiny_model
 from cotrt.control.policies import DEER, build_policy
 from cotrt.control.policy import Exit, Probe, ProbeResult, RowView
 

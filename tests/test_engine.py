@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cotrt
-from conftest import tiny_model
+from cotrt.testing import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ import torch
 
 import cotrt
 from _parity import assert_greedy_match, hf_greedy
-from conftest import ARCHS, tiny_model
 from cotrt.engine.graph import DecodeGraphs, buckets, resolve_mode
+from cotrt.testing import ARCHS, tiny_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
-from conftest import tiny_model
+from cotrt.testing import tiny_model
 from cotrt.control.automaton import token_bytes
 from cotrt.control.profiles import reflection_token_ids
 from cotrt.control.think import ThinkFormat

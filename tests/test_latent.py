@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import cotrt
-from conftest import tiny_model
+from cotrt.testing import tiny_model
 
 LATENT_TOKENS = ["<|start-latent|>", "<|end-latent|>", "<|latent|>"]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_model
+from cotrt.testing import tiny_model
 from cotrt.latent import BoundLatent, Latent
 
 TOKENS = ["<|start-latent|>", "<|end-latent|>", "<|latent|>"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_model
+from cotrt.testing import tiny_model
 from cotrt.latent import Latent
 from cotrt.loaders import COCONUT_TOKENS, load_ccot_bundle, load_coconut, save_ccot_bundle
 from cotrt.valve import ValveLinear, ValveSet

@@ -8,7 +8,7 @@ import torch
 
 import cotrt
 from _parity import assert_greedy_match, hf_greedy
-from conftest import ARCHS, tiny_model
+from cotrt.testing import ARCHS, tiny_model
 
 
 def _prompts(seed: int, n: int, vocab: int, lo=3, hi=40):

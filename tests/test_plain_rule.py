@@ -8,7 +8,7 @@ import json
 import pytest
 
 import cotrt
-from conftest import tiny_model
+from cotrt.testing import tiny_model
 from cotrt.params import Params
 from test_control import drain, feed, filler, make_row
 

@@ -9,7 +9,7 @@ import torch
 import cotrt
 from cotrt.control.policies import DEER, EAT, Dynasor, NoWait, StepLimit, build_policy
 from cotrt.control.policy import Exit, Probe, ProbeResult, RowView
-from conftest import tiny_model
+from cotrt.testing import tiny_model
 
 
 def view(cue=None, steps=0, last_is_cue=True, phase="think"):

@@ -46,7 +46,7 @@ def test_good_settings_still_build():
 
 
 def test_schedule_of_an_unknown_valve_is_refused_at_add(smol_tokenizer):
-    from conftest import tiny_model
+    from cotrt.testing import tiny_model
 
     rt = cotrt.wrap(tiny_model("llama", len(smol_tokenizer), seed=2), smol_tokenizer, max_batch=1, max_len=32)
     with pytest.raises(ValueError, match=r"^exit: valve_schedule: valve: unknown valve 'nope'"):

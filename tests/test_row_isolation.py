@@ -7,7 +7,7 @@ import pytest
 import cotrt
 from cotrt.control.policy import Policy
 
-from conftest import tiny_model
+from cotrt.testing import tiny_model
 
 
 class _Raises(Policy):

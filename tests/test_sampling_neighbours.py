@@ -10,7 +10,7 @@ import torch
 import cotrt
 from cotrt.engine.sampler import sample
 
-from conftest import tiny_model
+from cotrt.testing import tiny_model
 
 TARGETS = {
     "plain": dict(temperature=0.8),

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 import cotrt
-from conftest import tiny_model
+from cotrt.testing import tiny_model
 from cotrt.async_engine import AsyncEngine, Request
 from cotrt.output import _drop, _split
 from cotrt.server import ReasoningSplitter, create_app

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 import cotrt
-from conftest import tiny_model
+from cotrt.testing import tiny_model
 from cotrt.async_engine import AsyncEngine
 from cotrt.server import header_timeout_protocol
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import cotrt
-from conftest import tiny_model
+from cotrt.testing import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ from torch import nn
 
 if not torch.cuda.is_available():
     # peft/transformers import triton; Triton's interpreter must be chosen before that, or
-    # test_valve_lora.py's interpreter tests (collected after this file) would skip.
+    # tests/ops/test_valve_lora.py's interpreter tests would skip.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from _peft import make_adapter, set_peft_alpha
-from _tolerance import assert_close
+from cotrt.testing import assert_close
 from cotrt.valve import ValveLinear, ValveSet, ValveState
 
 peft = pytest.importorskip("peft")

@@ -8,7 +8,7 @@ import torch
 
 import cotrt
 from _parity import hf_greedy
-from conftest import tiny_model
+from cotrt.testing import tiny_model
 
 peft = pytest.importorskip("peft")
 from _peft import make_adapter, set_peft_alpha  # noqa: E402

@@ -10,7 +10,6 @@ so the continuation after a "continue" is the one the row would have produced an
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -203,8 +202,3 @@ def _decision_name(action) -> str:
 def _last_step(text: str) -> str:
     parts = [p for p in text.split("\n\n") if p.strip()]
     return parts[-1] if parts else ""
-
-
-def entropy_of(logits: torch.Tensor) -> float:
-    logp = torch.log_softmax(logits.float(), -1)
-    return float(-(logp.exp() * logp).sum()) if logits.numel() else math.nan

@@ -1,4 +1,5 @@
-"""Finding a Triton kernel, compiled or interpreted, for the launchers in cotrt/ops."""
+"""What the launchers in cotrt/ops share: finding a Triton kernel (compiled or
+interpreted), launching it, and the small helpers of their checks and block sizes."""
 from __future__ import annotations
 
 import functools
@@ -9,6 +10,24 @@ import torch
 
 # Not imported here: importing triton fixes interpreter vs compiler (TRITON_INTERPRET).
 HAS_TRITON = importlib.util.find_spec("triton") is not None  # an optional extra
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # activations and weights
+INDEX_DTYPES = (torch.int32, torch.int64)  # slots, lengths, tokens, adapter indices
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints: the number of blocks of ``b`` covering ``a``."""
+    return (a + b - 1) // b
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): Triton block sizes are powers of two."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def shape_of(t):
+    """An argument's shape for an error message (its type name when it is no tensor)."""
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 @functools.lru_cache(maxsize=None)

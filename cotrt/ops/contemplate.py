@@ -27,14 +27,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from ._triton import HAS_TRITON, interpreted_for, launch, load_kernel
+from ._triton import (FLOAT_DTYPES, HAS_TRITON, INDEX_DTYPES, cdiv, interpreted_for, launch, load_kernel,
+                      next_pow2, shape_of)
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-def _shape(t):
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _check_scale(name, v):
@@ -47,33 +42,33 @@ def _check_args(tokens, latent_mask, hidden, embed_weight, norm_weight, norm_eps
     """Validate shapes, dtypes, devices and strides (metadata only: no device sync).
     Returns (B, H, Hh, V)."""
     if not isinstance(embed_weight, torch.Tensor) or embed_weight.dim() != 2:
-        raise ValueError(f"contemplate: embed_weight must be a 2-D tensor [V, H], got {_shape(embed_weight)}")
+        raise ValueError(f"contemplate: embed_weight must be a 2-D tensor [V, H], got {shape_of(embed_weight)}")
     V, H = embed_weight.shape
     dtype, device = embed_weight.dtype, embed_weight.device
-    if dtype not in _FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES:
         raise ValueError(f"contemplate: embed_weight dtype must be fp16/bf16/fp32, got {dtype}")
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
-        raise ValueError(f"contemplate: tokens must be a 1-D tensor [B], got {_shape(tokens)}")
+        raise ValueError(f"contemplate: tokens must be a 1-D tensor [B], got {shape_of(tokens)}")
     B = tokens.shape[0]
-    if tokens.dtype not in _INDEX_DTYPES:
+    if tokens.dtype not in INDEX_DTYPES:
         raise ValueError(f"contemplate: tokens must be int32 or int64, got {tokens.dtype}")
     if not isinstance(latent_mask, torch.Tensor) or tuple(latent_mask.shape) != (B,):
-        raise ValueError(f"contemplate: latent_mask must be a [B={B}] tensor, got {_shape(latent_mask)}")
+        raise ValueError(f"contemplate: latent_mask must be a [B={B}] tensor, got {shape_of(latent_mask)}")
     if latent_mask.dtype != torch.bool:
         raise ValueError(f"contemplate: latent_mask must be bool, got {latent_mask.dtype}")
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or hidden.shape[0] != B:
-        raise ValueError(f"contemplate: hidden must be a 2-D tensor [B={B}, Hh], got {_shape(hidden)}")
+        raise ValueError(f"contemplate: hidden must be a 2-D tensor [B={B}, Hh], got {shape_of(hidden)}")
     Hh = hidden.shape[1]
     if norm_weight is not None and (not isinstance(norm_weight, torch.Tensor) or tuple(norm_weight.shape) != (Hh,)):
-        raise ValueError(f"contemplate: norm_weight must be [Hh={Hh}] or None, got {_shape(norm_weight)}")
+        raise ValueError(f"contemplate: norm_weight must be [Hh={Hh}] or None, got {shape_of(norm_weight)}")
     if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not norm_eps >= 0 \
             or not math.isfinite(norm_eps):
         raise ValueError(f"contemplate: norm_eps must be a finite number >= 0, got {norm_eps!r}")
     if proj_weight is not None:
         if not isinstance(proj_weight, torch.Tensor) or tuple(proj_weight.shape) != (H, Hh):
-            raise ValueError(f"contemplate: proj_weight must be [H={H}, Hh={Hh}] or None, got {_shape(proj_weight)}")
+            raise ValueError(f"contemplate: proj_weight must be [H={H}, Hh={Hh}] or None, got {shape_of(proj_weight)}")
         if proj_bias is not None and (not isinstance(proj_bias, torch.Tensor) or tuple(proj_bias.shape) != (H,)):
-            raise ValueError(f"contemplate: proj_bias must be [H={H}] or None, got {_shape(proj_bias)}")
+            raise ValueError(f"contemplate: proj_bias must be [H={H}] or None, got {shape_of(proj_bias)}")
     else:
         if proj_bias is not None:
             raise ValueError("contemplate: proj_bias is given without proj_weight")
@@ -83,7 +78,7 @@ def _check_args(tokens, latent_mask, hidden, embed_weight, norm_weight, norm_eps
     _check_scale("embed_scale", embed_scale)
     _check_scale("latent_scale", latent_scale)
     if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != (B, H) or out.dtype != dtype):
-        raise ValueError(f"contemplate: out must be [B={B}, H={H}] of dtype {dtype}, got {_shape(out)}"
+        raise ValueError(f"contemplate: out must be [B={B}, H={H}] of dtype {dtype}, got {shape_of(out)}"
                          f"{' ' + str(out.dtype) if isinstance(out, torch.Tensor) else ''}")
     for name, t in (("hidden", hidden), ("norm_weight", norm_weight), ("proj_weight", proj_weight),
                     ("proj_bias", proj_bias)):
@@ -241,10 +236,6 @@ def _kernel(interpreted: bool):
     return load_kernel("contemplate", "_contemplate_kernel", interpreted)
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 @functools.lru_cache(maxsize=64)
 def _blocks(H, Hh, has_proj, dtype, interpreted):
     """(BLOCK_H, BLOCK_K, num_warps). Not yet tuned on a GPU. Without a projection a row is
@@ -252,9 +243,9 @@ def _blocks(H, Hh, has_proj, dtype, interpreted):
     the [H, Hh] weight: BLOCK_H = 64 spreads it over H/64 programs per row, and BLOCK_K
     keeps the fp32 tile at 8 K elements (64 registers a thread at 4 warps)."""
     if interpreted:  # numpy cost is per tile step: big tiles, few steps
-        return min(_pow2(H), 1024), min(_pow2(Hh), 256), 4
+        return min(next_pow2(H), 1024), min(next_pow2(Hh), 256), 4
     if not has_proj:
-        return min(_pow2(H), 1024), min(_pow2(Hh), 1024), 4
+        return min(next_pow2(H), 1024), min(next_pow2(Hh), 1024), 4
     return 64, 128, 4
 
 
@@ -265,7 +256,7 @@ def _contemplate_triton(tokens, latent_mask, hidden, embed_weight, norm_weight, 
     if B == 0 or H == 0:
         return y
     bh, bk, num_warps = _blocks(H, Hh, proj_weight is not None, embed_weight.dtype, interpreted)
-    grid = (B, _cdiv(H, bh))
+    grid = (B, cdiv(H, bh))
     mask_u8 = latent_mask.view(torch.uint8)  # same itemsize: a free view, strides kept
     # Dummy pointers for absent optional tensors (never dereferenced: HAS_* is False).
     nw = norm_weight if norm_weight is not None else embed_weight
@@ -288,6 +279,3 @@ def _contemplate_triton(tokens, latent_mask, hidden, embed_weight, norm_weight, 
     launch(kernel, grid, args, interpreted, num_warps=num_warps)
     return y
 
-
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b

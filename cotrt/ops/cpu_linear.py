@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from ._triton import shape_of
+
 try:
     from cotrt import _cpu
 except ImportError:  # pragma: no cover - built by setup.py; absent in a source tree never built
@@ -32,16 +34,12 @@ MAX_ROWS = 8
 _W_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _shape(t):
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def _check(x, weight, bias, lora_a, lora_b, alpha, adapter_idx, out):
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"cpu_linear: x must be a 2-D tensor [M, K], got {_shape(x)}")
+        raise ValueError(f"cpu_linear: x must be a 2-D tensor [M, K], got {shape_of(x)}")
     M, K = x.shape
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != K:
-        raise ValueError(f"cpu_linear: weight must be [N, K={K}], got {_shape(weight)}")
+        raise ValueError(f"cpu_linear: weight must be [N, K={K}], got {shape_of(weight)}")
     N = weight.shape[0]
     if weight.dtype not in _W_DTYPES:
         raise ValueError(f"cpu_linear: weight dtype must be float32 or bfloat16, got {weight.dtype}")
@@ -52,7 +50,7 @@ def _check(x, weight, bias, lora_a, lora_b, alpha, adapter_idx, out):
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,)
                              or bias.dtype != weight.dtype or not bias.is_contiguous()):
         raise ValueError(f"cpu_linear: bias must be a contiguous [N={N}] tensor of {weight.dtype} or None, "
-                         f"got {_shape(bias)}")
+                         f"got {shape_of(bias)}")
     if (lora_a is None) != (lora_b is None) or (lora_a is None) != (alpha is None):
         raise ValueError("cpu_linear: lora_a, lora_b and alpha come together (all or none)")
     if lora_a is None and adapter_idx is not None:
@@ -60,10 +58,10 @@ def _check(x, weight, bias, lora_a, lora_b, alpha, adapter_idx, out):
     if lora_a is not None:
         if not isinstance(lora_a, torch.Tensor) or lora_a.dim() != 3 or lora_a.shape[2] != K \
                 or min(lora_a.shape[:2]) < 1:
-            raise ValueError(f"cpu_linear: lora_a must be [n_adapters >= 1, r >= 1, K={K}], got {_shape(lora_a)}")
+            raise ValueError(f"cpu_linear: lora_a must be [n_adapters >= 1, r >= 1, K={K}], got {shape_of(lora_a)}")
         n, r = lora_a.shape[:2]
         if not isinstance(lora_b, torch.Tensor) or tuple(lora_b.shape) != (n, N, r):
-            raise ValueError(f"cpu_linear: lora_b must be [n_adapters={n}, N={N}, r={r}], got {_shape(lora_b)}")
+            raise ValueError(f"cpu_linear: lora_b must be [n_adapters={n}, N={N}, r={r}], got {shape_of(lora_b)}")
         for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
             if t.dtype != weight.dtype:
                 raise ValueError(f"cpu_linear: {name} dtype {t.dtype} differs from weight dtype {weight.dtype}")
@@ -72,16 +70,16 @@ def _check(x, weight, bias, lora_a, lora_b, alpha, adapter_idx, out):
                              "(lora_b.permute(1, 0, 2) contiguous, the layout ValveLinear keeps)")
         if not isinstance(alpha, torch.Tensor) or alpha.dim() != 1 or alpha.shape[0] != M \
                 or alpha.dtype != torch.float32:
-            raise ValueError(f"cpu_linear: alpha must be a float32 [M={M}] tensor, got {_shape(alpha)}")
+            raise ValueError(f"cpu_linear: alpha must be a float32 [M={M}] tensor, got {shape_of(alpha)}")
         if adapter_idx is not None and (not isinstance(adapter_idx, torch.Tensor) or adapter_idx.dim() != 1
                                         or adapter_idx.shape[0] != M
                                         or adapter_idx.dtype not in (torch.int32, torch.int64)):
             raise ValueError(f"cpu_linear: adapter_idx must be an int32/int64 [M={M}] tensor or None, "
-                             f"got {_shape(adapter_idx)}")
+                             f"got {shape_of(adapter_idx)}")
     if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != (M, N)
                             or out.dtype != x.dtype or out.stride(1) != 1):
         raise ValueError(f"cpu_linear: out must be [M={M}, N={N}] of {x.dtype} with unit column stride, "
-                         f"got {_shape(out)}")
+                         f"got {shape_of(out)}")
     for name, t in (("x", x), ("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b),
                     ("alpha", alpha), ("adapter_idx", adapter_idx), ("out", out)):
         if t is not None and t.device.type != "cpu":

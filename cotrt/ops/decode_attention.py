@@ -33,17 +33,12 @@ import math
 
 import torch
 
-from ._triton import HAS_TRITON, interpreted_for, launch, load_kernel
+from ._triton import (FLOAT_DTYPES, HAS_TRITON, INDEX_DTYPES, cdiv, interpreted_for, launch, load_kernel,
+                      next_pow2, shape_of)
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INDEX_DTYPES = (torch.int32, torch.int64)
 MAX_HEAD_DIM = 256  # the kernel holds a [BLOCK_N, BLOCK_D] K tile and a [BLOCK_G, BLOCK_D] accumulator
 DEFAULT_CHUNK = 256
 MAX_SPLITS = 128
-
-
-def _shape(t):
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _is_int(v) -> bool:
@@ -54,23 +49,23 @@ def _check_args(q, k_cache, v_cache, slots, lengths, scale, softcap, window, out
     """Validate shapes, dtypes, devices and strides (metadata only: no device sync).
     Returns (B, H, D, S, T, KVH)."""
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
-        raise ValueError(f"decode_attention: q must be a 3-D tensor [B, H, D], got {_shape(q)}")
+        raise ValueError(f"decode_attention: q must be a 3-D tensor [B, H, D], got {shape_of(q)}")
     B, H, D = q.shape
     dtype, device = q.dtype, q.device
-    if dtype not in _FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES:
         raise ValueError(f"decode_attention: q dtype must be fp16/bf16/fp32, got {dtype}")
     if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4 or k_cache.shape[3] != D:
-        raise ValueError(f"decode_attention: k_cache must be a 4-D tensor [S, T, KVH, D={D}], got {_shape(k_cache)}")
+        raise ValueError(f"decode_attention: k_cache must be a 4-D tensor [S, T, KVH, D={D}], got {shape_of(k_cache)}")
     S, T, KVH, _ = k_cache.shape
     if not isinstance(v_cache, torch.Tensor) or v_cache.shape != k_cache.shape:
         raise ValueError(f"decode_attention: v_cache must have k_cache's shape {tuple(k_cache.shape)}, "
-                         f"got {_shape(v_cache)}")
+                         f"got {shape_of(v_cache)}")
     if KVH == 0 or H % KVH != 0:
         raise ValueError(f"decode_attention: q's H={H} heads must be a multiple of k_cache's KVH={KVH} heads")
     for name, t in (("slots", slots), ("lengths", lengths)):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B,):
-            raise ValueError(f"decode_attention: {name} must be a [B={B}] tensor, got {_shape(t)}")
-        if t.dtype not in _INDEX_DTYPES:
+            raise ValueError(f"decode_attention: {name} must be a [B={B}] tensor, got {shape_of(t)}")
+        if t.dtype not in INDEX_DTYPES:
             raise ValueError(f"decode_attention: {name} must be int32 or int64, got {t.dtype}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
@@ -84,7 +79,7 @@ def _check_args(q, k_cache, v_cache, slots, lengths, scale, softcap, window, out
         raise ValueError(f"decode_attention: chunk must be an int >= 1 or None, got {chunk!r}")
     if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != (B, H, D)
                             or out.dtype != dtype):
-        raise ValueError(f"decode_attention: out must be [B={B}, H={H}, D={D}] of dtype {dtype}, got {_shape(out)}"
+        raise ValueError(f"decode_attention: out must be [B={B}, H={H}, D={D}] of dtype {dtype}, got {shape_of(out)}"
                          f"{' ' + str(out.dtype) if isinstance(out, torch.Tensor) else ''}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype != dtype:
@@ -212,10 +207,6 @@ def _kernels(interpreted: bool):
             load_kernel("decode_attention", "_decode_attention_reduce_kernel", interpreted))
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def _chunk(T: int, chunk) -> int:
     """Keys per split. 256 keeps a split's fixed cost small next to its K/V traffic (its
     fp32 partial, G · D · 4 bytes written and read back by the reduce, is 5% of the
@@ -224,7 +215,7 @@ def _chunk(T: int, chunk) -> int:
     capture); past 128 splits (T > 32K) the chunk grows instead, bounding the reduce."""
     if chunk is not None:
         return chunk
-    return max(DEFAULT_CHUNK, _pow2(_cdiv(T, MAX_SPLITS)))
+    return max(DEFAULT_CHUNK, next_pow2(cdiv(T, MAX_SPLITS)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -232,11 +223,11 @@ def _blocks(G, D, chunk, n_splits, interpreted):
     """(BLOCK_G, BLOCK_D, BLOCK_N, BLOCK_S, num_warps, num_stages). Not yet tuned on a GPU.
     BLOCK_N = 64 keys a step keeps a 64 x 128 fp16 K tile (16 KB) plus V under 64 KB of
     shared memory at two stages; 32 at D = 256."""
-    bg, bd = max(16, _pow2(G)), max(16, _pow2(D))
-    bs = min(max(16, _pow2(n_splits)), 64)
+    bg, bd = max(16, next_pow2(G)), max(16, next_pow2(D))
+    bs = min(max(16, next_pow2(n_splits)), 64)
     if interpreted:  # numpy cost is per tile step: a whole chunk a step
-        return bg, bd, max(16, min(_pow2(chunk), 512)), bs, 4, 1
-    bn = max(16, min(_pow2(chunk), 64 if bd <= 128 else 32))
+        return bg, bd, max(16, min(next_pow2(chunk), 512)), bs, 4, 1
+    bn = max(16, min(next_pow2(chunk), 64 if bd <= 128 else 32))
     return bg, bd, bn, bs, 4, 2
 
 
@@ -247,7 +238,7 @@ def _decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale, softcap
     interpreted = interpreted_for("decode_attention", q)
     G = H // KVH
     chunk = _chunk(T, chunk)
-    n_splits = _cdiv(T, chunk)
+    n_splits = cdiv(T, chunk)
     bg, bd, bn, bs, num_warps, num_stages = _blocks(G, D, chunk, n_splits, interpreted)
     # Allocated per call: under graph capture they come from the graph's private pool.
     acc = torch.empty((B, H, n_splits, D), dtype=torch.float32, device=q.device)
@@ -282,6 +273,3 @@ def _decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale, softcap
     launch(reduce_kernel, reduce_grid, reduce_args, interpreted, num_warps=4)
     return y
 
-
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b

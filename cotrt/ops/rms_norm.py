@@ -16,21 +16,20 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, interpreted_for, launch, load_kernel
+from ._triton import FLOAT_DTYPES, HAS_TRITON, interpreted_for, launch, load_kernel, next_pow2
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_args(x, weight, eps, out, gemma):
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError(f"rms_norm: x must be a tensor [..., N], got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"rms_norm: x dtype must be fp16/bf16/fp32, got {x.dtype}")
     N = x.shape[-1]
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (N,):
         raise ValueError(f"rms_norm: weight must be [N={N}], got "
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
-    if weight.dtype not in _FLOAT_DTYPES:
+    if weight.dtype not in FLOAT_DTYPES:
         raise ValueError(f"rms_norm: weight dtype must be fp16/bf16/fp32, got {weight.dtype}")
     if weight.device != x.device:
         raise ValueError(f"rms_norm: weight is on {weight.device}, x is on {x.device}")
@@ -63,7 +62,7 @@ def rms_norm(x, weight, eps, *, gemma=False, out=None, impl="auto"):
     M = x2.shape[0]
     if M and N:
         kernel = load_kernel("rms_norm", "_rms_norm_kernel", interpreted)
-        block = min(max(16, 1 << (N - 1).bit_length()), 4096)
+        block = min(max(16, next_pow2(N)), 4096)
         args = dict(x_ptr=x2, w_ptr=weight, y_ptr=y2, eps=float(eps), N=N,
                     stride_x=x2.stride(0), stride_y=y2.stride(0), GEMMA=gemma, BLOCK_N=block)
         launch(kernel, (M,), args, interpreted, num_warps=4 if block <= 1024 else 8)

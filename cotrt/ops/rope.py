@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, interpreted_for, launch, load_kernel
+from ._triton import FLOAT_DTYPES, HAS_TRITON, interpreted_for, launch, load_kernel, next_pow2
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 512
 
 
@@ -36,7 +35,7 @@ def check_args(q, k, cos, sin, unsqueeze_dim):
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"rope: {name} must be a 4-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
-    if q.dtype not in _FLOAT_DTYPES:
+    if q.dtype not in FLOAT_DTYPES:
         raise ValueError(f"rope: q dtype must be fp16/bf16/fp32, got {q.dtype}")
     (B, H, T), _ = _layout(q, unsqueeze_dim)
     (Bk, KVH, Tk), _ = _layout(k, unsqueeze_dim)
@@ -85,7 +84,7 @@ def rope(q, k, cos, sin, *, unsqueeze_dim=1, impl="auto"):
                 stride_qob=sqo[0], stride_qoh=sqo[1], stride_qot=sqo[2],
                 stride_kob=sko[0], stride_koh=sko[1], stride_kot=sko[2],
                 stride_cb=cos.stride(0), stride_ct=cos.stride(1), stride_sb=sin.stride(0), stride_st=sin.stride(1),
-                HALF=half, BLOCK=max(16, 1 << (half - 1).bit_length()))
+                HALF=half, BLOCK=max(16, next_pow2(half)))
     kernel = load_kernel("rope", "_rope_kernel", interpreted)
     grid = (B * T, H + KVH)
     # No FMA contraction: each product is rounded as PyTorch's separate kernels round it.

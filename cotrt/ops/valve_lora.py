@@ -22,10 +22,9 @@ import functools
 
 import torch
 
-from ._triton import HAS_TRITON, interpreted_for, launch, load_kernel
+from ._triton import (FLOAT_DTYPES, HAS_TRITON, INDEX_DTYPES, cdiv, interpreted_for, launch, load_kernel,
+                      shape_of)
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INDEX_DTYPES = (torch.int32, torch.int64)
 MAX_RANK = 128  # the kernel pads the rank to a power of two <= 128 (BLOCK_R)
 
 
@@ -33,49 +32,45 @@ def _check_args(x, weight, lora_a, lora_b, alpha, adapter_idx, bias, out):
     """Validate shapes, dtypes and devices (metadata only: no device sync).
     Returns (M, N, K, n_adapters, r)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"valve_lora: x must be a 2-D tensor [M, K], got {_shape(x)}")
+        raise ValueError(f"valve_lora: x must be a 2-D tensor [M, K], got {shape_of(x)}")
     M, K = x.shape
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"valve_lora: x dtype must be fp16/bf16/fp32, got {x.dtype}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != K:
-        raise ValueError(f"valve_lora: weight must be [N, K={K}], got {_shape(weight)}")
+        raise ValueError(f"valve_lora: weight must be [N, K={K}], got {shape_of(weight)}")
     N = weight.shape[0]
     if not isinstance(lora_a, torch.Tensor) or lora_a.dim() != 3 or lora_a.shape[2] != K:
-        raise ValueError(f"valve_lora: lora_a must be [n_adapters, r, K={K}], got {_shape(lora_a)}")
+        raise ValueError(f"valve_lora: lora_a must be [n_adapters, r, K={K}], got {shape_of(lora_a)}")
     n_adapters, r = lora_a.shape[0], lora_a.shape[1]
     if n_adapters < 1 or r < 1:
         raise ValueError(f"valve_lora: lora_a must have n_adapters >= 1 and r >= 1, got {tuple(lora_a.shape)}")
     if not isinstance(lora_b, torch.Tensor) or tuple(lora_b.shape) != (n_adapters, N, r):
         raise ValueError(
-            f"valve_lora: lora_b must be [n_adapters={n_adapters}, N={N}, r={r}], got {_shape(lora_b)}")
+            f"valve_lora: lora_b must be [n_adapters={n_adapters}, N={N}, r={r}], got {shape_of(lora_b)}")
     if not isinstance(alpha, torch.Tensor) or tuple(alpha.shape) != (M,):
-        raise ValueError(f"valve_lora: alpha must be a [M={M}] tensor, got {_shape(alpha)}")
+        raise ValueError(f"valve_lora: alpha must be a [M={M}] tensor, got {shape_of(alpha)}")
     if alpha.dtype != torch.float32:
         raise ValueError(f"valve_lora: alpha must be float32, got {alpha.dtype}")
     if adapter_idx is not None:
         if not isinstance(adapter_idx, torch.Tensor) or tuple(adapter_idx.shape) != (M,):
-            raise ValueError(f"valve_lora: adapter_idx must be a [M={M}] tensor or None, got {_shape(adapter_idx)}")
-        if adapter_idx.dtype not in _INDEX_DTYPES:
+            raise ValueError(f"valve_lora: adapter_idx must be a [M={M}] tensor or None, got {shape_of(adapter_idx)}")
+        if adapter_idx.dtype not in INDEX_DTYPES:
             raise ValueError(f"valve_lora: adapter_idx must be int32 or int64, got {adapter_idx.dtype}")
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,)):
-        raise ValueError(f"valve_lora: bias must be [N={N}] or None, got {_shape(bias)}")
+        raise ValueError(f"valve_lora: bias must be [N={N}] or None, got {shape_of(bias)}")
     for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
             raise ValueError(f"valve_lora: {name} dtype {t.dtype} differs from x dtype {x.dtype}")
     if out is not None:
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (M, N) or out.dtype != x.dtype:
             raise ValueError(
-                f"valve_lora: out must be [M={M}, N={N}] of dtype {x.dtype}, got {_shape(out)}"
+                f"valve_lora: out must be [M={M}, N={N}] of dtype {x.dtype}, got {shape_of(out)}"
                 f"{'' if not isinstance(out, torch.Tensor) else ' ' + str(out.dtype)}")
     for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("alpha", alpha),
                     ("adapter_idx", adapter_idx), ("bias", bias), ("out", out)):
         if t is not None and t.device != x.device:
             raise ValueError(f"valve_lora: {name} is on {t.device}, x is on {x.device}")
     return M, N, K, n_adapters, r
-
-
-def _shape(t):
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def valve_lora(x, weight, lora_a, lora_b, alpha, adapter_idx=None, bias=None, out=None, *, impl="auto"):
@@ -185,14 +180,10 @@ def _blocks(M, N, r, dtype, interpreted, n_sm):
     block_r = max(16, 1 << (r - 1).bit_length())
     if interpreted:  # numpy cost is per tile step: big tiles, few steps
         return block_m, 64, 128, block_r, 4, 1
-    block_n = 64 if _cdiv(N, 64) * _cdiv(M, block_m) >= n_sm else 32
+    block_n = 64 if cdiv(N, 64) * cdiv(M, block_m) >= n_sm else 32
     block_k = 64 if dtype == torch.float32 else 128
     num_stages = 2 if block_r >= 64 or block_m >= 64 else 3
     return block_m, block_n, block_k, block_r, 4, num_stages
-
-
-def _cdiv(a, b):
-    return (a + b - 1) // b
 
 
 @functools.lru_cache(maxsize=None)
@@ -213,7 +204,7 @@ def _valve_lora_triton(x, weight, lora_a, lora_b, alpha, adapter_idx, bias, out,
     if _TUNING is not None:  # a sweep (bench/gpu_suite.py) trying other tiles
         bn, bk, num_warps, num_stages, one_pass = _TUNING
         one_pass = one_pass and n_adapters == 1
-    grid = (_cdiv(N, bn), _cdiv(M, bm))
+    grid = (cdiv(N, bn), cdiv(M, bm))
     kernel = _kernel(interpreted)
     # Dummy pointers for absent optional tensors (never dereferenced: HAS_* is False).
     idx = adapter_idx if adapter_idx is not None else alpha

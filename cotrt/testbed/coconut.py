@@ -11,7 +11,7 @@ A problem with fewer lines than s loses all of them and still gets s thoughts, s
 fixed per stage (cotrt's ``Latent(steps=k)`` is fixed per request). The optimizer is reset
 at each stage, as in Coconut. Each stage's weights are saved in Coconut's checkpoint
 format (the wrapper's state dict: ``base_causallm.*`` plus ``embedding.weight``), which
-``cotrt.loaders.load_coconut`` reads onto the base model.
+``cotrt.latent.load_coconut`` reads onto the base model.
 
 Batches hold problems with the same number of lines, so every row's question has the same
 token length and the latent positions line up without left padding (the question's values
@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .task import END, THINK, train_stream
+from .optim import optimizer
+from .task import END, TEST_SIZE, THINK, held_out, train_stream
 
 LATENT_TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")  # Coconut's order
 
@@ -105,9 +106,6 @@ def train_coconut(out: Path, seed: int, stages: int, stage_steps: int, batch: in
                   log_every: int = 25) -> dict:
     """Stages 0..``stages`` from ``out/base``; writes ``out/coconut/stage_{s}.pt``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .task import held_out
-    from .train import TEST_SIZE, optimizer
 
     torch.manual_seed(seed + 2)
     tok = AutoTokenizer.from_pretrained(out / "base")

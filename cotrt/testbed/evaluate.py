@@ -118,10 +118,10 @@ def _report(r: dict, log: bool) -> None:
 
 def evaluate_latent(models: Path, problems, ks=LATENT_KS, max_batch: int = 32, log=True) -> list[dict]:
     """The Coconut-style model of stage k with k thoughts, loaded onto a fresh base by
-    ``cotrt.loaders.load_coconut``; stages not trained are skipped."""
+    ``cotrt.latent.load_coconut``; stages not trained are skipped."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cotrt.loaders import load_coconut
+    from cotrt.latent import load_coconut
 
     rows = []
     for k in ks:

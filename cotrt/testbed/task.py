@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 from cotrt.control.answers import extract
 
@@ -117,6 +116,9 @@ def sample_problem(rng: random.Random) -> Problem:
     return Problem(start, tuple(steps), question, prev)
 
 
+TEST_SIZE = 200  # held-out problems excluded from training (evaluate.py uses a prefix)
+
+
 def held_out(seed: int, n: int) -> list[Problem]:
     """``n`` distinct held-out problems, drawn from their own stream of ``seed``."""
     rng = random.Random(seed ^ _TEST_SALT)
@@ -192,17 +194,13 @@ def check_tokenizer(tok) -> None:
             raise ValueError(f"testbed tokenizer: {marker} is not a single token")
 
 
-def save_tokenizer(tok, path) -> None:
-    Path(path).mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(str(path))
-
-
 __all__ = [
     "END",
     "EOS",
     "INDUCER",
     "MAX_VALUE",
     "PAD",
+    "TEST_SIZE",
     "THINK",
     "Problem",
     "build_tokenizer",

@@ -10,7 +10,7 @@ Writes
                  alpha in [0, 1] moves between the two lengths (``rt.load_valve``);
     DIR/coconut/stage_{s}.pt  a Coconut-style latent model after curriculum stage s (s
                  thoughts replacing the first s chain lines; coconut.py), in Coconut's
-                 checkpoint format for ``cotrt.loaders.load_coconut``;
+                 checkpoint format for ``cotrt.latent.load_coconut``;
     DIR/train_log.json  settings, losses and times.
 
 The loss covers the completion only (think, answer, eos): the question's numbers are
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -30,9 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .task import EOS, build_tokenizer, check_tokenizer, held_out, train_stream
-
-TEST_SIZE = 200  # held-out problems excluded from training (evaluate.py uses a prefix)
+from .coconut import train_coconut
+from .optim import optimizer
+from .task import EOS, TEST_SIZE, build_tokenizer, check_tokenizer, held_out, train_stream
 
 # FULL: ~0.5 s a base step at batch 24 on one CPU thread (fp32): ~8 minutes for the base,
 # ~12 in all with the valve and the Coconut stages.
@@ -78,19 +77,6 @@ def lm_loss(logits, labels):
     0.015 s without on the quick model (16 x 210 tokens), on a machine shared with another
     job, so the cause is unconfirmed; this path costs milliseconds either way."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-
-
-def optimizer(params, lr: float, steps: int):
-    """AdamW, linear warm-up over 10% of the steps (at most 50), cosine decay to 10%."""
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warm = max(1, min(50, steps // 10))
-
-    def lr_at(s):
-        if s < warm:
-            return (s + 1) / warm
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
 
 
 def fit(model, tok, stream, style: str, steps: int, batch: int, lr: float, log_every: int = 25,
@@ -162,8 +148,6 @@ def run(args, cfg: dict) -> dict:
     valve = train_valve(args.out, args.seed, cfg)
     coconut = None
     if not args.no_coconut:
-        from .coconut import train_coconut
-
         coconut = train_coconut(args.out, args.seed, cfg["stages"], cfg["stage_steps"], cfg["batch"], cfg["lr"])
     log = {"seed": args.seed, "quick": args.quick, "config": cfg, "test_size": TEST_SIZE,
            "torch": torch.__version__, "threads": torch.get_num_threads(), "eos": EOS,

@@ -16,8 +16,8 @@ import sys
 import torch
 from torch import nn
 
-from .ops._triton import HAS_TRITON
-from .ops.rope import _rope_torch, rope
+from ..ops._triton import HAS_TRITON
+from ..ops.rope import _rope_torch, rope
 
 _NAME = "apply_rotary_pos_emb"
 

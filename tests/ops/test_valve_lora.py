@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from _cubin import compile_variants, interp  # noqa: E402
-from _tolerance import assert_close, assert_flash_rule, tolerance  # noqa: E402
+from cotrt.testing import assert_close, assert_flash_rule, tolerance  # noqa: E402
 from cotrt.ops.valve_lora import valve_lora, valve_lora_ref  # noqa: E402
 
 ALPHAS = [0.0, 0.5, 1.0, 1.7, -0.8]

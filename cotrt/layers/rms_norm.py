@@ -17,7 +17,7 @@ import copy
 import torch
 from torch import nn
 
-from .ops.rms_norm import _rms_norm_torch, rms_norm
+from ..ops.rms_norm import _rms_norm_torch, rms_norm
 
 
 class FusedRMSNorm(nn.Module):

@@ -1,4 +1,4 @@
-"""rms_norm and the RMSNorm swap (cotrt.norms).
+"""rms_norm and the RMSNorm swap (cotrt.layers.rms_norm).
 
 CPU tier: the reference against HF's own modules (LlamaRMSNorm, Gemma2RMSNorm); the torch
 path bit-identical to them; the Triton kernel (interpreter, fp32 and fp16) against the
@@ -18,9 +18,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from _cubin import compile_variants, interp  # noqa: E402
-from _tolerance import assert_close  # noqa: E402
-from conftest import ARCHS, tiny_model  # noqa: E402
-from cotrt.norms import FusedRMSNorm, fuse_rms_norms, original_norms  # noqa: E402
+from cotrt.testing import assert_close  # noqa: E402
+from cotrt.testing import ARCHS, tiny_model  # noqa: E402
+from cotrt.layers.rms_norm import FusedRMSNorm, fuse_rms_norms, original_norms  # noqa: E402
 from cotrt.ops.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
 
 

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from _cubin import compile_variants, interp  # noqa: E402
-from _tolerance import assert_close  # noqa: E402
+from cotrt.testing import assert_close  # noqa: E402
 from cotrt.ops.contemplate import contemplate, contemplate_ref  # noqa: E402
 
 V = 997  # odd vocabulary

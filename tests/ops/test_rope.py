@@ -1,4 +1,4 @@
-"""rope and the rotary patch (cotrt.rotary).
+"""rope and the rotary patch (cotrt.layers.rope).
 
 CPU tier: the torch path is HF's ``apply_rotary_pos_emb`` bit for bit; the reference is
 close to it; the Triton kernel (interpreter) equals HF's function bit for bit in fp32 and
@@ -19,11 +19,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from _cubin import compile_variants, interp  # noqa: E402
-from _tolerance import assert_close  # noqa: E402
-from conftest import ARCHS, tiny_model  # noqa: E402
+from cotrt.testing import assert_close  # noqa: E402
+from cotrt.testing import ARCHS, tiny_model  # noqa: E402
 from cotrt.ops._triton import HAS_TRITON  # noqa: E402
 from cotrt.ops.rope import rope, rope_ref  # noqa: E402
-from cotrt.rotary import RopePatch, _fused  # noqa: E402
+from cotrt.layers.rope import RopePatch, _fused  # noqa: E402
 
 
 def hf_rope():
@@ -105,7 +105,7 @@ def test_patch_finds_every_architecture_and_restores(arch):
 
 
 def test_patch_refuses_other_forms_and_routes_odd_calls():
-    from cotrt.rotary import _is_rotate_half
+    from cotrt.layers.rope import _is_rotate_half
 
     def interleaved(q, k, cos, sin, unsqueeze_dim=1):  # GPT-J style pairs: not rotate-half
         def rot(x):

@@ -1,11 +1,11 @@
 """cpu_linear: the CPU decode-linear kernel (cotrt._cpu) against cpu_linear_ref / valve_lora_ref,
-and the module swap (cotrt.cpu_linear) inside and outside cotrt's forwards."""
+and the module swap (cotrt.layers.cpu_linear) inside and outside cotrt's forwards."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _tolerance import assert_close, assert_flash_rule
+from cotrt.testing import assert_close, assert_flash_rule
 from cotrt.ops.cpu_linear import HAS_CPU_KERNEL, cpu_linear, cpu_linear_ref
 
 pytestmark = pytest.mark.skipif(not HAS_CPU_KERNEL, reason="cotrt._cpu is not built")
@@ -193,7 +193,7 @@ print("ok")
 
 
 def test_swap_runs_the_kernel_only_inside_cotrt_forwards(monkeypatch):
-    from cotrt import cpu_linear as cl
+    from cotrt.layers import cpu_linear as cl
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8, bias=False))
@@ -218,7 +218,7 @@ def test_swap_runs_the_kernel_only_inside_cotrt_forwards(monkeypatch):
 def test_swap_leaves_tensor_subclass_weights_alone():
     """A weight that is a tensor subclass (a DTensor shard, a quantized weight) has no raw
     buffer for the kernel: that linear stays nn.Linear."""
-    from cotrt import cpu_linear as cl
+    from cotrt.layers import cpu_linear as cl
 
     class Sub(torch.Tensor):
         pass
@@ -233,7 +233,7 @@ def test_swap_leaves_tensor_subclass_weights_alone():
 def test_valve_linear_rides_the_kernel(monkeypatch, dtype):
     """A ValveLinear (mixed alphas, adapter -1) inside CpuKernels runs the kernel with its
     bank and matches the valve_lora path it takes outside."""
-    from cotrt import cpu_linear as cl
+    from cotrt.layers import cpu_linear as cl
     from cotrt.valve import ValveLinear, ValveState
 
     torch.manual_seed(0)
@@ -264,7 +264,7 @@ def test_wrap_decodes_like_hf_with_and_without_kernels(smol_model):
     wrap(cpu_kernels=False) leaves the linears alone."""
     import cotrt
     from _parity import assert_greedy_match, hf_greedy
-    from cotrt.cpu_linear import CpuLinear
+    from cotrt.layers.cpu_linear import CpuLinear
 
     model, tok = smol_model
     prompt = tok("The capital of France is", add_special_tokens=False)["input_ids"]
@@ -277,7 +277,7 @@ def test_wrap_decodes_like_hf_with_and_without_kernels(smol_model):
         assert_greedy_match(model, prompt, out[0].token_ids, ref, "cpu_kernels")
         assert hf_greedy(model, prompt, 24) == ref  # HF generate on the swapped model: F.linear
     finally:
-        from cotrt.cpu_linear import unswap_cpu_linears
+        from cotrt.layers.cpu_linear import unswap_cpu_linears
         unswap_cpu_linears(model)
     rt = cotrt.wrap(model, tok, max_batch=2, max_len=128, cpu_kernels=False)
     assert "cpu_linear" not in rt.runner.fused and type(model.lm_head) is nn.Linear

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops.cpu_linear import HAS_CPU_KERNEL, MAX_ROWS, _launch
+from ..ops.cpu_linear import HAS_CPU_KERNEL, MAX_ROWS, _launch
 
 _DTYPES = (torch.float32, torch.bfloat16)
 _tls = threading.local()  # .on: inside a cotrt forward that asked for the kernels

@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from _cubin import compile_kernel, interp  # noqa: E402
-from _tolerance import assert_close, assert_flash_rule  # noqa: E402
+from cotrt.testing import assert_close, assert_flash_rule  # noqa: E402
 from cotrt.ops.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
 
 

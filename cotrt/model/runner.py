@@ -1,0 +1,245 @@
+"""ModelRunner: one forward of the wrapped HF model over the slot cache.
+
+cotrt runs the model's own modules (embeddings, norms, rotary, MLPs) and owns only the KV
+cache (cotrt.model.kv_cache) and the attention call (cotrt.model.attention), through
+transformers' extension points. ``ModelRunner.forward`` runs the decoder on ``[B, T]`` new
+tokens (right-padded) for ``B`` slots and returns the final hidden states; the LM head is
+applied only to the rows that sample (``ModelRunner.logits``).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+from torch import nn
+
+from .attention import ATTN_IMPL, UnsupportedModelError, _set_attn_impl, flash_attn_with_kvcache, register_attention
+from .kv_cache import SlotCache, StepMeta
+
+_UNSUPPORTED_LAYER_TYPES = ("linear_attention", "mamba", "conv", "recurrent", "chunked_attention")
+
+
+def check_architecture(model) -> None:
+    """Refuse models the slot cache cannot serve, with a message naming the reason."""
+    config = model.config
+    name = type(model).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{name}: encoder-decoder models are not supported (decoder-only LMs)")
+    if model.get_output_embeddings() is None:
+        raise UnsupportedModelError(f"{name}: no output embeddings (is this a causal LM?)")
+    layer_types = getattr(config, "layer_types", None) or []
+    bad = sorted({t for t in layer_types if any(u in str(t) for u in _UNSUPPORTED_LAYER_TYPES)})
+    if bad:
+        raise UnsupportedModelError(f"{name}: layer types {bad} keep non-KV state; cotrt serves attention-only decoders")
+    for attr in ("num_hidden_layers", "num_attention_heads", "hidden_size"):
+        if getattr(config, attr, None) is None:
+            raise UnsupportedModelError(f"{name}: config has no {attr}")
+
+
+class ModelRunner:
+    """Runs the wrapped model's decoder over the slot cache.
+
+    The runner keeps no per-slot lengths: the engine owns how many tokens each slot holds
+    and passes them as each step's ``starts``; ``forward`` writes the new tokens there and
+    advances nothing, so accepting, probing and rolling back a row are the engine's
+    bookkeeping (rollback is a smaller start next step, no copy).
+    """
+
+    def __init__(self, model: nn.Module, max_batch: int, max_len: int, fuse: bool | None = None,
+                 cpu_kernels: bool | None = None):
+        check_architecture(model)
+        register_attention()
+        self.model = model
+        self.config = model.config
+        self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+        self.lm_head = model.get_output_embeddings()
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.max_batch, self.max_len = max_batch, max_len
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.text_config = cfg
+        n_layers = cfg.num_hidden_layers
+        kvh = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        _set_attn_impl(model.config, ATTN_IMPL)
+        self.cache = SlotCache(n_layers, max_batch, max_len, kvh, head_dim, self.dtype, self.device)
+        params = inspect.signature(self.decoder.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.logits_scaling = getattr(cfg, "logits_scaling", None)  # Granite divides
+        self.logit_scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
+        # Attention of eager decode steps: "sdpa" over views of the live length, or
+        # "by_slot" (flash-attn's kv-cache kernel if installed, else the decode_attention
+        # op: by slot and per-row length, what a captured step always uses). Which is
+        # faster is a GPU measurement (bench/gpu_suite.py).
+        self.decode_backend = "by_slot" if flash_attn_with_kvcache is not None and self.device.type == "cuda" \
+            else "sdpa"
+        self.embed = model.get_input_embeddings()
+        self._arange = torch.arange(max_len + 64, device=self.device)
+        self.fused = {}
+        self._rope_patch = contextlib.nullcontext()
+        self._cpu_kernels = contextlib.nullcontext()
+        self._self_check(n_layers)
+        # Fewer kernels a step, by default where the kernels exist (CUDA): RMSNorm modules
+        # as one kernel each (cotrt.layers.rms_norm) and HF's rotary function as one kernel for
+        # q and k during cotrt's forwards (cotrt.layers.rope). After the self-check: a refused
+        # model is left as it came.
+        if fuse if fuse is not None else self.device.type == "cuda":
+            from ..layers.rms_norm import fuse_rms_norms
+            from ..layers.rope import RopePatch
+
+            self.fused["norms"] = fuse_rms_norms(model)
+            patch = RopePatch(model, head_dim)
+            if patch.modules:
+                self._rope_patch = patch
+                self.fused["rope"] = patch.modules
+        # Decode-sized linears on CPU through cotrt's kernel (cotrt.layers.cpu_linear): torch's fp32
+        # GEMV at M=1 runs on one core (11-12 GB/s of the 31-36 a 2-thread read gets, issue
+        # 12); the kernel splits W over every thread (bench/bench_cpu_linear.py).
+        if cpu_kernels if cpu_kernels is not None else self.device.type == "cpu":
+            from ..layers.cpu_linear import CpuKernels, swap_cpu_linears
+
+            names = swap_cpu_linears(model)
+            if names:
+                self._cpu_kernels = CpuKernels()
+                self.fused["cpu_linear"] = names
+
+    # -- building the step ----------------------------------------------------------------
+    def make_meta(self, slots: list[int], q_lens: list[int], starts: list[int]) -> StepMeta:
+        """Step metadata for ``q_lens[b]`` new tokens written to slot ``slots[b]`` from
+        position ``starts[b]`` (the tokens the slot already holds, which the engine owns)."""
+        dev = self.device
+        B, T = len(slots), max(q_lens)
+        for s, st, q in zip(slots, starts, q_lens):
+            if st + q > self.max_len:
+                raise ValueError(f"slot {s}: {st + q} tokens exceed max_len={self.max_len}")
+        kv_len = max(st + q for st, q in zip(starts, q_lens))
+        slots_t = torch.tensor(slots, dtype=torch.long, device=dev)
+        starts_t = torch.tensor(starts, dtype=torch.long, device=dev)
+        t_idx = self._arange[:T]
+        positions = starts_t[:, None] + t_idx[None, :]  # [B, T]
+        k_idx = self._arange[:kv_len]
+        causal = k_idx.view(1, 1, -1) <= positions[:, :, None]  # [B, T, L]
+        if T > 1:
+            q_lens_t = torch.tensor(q_lens, dtype=torch.long, device=dev)
+            ends = starts_t + q_lens_t
+            causal = causal & (k_idx.view(1, 1, -1) < ends.view(-1, 1, 1))
+            valid = t_idx[None, :] < q_lens_t[:, None]  # [B, T]
+            write_rows = torch.where(valid, slots_t[:, None], self.max_batch).reshape(-1)
+            write_pos = torch.where(valid, positions, t_idx[None, :]).reshape(-1)
+        else:
+            write_rows, write_pos = slots_t, starts_t
+        contiguous = slots == list(range(slots[0], slots[0] + B))
+        lengths = starts_t + 1 if T == 1 and self.decode_backend == "by_slot" else None
+        return StepMeta(
+            slots=slots_t, starts=starts_t, q_lens=list(q_lens), kv_len=kv_len,
+            mask=causal[:, None], positions=positions, write_rows=write_rows, write_pos=write_pos,
+            slot_range=(slots[0], slots[0] + B) if contiguous else None, decode=T == 1, lengths=lengths,
+            k_buffers=self.cache.keys_, v_buffers=self.cache.values_,
+        )
+
+    def static_meta(self, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> StepMeta:
+        """Step metadata of a static decode step (cotrt.graph) over caller-owned device
+        buffers ``[B]``: one token per row at ``starts``, attending ``lengths`` keys."""
+        B = slots.shape[0]
+        return StepMeta(
+            slots=slots, starts=starts, q_lens=[1] * B, kv_len=self.max_len,
+            mask=torch.ones(B, 1, 1, 1, dtype=torch.bool, device=slots.device),  # HF needs a 4-D mask to skip its own
+            positions=starts[:, None], write_rows=slots, write_pos=starts, slot_range=None, decode=True,
+            lengths=lengths, k_buffers=self.cache.keys_, v_buffers=self.cache.values_,
+        )
+
+    # -- the forward --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, meta: StepMeta, input_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, taps: tuple = ()) -> torch.Tensor:
+        """Run the decoder for ``[B, T]`` new tokens; returns the final hidden states ``[B, T, H]``.
+
+        The cache rows are written at positions ``starts[b] + t``; lengths are not advanced.
+        ``taps``: decoder layer indices whose output residual ``[B, T, H]`` to keep; they
+        land in ``self.tapped[layer]`` (a forward hook on those layers only, so no other
+        layer's states are kept).
+        """
+        self.cache.meta = meta
+        self.tapped = {}
+        hooks = [self._layers()[l].register_forward_hook(self._tap_hook(l)) for l in taps]
+        try:
+            with self._rope_patch, self._cpu_kernels:
+                out = self.decoder(
+                    input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=meta.mask,
+                    position_ids=meta.positions, use_cache=True, cotrt_meta=meta,
+                    **{self._cache_kw: self.cache},
+                )
+        finally:
+            self.cache.meta = None
+            for h in hooks:
+                h.remove()
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def _layers(self):
+        from ..latent import decoder_layers  # found by shape: Llama's layers, GPT-2's h, ...
+
+        layers = getattr(self, "_layer_list", None) or decoder_layers(self.model)
+        self._layer_list = layers  # found once: the walk visits every module
+        if layers is None:
+            raise UnsupportedModelError(f"{type(self.model).__name__}: no list of decoder layers to tap")
+        return layers
+
+    def _tap_hook(self, layer: int):
+        def hook(module, args, output):
+            self.tapped[layer] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def last_hidden(self, hidden: torch.Tensor, meta: StepMeta) -> torch.Tensor:
+        """``[B, T, H]`` -> ``[B, H]`` at each row's last real token."""
+        if meta.decode:
+            return hidden[:, 0]
+        idx = torch.tensor([q - 1 for q in meta.q_lens], device=hidden.device)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """LM head on the rows that sample: ``[R, H]`` -> fp32 ``[R, V]``."""
+        with torch.inference_mode(), self._cpu_kernels:
+            logits = self.lm_head(h).float()
+        if self.logits_scaling:
+            logits = logits / self.logits_scaling
+        if self.logit_scale:
+            logits = logits * self.logit_scale
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
+
+    # -- checks ---------------------------------------------------------------------------------
+    def _self_check(self, n_layers: int) -> None:
+        """One 2-token forward on slot 0: every layer must go through our cache and attention.
+
+        Architectures whose attention bypasses ``AttentionInterface`` (or keeps other state)
+        would silently decode garbage; this makes them fail at wrap time instead.
+        """
+        calls = {"n": 0}
+        cache = self.cache
+        orig = cache.update
+
+        def counting_update(*args, **kwargs):
+            calls["n"] += 1
+            return orig(*args, **kwargs)
+
+        cache.update = counting_update
+        try:
+            meta = self.make_meta([0], [2], starts=[0])
+            ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
+            self.forward(meta, input_ids=ids)
+        except UnsupportedModelError:
+            raise
+        except Exception as e:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: a forward through the slot cache failed ({type(e).__name__}: {e})"
+            ) from e
+        finally:
+            cache.update = orig
+        if calls["n"] != n_layers:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: {calls['n']} of {n_layers} layers used the KV cache interface; "
+                "cotrt needs every layer's attention to go through transformers' Cache/AttentionInterface"
+            )
