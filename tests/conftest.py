@@ -31,6 +31,17 @@ def byte_tokenizer():
     return build()
 
 
+LATENT_TOKENS = ["<|start-latent|>", "<|end-latent|>", "<|latent|>"]
+
+
+@pytest.fixture(scope="module")
+def latent_tok(smol_tokenizer):
+    """SmolLM2's tokenizer with Coconut's three latent tokens added (begin, end, latent)."""
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.add_tokens(LATENT_TOKENS, special_tokens=True)
+    return tok
+
+
 @pytest.fixture(scope="session")
 def think_tokenizer(smol_tokenizer):
     """SmolLM2's tokenizer with <think>/</think> added as single tokens (R1/Qwen3 style)."""

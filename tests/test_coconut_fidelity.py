@@ -3,7 +3,6 @@ coconut.py), restated naively below: prompts in Coconut's layout, what max_new_t
 counts, an EOS as the first answer token, and layer feedback on GPT-2 (``transformer.h``)."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -12,16 +11,9 @@ from torch import nn
 import cotrt
 from cotrt.control.think import ThinkFormat
 from cotrt.latent import decoder_layers
+from conftest import LATENT_TOKENS
 from cotrt.testing import tiny_model
 
-LATENT_TOKENS = ["<|start-latent|>", "<|end-latent|>", "<|latent|>"]
-
-
-@pytest.fixture(scope="module")
-def latent_tok(smol_tokenizer):
-    tok = copy.deepcopy(smol_tokenizer)
-    tok.add_tokens(LATENT_TOKENS, special_tokens=True)
-    return tok
 
 
 def tiny_gpt2(vocab_size: int, seed: int):

@@ -10,16 +10,9 @@ import torch
 from torch import nn
 
 import cotrt
+from conftest import LATENT_TOKENS
 from cotrt.testing import tiny_model
 
-LATENT_TOKENS = ["<|start-latent|>", "<|end-latent|>", "<|latent|>"]
-
-
-@pytest.fixture(scope="module")
-def latent_tok(smol_tokenizer):
-    tok = copy.deepcopy(smol_tokenizer)
-    tok.add_tokens(LATENT_TOKENS, special_tokens=True)
-    return tok
 
 
 def _model(arch, tok, seed):
