@@ -22,7 +22,7 @@ from .phase import ANSWER, LATENT, PHASE_NAMES, PRE, THINK, closes_thinking, ope
 
 if TYPE_CHECKING:
     from .exits import ExitControl
-    from .latent_run import LatentRun
+    from ..latent.run import LatentRun
 
 __all__ = ["Request", "RowPatterns", "incomplete_utf8_tail", "PRE", "THINK", "ANSWER", "LATENT", "PHASE_NAMES"]
 

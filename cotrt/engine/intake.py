@@ -10,7 +10,7 @@ import random
 
 from ..control.automaton import check_pattern_sizes, compile_cached, token_bytes
 from ..control.exits import ExitControl
-from ..control.latent_run import LatentRun
+from ..latent.run import LatentRun
 from ..control.request import Request, RowPatterns
 from ..params import Params
 

@@ -4,10 +4,10 @@ like, how it binds to a model, and the loaders of latent-reasoning checkpoints.
 - ``spec``: :class:`Latent` (the user's model-free spec) and :class:`BoundLatent`;
 - ``bind``: ``Latent.bind``'s checks, :func:`decoder_layers`, :class:`EndHead`;
 - ``coconut``: :func:`load_coconut` (Coconut checkpoints);
-- ``bundle``: :func:`save_ccot_bundle` / :func:`load_ccot_bundle` (CCoT-style bundles).
+- ``bundle``: :func:`save_ccot_bundle` / :func:`load_ccot_bundle` (CCoT-style bundles);
+- ``run``: :class:`LatentRun`, a request's latent phase as the engine runs it.
 
-How the engine runs a bound phase is ``cotrt.control.latent_run``; the op that builds a
-latent step's inputs is ``cotrt.ops.contemplate`` ("contemplate" names the op, "latent"
+The op that builds a latent step's inputs is ``cotrt.ops.contemplate`` ("contemplate" names the op, "latent"
 the feature).
 """
 from .bind import EndHead, decoder_layers
