@@ -28,6 +28,7 @@ _LAZY = {
     "NoWait": "cotrt.control.policies",
     "StepLimit": "cotrt.control.policies",
     "ValveSchedule": "cotrt.control.policies",
+    "SelfConsistency": "cotrt.control.consistency",
 }
 
 __all__ = sorted(_LAZY)

@@ -40,7 +40,8 @@ class Runtime:
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int | None = None,
                  think_format: ThinkFormat | None = None, decode_graph: str = "auto",
-                 fuse: bool | None = None, cpu_kernels: bool | None = None):
+                 fuse: bool | None = None, cpu_kernels: bool | None = None, kv_tokens: int | None = None,
+                 page_size: int = 16):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
         limit = getattr(model.config, "max_position_embeddings", None)
@@ -48,6 +49,12 @@ class Runtime:
             max_len = default_max_len(model)
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
             raise ValueError(f"max_len must be an int >= 2 or None, got {max_len!r}")
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+        if kv_tokens is not None and (isinstance(kv_tokens, bool) or not isinstance(kv_tokens, int)
+                                      or kv_tokens < max_len):
+            raise ValueError(f"kv_tokens must be an int >= max_len={max_len} (one request must fit) or None, "
+                             f"got {kv_tokens!r}")
         if think_format is not None and not isinstance(think_format, ThinkFormat):
             raise ValueError(f"think_format must be a cotrt.ThinkFormat or None, got {type(think_format).__name__}")
         if fuse is not None and not isinstance(fuse, bool):
@@ -65,7 +72,7 @@ class Runtime:
         self.tokenizer = tokenizer
         self.think_format = think_format or ThinkFormat.detect(tokenizer)
         self.runner = ModelRunner(model, max_batch=max_batch, max_len=max_len, fuse=fuse,
-                                  cpu_kernels=cpu_kernels)
+                                  cpu_kernels=cpu_kernels, kv_tokens=kv_tokens, page_size=page_size)
         self.valves = None
         self.engine = Engine(self.runner, tokenizer, self.think_format, max_batch, max_len,
                              eos_ids=_eos_ids(model, tokenizer), decode_graph=decode_graph)
@@ -120,7 +127,8 @@ class Runtime:
     def generate(self, prompts: Sequence, params: Params | Sequence[Params] | None = None) -> list[Output]:
         """Generate for every prompt (raw text or token ids); one Params or one per prompt.
 
-        All requests are validated before any is queued; outputs come back in prompt order.
+        All requests are validated before any is queued; outputs come back in prompt order,
+        ``params.n`` of them per prompt (its samples, in seed order).
         """
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise ValueError("prompts must be a list of strings or of token-id lists")
@@ -138,8 +146,8 @@ class Runtime:
         order = sorted(range(len(prompts)), key=lambda i: -plist[i].max_new_tokens)
         ids = [None] * len(prompts)
         for i in order:
-            ids[i] = self.engine.add(prompts[i], plist[i])
-        return self._collect(ids)
+            ids[i] = self.engine.add_samples(prompts[i], plist[i])
+        return self._collect([rid for group in ids for rid in group])
 
     def chat(self, conversations: Sequence, params: Params | Sequence[Params] | None = None,
              **template_kwargs) -> list[Output]:
@@ -163,7 +171,8 @@ class Runtime:
         return list(out)
 
     def stream(self, prompt, params: Params | None = None) -> Iterator[Event]:
-        """Events of one request as they are produced (other queued requests advance too)."""
+        """Events of one request as they are produced (other queued requests advance too).
+        One sample: ``params.n`` must be 1."""
         rid = self.engine.add(prompt, params)
         while True:
             for ev in self.engine.step():
@@ -200,11 +209,19 @@ class Runtime:
 
 def wrap(model, tokenizer, max_batch: int = 8, max_len: int | None = None,
          think_format: ThinkFormat | None = None, decode_graph: str = "auto",
-         fuse: bool | None = None, cpu_kernels: bool | None = None) -> Runtime:
+         fuse: bool | None = None, cpu_kernels: bool | None = None, kv_tokens: int | None = None,
+         page_size: int = 16) -> Runtime:
     """Wrap an HF causal LM and its tokenizer for fast, controlled generation.
 
-    ``max_len``: prompt + output tokens per request (the KV slot's length); None takes
-    min(2048, the model's ``max_position_embeddings``), e.g. 1024 on GPT-2.
+    ``max_batch``: requests running at once (more wait in a queue).
+    ``max_len``: prompt + output tokens of one request; None takes min(2048, the model's
+    ``max_position_embeddings``), e.g. 1024 on GPT-2.
+    ``kv_tokens``: the KV cache's capacity in tokens, for all requests together (>=
+    max_len; default ``max_batch * max_len``), allocated in pages of ``page_size`` tokens
+    as requests grow and freed as they finish or roll back. Full prompt pages are shared
+    between requests with the same prefix (``Params(n=k)`` samples store their prompt
+    once) and stay cached until the memory is needed; when the pages run out mid-decode,
+    the newest request is preempted and recomputed later, with the same output.
 
     ``decode_graph``: "auto" captures decode steps as CUDA graphs on a CUDA model and runs
     them eagerly elsewhere; "cuda" insists on graphs; "static" runs the graph's
@@ -219,7 +236,8 @@ def wrap(model, tokenizer, max_batch: int = 8, max_len: int | None = None,
     ``F.linear``); None: on CPU models where ``cotrt._cpu`` is built.
     """
     return Runtime(model, tokenizer, max_batch=max_batch, max_len=max_len, think_format=think_format,
-                   decode_graph=decode_graph, fuse=fuse, cpu_kernels=cpu_kernels)
+                   decode_graph=decode_graph, fuse=fuse, cpu_kernels=cpu_kernels, kv_tokens=kv_tokens,
+                   page_size=page_size)
 
 
 __all__ = ["wrap", "Runtime", "Output", "Params", "ThinkFormat"]

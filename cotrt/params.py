@@ -26,6 +26,8 @@ def _check_float(name, value, lo=None, hi=None, lo_open=False):
 # Temperatures below this are greedy (0): dividing logits by less overflows fp32 (a 1e-300
 # temperature drew NaN garbage), and the distribution is then its argmax anyway.
 GREEDY_TEMPERATURE = 1e-5
+# Samples of one prompt (Params.n): one request each, so at most what a batch can hold.
+MAX_SAMPLES = 128
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,14 @@ class Params:
     exit: object = None
     valve: dict = field(default_factory=dict)
     latent: object = None
+    n: int = 1
+    consistency: object = None
+
+    # ``n``: samples of the prompt (seeds ``seed``, ``seed + 1``, ...; with seed None one
+    # base seed is drawn). They share the prompt's KV pages. ``Runtime.generate`` returns
+    # n outputs per prompt, prompt-major; ``Engine.add_samples`` queues them.
+    # ``consistency``: a cotrt.SelfConsistency (or its dict form) over the n samples:
+    # early exit once enough finished samples agree on an answer, the others aborted.
 
     # ``latent``: a cotrt.Latent (or its dict form): a dense latent phase (Coconut's k
     # steps, or CCoT's END head) right after the prompt; see cotrt/latent/.
@@ -135,6 +145,20 @@ class Params:
                 raise ValueError(f"latent must be a cotrt.Latent or a dict, got {type(self.latent).__name__}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        _check_int("n", self.n, 1, allow_none=False)
+        if self.n > MAX_SAMPLES:
+            raise ValueError(f"n must be <= {MAX_SAMPLES}, got {self.n}")
+        if self.seed is not None and self.seed + self.n - 1 >= 2**63:
+            raise ValueError(f"seed + n - 1 must be < 2**63 (seeds seed .. seed + n - 1), got seed={self.seed}")
+        if self.consistency is not None:
+            from .control.consistency import SelfConsistency
+
+            if isinstance(self.consistency, dict):
+                object.__setattr__(self, "consistency", SelfConsistency.from_dict(self.consistency))
+            elif not isinstance(self.consistency, SelfConsistency):
+                raise ValueError(f"consistency must be a cotrt.SelfConsistency or a dict, "
+                                 f"got {type(self.consistency).__name__}")
+            self.consistency.check(self.n)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Params":

@@ -1,12 +1,12 @@
 """The static decode step (cotrt.graph) against the eager one.
 
 CPU tier: ``decode_graph="static"`` runs exactly the step a CUDA graph captures (fixed
-shapes per bucket, padding rows on the scratch slot, attention by slot and per-row length,
+shapes per bucket, padding rows on the scratch page, attention by block table and per-row length,
 logits of every row) without capturing it; every decoding path must give the same tokens
 as the eager step (and as HF): six architectures (GQA, sliding windows, soft-capping),
 seeded sampling, mid-run admission over several buckets, mixed valve alphas with
 set_valve, latent rows with a layer tap, in-place probes. The eager step with attention by
-slot (``decode_backend="by_slot"``) too. GPU tier (marker ``gpu``): real capture and
+block table (``decode_backend="by_table"``) too. GPU tier (marker ``gpu``): real capture and
 replay against the eager step, alphas and lengths changed without recapture.
 """
 from __future__ import annotations
@@ -111,14 +111,15 @@ def test_seeded_sampling_and_midrun_admission(smol_tokenizer):
     assert rt.engine.free_slots == [0, 1, 2]
 
 
-def test_by_slot_attention_in_the_eager_step(smol_tokenizer):
+@pytest.mark.parametrize("page_size", [4, 96])
+def test_by_table_attention_in_the_eager_step(smol_tokenizer, page_size):
     vocab = len(smol_tokenizer)
     model = tiny_model("gemma2", vocab, seed=6)  # soft-capping and sliding windows
     prompts = _prompts(8, 5, vocab)
-    rt = cotrt.wrap(model, smol_tokenizer, max_batch=4, max_len=96)
+    rt = cotrt.wrap(model, smol_tokenizer, max_batch=4, max_len=96, page_size=page_size)
     params = cotrt.Params(max_new_tokens=20, ignore_eos=True)
     ref = [o.token_ids for o in rt.generate(prompts, params)]
-    rt.runner.decode_backend = "by_slot"
+    rt.runner.decode_backend = "by_table"
     assert [o.token_ids for o in rt.generate(prompts, params)] == ref
 
 
@@ -246,9 +247,11 @@ def test_graphs_drop_on_valve_change(smol_tokenizer):
     g.sync_valves(1)
     assert not g._entries
     with pytest.raises(ValueError, match="embeds must be given"):
-        g.run(g.key(1, False, True, ()), [0], [5], [0])
-    with pytest.raises(ValueError, match="position 40 outside the cache"):
-        g.run(g.key(1, False, False, ()), [0], [5], [40])
+        g.run(g.key(1, False, True, ()), [[0]], [5], [0])
+    with pytest.raises(ValueError, match="position 40 outside its 2 pages"):
+        g.run(g.key(1, False, False, ()), [[0, 1]], [5], [40])
+    with pytest.raises(ValueError, match="position 16 outside its 1 pages"):
+        g.run(g.key(1, False, False, ()), [[0]], [5], [16])
     with pytest.raises(ValueError, match="exceed max_batch=2"):
         g.bucket(3)
 

@@ -59,9 +59,8 @@ def _snapshot_on_release(engine, store):
 
     def release(row):
         if row.slot >= 0:
-            n = row.cache_len
-            store[row.id] = [(k[row.slot, :n].clone(), v[row.slot, :n].clone())
-                             for k, v in zip(engine.runner.cache.keys_, engine.runner.cache.values_)]
+            cache = engine.runner.cache
+            store[row.id] = [cache.read(l, row.pages, row.cache_len) for l in range(len(cache))]
         real(row)
 
     engine._release = release

@@ -6,9 +6,10 @@ Marker, cue and stop detection is the token automaton (csrc/): one table lookup 
 token, on bytes, so markers split over several tokens, or sharing a token with other
 text, are seen exactly where their last byte lands.
 
-Invariant kept with the engine: the slot cache holds ``len(seq) - 1`` tokens; the last
-token of ``seq`` is the next input. Rolling a row back is truncating ``gen`` and setting
-the slot length, which the engine reads from ``cache_len``.
+Invariant kept with the engine: the KV cache holds ``len(seq) - 1`` tokens (in the pages of
+``Request.pages``); the last token of ``seq`` is the next input. Rolling a row back is
+truncating ``gen``; the engine reads the new length from ``cache_len`` and frees the
+pages past it.
 """
 from __future__ import annotations
 
@@ -94,7 +95,12 @@ class Request:
     valve_check: Callable[[dict], None] | None = None  # validates a valve a policy sets
     valve: dict = field(default_factory=dict)  # {"name": alpha} or {} (the base model)
     # -- the sequence -------------------------------------------------------------------------
-    slot: int = -1  # cache slot while running, -1 waiting or done
+    slot: int = -1  # batch lane while running, -1 waiting or done
+    pages: list = field(default_factory=list)  # block table: the KV pages of its positions, in order
+    cached: int = 0  # prompt tokens its last admission found in the prefix cache
+    depends: set = field(default_factory=set)  # shared pages computed by this step's forward of another
+    preemptions: int = 0  # times its pages were taken back (it was requeued, then recomputed)
+    group: object = None  # the cotrt.control.consistency.Vote of its samples, if they vote
     gen: list = field(default_factory=list)
     gen_phase: list = field(default_factory=list)
     phase_counts: list = field(default_factory=lambda: [0] * len(PHASE_NAMES))
@@ -142,7 +148,7 @@ class Request:
                                                 self.fmt.plain)
 
     def __repr__(self) -> str:
-        return (f"Request(id={self.id}, slot={self.slot}, prompt={len(self.prompt)} tokens, "
+        return (f"Request(id={self.id}, slot={self.slot}, pages={len(self.pages)}, prompt={len(self.prompt)} tokens, "
                 f"gen={len(self.gen)} tokens, phase={PHASE_NAMES[self.phase]}, finished={self.finished!r})")
 
     # -- accounting --------------------------------------------------------------------------
@@ -393,8 +399,11 @@ class Request:
             "new_tokens": len(self.gen) - self.uncounted,  # what max_new_tokens counts
             "waits": self.waits,
             "rolled_back": self.rolled_back,
+            "cached_tokens": self.cached,
+            "preemptions": self.preemptions,
             "think_end": self.think_end,
             "exit_reason": self.finished,
             **(self.exits.stats() if self.exits is not None else
                {"probe_tokens": 0, "probe_steps": 0, "probes": []}),
+            **({"consistency": self.group.result} if self.group is not None else {}),
         }

@@ -17,8 +17,8 @@ class StepBatch:
     def __init__(self, rows: list[Request], plans: dict, sampler):
         self.rows = rows
         self.feeds = [plans[r.id][0] for r in rows]  # tokens each row feeds
-        self.starts = [plans[r.id][1] for r in rows]  # slot position of each row's first fed token
-        self.slots = [r.slot for r in rows]
+        self.starts = [plans[r.id][1] for r in rows]  # cache position of each row's first fed token
+        self.tables = [r.pages for r in rows]  # block tables
         # Roles: rows that probe, that take a latent step, that sample (the others force a
         # token or are done).
         self.probing = [i for i, r in enumerate(rows) if r.exits is not None and r.exits.probe is not None]
@@ -52,37 +52,17 @@ class StepBatch:
             ids[i, : len(f)] = torch.tensor(f)
         return ids
 
-    def decode_layout(self, running_slots) -> tuple[list, list, list, list]:
-        """``(slots, tokens, starts, rows)`` of the eager decode forward: the batch's own rows,
-        or, when a few free slots lie between them, every slot of the span (free ones as
-        dummy rows: token 0 at position 0, row None), so that attention reads the cache
-        through views. A decode step is bound by reading the weights, so a few extra rows
-        cost little, while gathering every layer's K/V rows cost ~10% of the step (CPU).
-        Only free slots may be padded: a hole can also be a row that runs a multi-token
-        forward this step (a prompt, a probe start), whose cache must not be touched."""
-        slots, tokens, starts, rows = self.slots, self.tokens, self.starts, list(self.rows)
-        span = range(slots[0], slots[-1] + 1)
-        holes = set(span) - set(slots)
-        if holes and len(span) <= 2 * len(rows) and not holes & set(running_slots):
-            by_slot = {s: i for i, s in enumerate(slots)}
-            slots = list(span)
-            tokens = [tokens[by_slot[s]] if s in by_slot else 0 for s in slots]
-            starts = [starts[by_slot[s]] if s in by_slot else 0 for s in slots]
-            rows = [self.rows[by_slot[s]] if s in by_slot else None for s in slots]
-        return slots, tokens, starts, rows
-
-    def latent_inputs(self, slots: list, tokens: torch.Tensor, embed_weight: torch.Tensor) -> torch.Tensor:
-        """``[len(slots), E]`` next inputs: fed-back vectors on latent rows, E[tok] on the
-        others (one pass of the contemplate op)."""
+    def latent_inputs(self, tokens: torch.Tensor, embed_weight: torch.Tensor) -> torch.Tensor:
+        """``[R, E]`` next inputs of the rows: fed-back vectors on latent rows, E[tok] on
+        the others (one pass of the contemplate op)."""
         from ..ops.contemplate import contemplate
 
         emb = embed_weight
-        by_slot = {r.slot: r for r in self.rows}
-        states = torch.zeros(len(slots), emb.shape[1], dtype=emb.dtype, device=emb.device)
-        mask = torch.zeros(len(slots), dtype=torch.bool, device=emb.device)
-        for i, s in enumerate(slots):
-            r = by_slot.get(s)
-            if r is not None and r.latent is not None and r.latent.pending is not None:
+        n = len(self.rows)
+        states = torch.zeros(n, emb.shape[1], dtype=emb.dtype, device=emb.device)
+        mask = torch.zeros(n, dtype=torch.bool, device=emb.device)
+        for i, r in enumerate(self.rows):
+            if r.latent is not None and r.latent.pending is not None:
                 states[i] = r.latent.pending
                 mask[i] = True
         return contemplate(tokens.to(emb.device), mask, states, emb)

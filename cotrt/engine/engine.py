@@ -1,21 +1,26 @@
-"""Continuous batching over the slot cache.
+"""Continuous batching over the paged KV cache.
 
-One ``step()``: admit waiting requests into free slots, then one forward for the rows that
-feed one token (the decode step: a captured graph when it can, else eager) and one padded
-forward per group of rows that feed several (prompts, probe starts); after each forward,
-logits -> sample -> controls; finished slots are freed at once.
+One ``step()``: pages for the running rows' next tokens (preempting the newest request
+when the cache is full), admission of waiting requests while lanes and pages are free,
+then one forward for the rows that feed one token (the decode step: a captured graph when
+it can, else eager) and one padded forward per group of rows that feed several (prompts,
+probe starts, a preempted request's recompute); after each forward, logits -> sample ->
+controls; finished requests free their lanes and pages at once.
 
     intake.py     requests in: validation, patterns, the Request
-    scheduler.py  queue, slots, admission, release, aborts, prefill groups
+    scheduler.py  queue, lanes, admission, preemption, release, aborts, prefill groups
+    kv.py         KvPages: each request's pages, prefix hits, growth and trim
     batch.py      StepBatch: one forward's rows, inputs, roles, valves, latent inputs
     sampler.py    the draws: biases and bans once, for captured and eager sampling
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 
+from ..control.consistency import Vote
 from ..control.phase import THINK
 from ..control.request import Request, RowPatterns
 from ..control.think import ThinkFormat
@@ -24,6 +29,7 @@ from ..params import Params, check_valve
 from .batch import StepBatch, set_valves
 from .graph import DecodeGraphs, resolve_mode
 from .intake import Intake
+from .kv import KvPages, extent, preemptable
 from .sampler import Sampler
 from .scheduler import Scheduler, plan, prefill_groups
 
@@ -41,9 +47,10 @@ class Engine:
         self.intake = Intake(runner, tokenizer, think_format, max_len, eos_ids)
         self.vocab_size, self.eos_ids = self.intake.vocab_size, self.intake.eos_ids
         self.scheduler = Scheduler(max_batch)
+        self.kv = KvPages(runner.num_pages, runner.page_size)
         self.sampler = Sampler(self.vocab_size)
         self.out = OutputBuilder(tokenizer, think_format)
-        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "cached_prompt_tokens": 0, "preempted": 0}
         self.valves = None  # cotrt.valve.ValveSet once a valve is loaded
         # Decode steps as captured CUDA graphs ("cuda"), the same static-shape step run
         # eagerly ("static"), or the eager step with live-length attention ("off").
@@ -64,13 +71,37 @@ class Engine:
 
     def add(self, prompt, params: Params | None = None, patterns: RowPatterns | None = None) -> int:
         """Queue a request; returns its id. Everything is validated before any state changes.
-        ``patterns``: ``compile_patterns(params)``, already made (by another thread)."""
+        ``patterns``: ``compile_patterns(params)``, already made (by another thread).
+        ``params.n`` must be 1 here (``add_samples`` queues n)."""
+        params = Intake.params(params)
+        if params.n != 1:
+            raise ValueError(f"n: Engine.add queues one request, got n={params.n} (use Engine.add_samples)")
+        return self.add_samples(prompt, params, patterns)[0]
+
+    def add_samples(self, prompt, params: Params | None = None, patterns: RowPatterns | None = None) -> list[int]:
+        """Queue ``params.n`` samples of one prompt (seeds ``seed``, ``seed + 1``, ...; they
+        share the prompt's KV pages); returns their ids. With ``params.consistency`` they
+        vote (cotrt/control/consistency.py). Validated before any state changes."""
         params = Intake.params(params)
         ids = self._prompt_ids(prompt)
-        req = self.intake.make(ids, params, patterns, self.valves, self.check_valve_names, self._valve_check,
-                               self.scheduler.next_id)
-        self.scheduler.enqueue(req)
-        return req.id
+        if params.n > self.max_batch and params.consistency is not None:
+            raise ValueError(f"n: {params.n} voting samples exceed max_batch={self.max_batch} (they must run together)")
+        if params.seed is None:
+            params = dataclasses.replace(params, seed=self.intake.draw_seed(params.n))
+        reqs = []
+        for i in range(params.n):
+            p = dataclasses.replace(params, n=1, seed=params.seed + i, consistency=None) if params.n > 1 else params
+            reqs.append(self.intake.make(ids, p, patterns, self.valves, self.check_valve_names, self._valve_check,
+                                         self.scheduler.next_id))
+            patterns = reqs[0].pats  # compiled once
+        if params.consistency is not None:
+            vote = Vote(params.consistency, params.n)
+            for req in reqs:
+                req.group = vote
+                vote.members.append(req.id)
+        for req in reqs:
+            self.scheduler.enqueue(req)
+        return [req.id for req in reqs]
 
     def prompt_state(self, rid: int) -> tuple[int, bool]:
         """``(prompt tokens, thinking)`` of a waiting or running request: ``thinking`` when
@@ -99,18 +130,24 @@ class Engine:
         req.valve = dict(valve)
 
     def abort(self, rid: int) -> bool:
-        """Stop a request now and free its slot; False if it is unknown or already done."""
+        """Stop a request now and free its lane and pages; False if it is unknown or already done."""
         return self.scheduler.abort(rid)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     queue = property(lambda self: self.scheduler.queue, doc="waiting requests, in order")
-    running = property(lambda self: self.scheduler.running, doc="slot -> running request")
+    running = property(lambda self: self.scheduler.running, doc="lane -> running request")
     requests = property(lambda self: self.scheduler.requests, doc="id -> waiting or running request")
-    free_slots = property(lambda self: self.scheduler.free_slots, doc="free cache slots, ascending")
+    free_slots = property(lambda self: self.scheduler.free_slots, doc="free batch lanes, ascending")
     num_running = property(lambda self: len(self.scheduler.running))
     num_waiting = property(lambda self: len(self.scheduler.queue))
+
+    def kv_usage(self) -> dict:
+        """The KV cache's pages: ``page_size``, ``pages_total``, ``pages_used`` (held by a
+        request), ``pages_shared`` (held by several), ``pages_cached`` (a known prefix
+        nobody holds, reused or evicted on demand), ``pages_free``."""
+        return self.kv.usage()
 
     # -- the step ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -119,26 +156,91 @@ class Engine:
         for req in self.scheduler.take_aborted():
             self._release(req)
             events.append(self.out.final_event(req))
-        running = self.scheduler.running_in_slot_order()
-        admitted = self.scheduler.admit()
+            if req.group is not None:
+                self._vote(req, events[-1].output)
         # Each row says what it feeds this step: one token (decode), or several (a prompt,
-        # the first forward of a probe).
+        # the first forward of a probe, a preempted request's recompute).
+        running = self.scheduler.running_in_lane_order()
         plans = {r.id: plan(r) for r in running}
-        plans.update({r.id: (r.prompt, 0) for r in admitted})
+        running = self._grow(running, plans)
+        admitted = self.scheduler.admit(lambda r: self.kv.admit(r, self._salt(r), reserve=len(running)))
+        plans.update({r.id: ((r.prompt + r.gen)[r.cached:], r.cached) for r in admitted})
         rows = running + admitted
         single = [r for r in rows if len(plans[r.id][0]) == 1]
         if single:
             self._guarded(single, lambda: self._decode(StepBatch(single, plans, self.sampler)))
-        for group in prefill_groups([r for r in rows if len(plans[r.id][0]) > 1], plans):
-            self._guarded(group, lambda: self._extend(StepBatch(group, plans, self.sampler)))
+        self._extend_all([r for r in rows if len(plans[r.id][0]) > 1], plans)
+        self.kv.end_step()
         self.stats["steps"] += 1
+        self.stats["cached_prompt_tokens"] = self.kv.stats["cached_prompt_tokens"]
         for req in rows:
+            if req.slot < 0:  # preempted this step: back in the queue
+                continue
             ev = self.out.event(req)
             if ev is not None:
                 events.append(ev)
             if req.finished:
                 self._release(req)
+                if req.group is not None:
+                    self._vote(req, ev.output)
+            else:
+                self.kv.trim(req, extent(req))
         return events
+
+    def _vote(self, req: Request, output) -> None:
+        """Count a finished sample; at the quorum, abort its group's other samples."""
+        if output is not None and req.group.record(output):
+            for rid in req.group.members:
+                self.scheduler.abort(rid, reason="consistency")
+
+    def _grow(self, running: list[Request], plans: dict) -> list[Request]:
+        """Pages for what each running row writes this step, oldest request first; when
+        the cache is full, the newest request that can be rebuilt from its tokens is
+        preempted (its pages freed, itself requeued). Returns the rows that run."""
+        kept = list(running)
+        for req in sorted(running, key=lambda r: r.id):
+            if req not in kept:
+                continue
+            feed, start = plans[req.id]
+            while not self.kv.ensure(req, start + len(feed)):
+                victims = [r for r in kept if preemptable(r)]
+                if not victims:
+                    # Nothing can give pages back (latent rows, probes in flight): this
+                    # row waits a step; if none can run, the newest fails rather than hang.
+                    kept.remove(req)
+                    if not kept:
+                        req.finish("error", "error", "kv cache full: no request can be preempted")
+                        self.scheduler.aborted.append(req)  # released next step, like an abort
+                    break
+                victim = max(victims, key=lambda r: r.id)
+                self._preempt(victim)
+                kept.remove(victim)
+                if victim is req:
+                    break
+        return [r for r in running if r in kept]
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.release(req)
+        self.scheduler.preempt(req)
+        self.stats["preempted"] += 1
+
+    def _extend_all(self, rows: list[Request], plans: dict) -> None:
+        """The multi-token forwards, in waves: a request that shares prompt pages another
+        computes this step runs after it (and is requeued if that forward failed)."""
+        while rows:
+            ready = [r for r in rows if not self.kv.waiting_on(r)] or rows
+            rows = [r for r in rows if r not in ready]
+            for r in [r for r in ready if self.kv.poisoned(r)]:
+                ready.remove(r)
+                self._preempt(r)
+            for group in prefill_groups(ready, plans):
+                self._guarded(group, lambda: self._extend(StepBatch(group, plans, self.sampler)))
+                self.kv.settle(group)
+
+    def _salt(self, req: Request) -> tuple:
+        """What besides its tokens sets a prompt's KV: the valve it is computed under."""
+        valve = tuple((n, a) for n, a in req.valve.items() if a != 0.0)
+        return (valve, self.valves.generation) if valve and self.valves is not None else ()
 
     @staticmethod
     def _guarded(rows: list[Request], forward) -> None:
@@ -158,7 +260,7 @@ class Engine:
         """Several new tokens per row (right-padded): prompts, probe starts."""
         runner = self.runner
         ids = b.padded_ids()
-        meta = runner.make_meta(b.slots, [len(f) for f in b.feeds], starts=b.starts)
+        meta = runner.make_meta(b.tables, [len(f) for f in b.feeds], starts=b.starts)
         self._set_valves(b.rows, ids.shape[1])
         hidden = runner.forward(meta, input_ids=ids.to(self.device), taps=b.taps)
         self.stats["prefill_tokens"] += sum(map(len, b.feeds))
@@ -174,22 +276,17 @@ class Engine:
         if self.graphs is not None and self._decode_static(b):
             return
         runner = self.runner
-        slots, tokens, starts, rows = b.decode_layout(self.scheduler.running)
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
-        meta = runner.make_meta(slots, [1] * len(slots), starts=starts)
-        self._set_valves(rows, 1)
+        ids = torch.tensor(b.tokens, dtype=torch.long, device=self.device)[:, None]
+        meta = runner.make_meta(b.tables, [1] * len(b.rows), starts=b.starts)
+        self._set_valves(b.rows, 1)
         if b.latent_inputs_needed:
             # Latent rows feed back a state instead of a token: one pass builds every row's
             # input embedding (contemplate op); token rows get E[tok].
-            embeds = b.latent_inputs(slots, ids[:, 0], runner.embed.weight)[:, None]
+            embeds = b.latent_inputs(ids[:, 0], runner.embed.weight)[:, None]
             hidden = runner.forward(meta, inputs_embeds=embeds, taps=b.taps)[:, 0]
         else:
             hidden = runner.forward(meta, input_ids=ids, taps=b.taps)[:, 0]
         tapped = {l: runner.tapped[l][:, 0] for l in b.taps}
-        if len(slots) != len(b.rows):  # drop the padding rows
-            keep = torch.tensor([s - slots[0] for s in b.slots], device=hidden.device)
-            hidden = hidden.index_select(0, keep)
-            tapped = {l: t.index_select(0, keep) for l, t in tapped.items()}
         self.stats["decode_tokens"] += len(b.rows)
         self._after_forward(b, hidden, tapped)
 
@@ -209,8 +306,8 @@ class Engine:
         embeds = None
         if b.latent_inputs_needed:
             ids = torch.tensor(b.tokens, dtype=torch.long, device=self.device)
-            embeds = b.latent_inputs(b.slots, ids, self.runner.embed.weight)
-        out = graphs.run(key, b.slots, b.tokens, b.starts, embeds=embeds, sampling=spec)
+            embeds = b.latent_inputs(ids, self.runner.embed.weight)
+        out = graphs.run(key, b.tables, b.tokens, b.starts, embeds=embeds, sampling=spec)
         if out is None:
             return False
         hidden, logits, tapped, sampled = out
@@ -273,6 +370,7 @@ class Engine:
                 r.guard(lambda r=r: r.accept(r.forced.popleft(), forced=True))
 
     def _release(self, req: Request) -> None:
+        self.kv.release(req)
         self.scheduler.release(req)
 
 

@@ -7,13 +7,15 @@ batch bucket and replays it with one launch.
 
 What makes the step capturable:
 
-- every input is a preallocated device buffer refilled in place: token ids, slots and
-  positions (one host-to-device copy of a ``[3, B]`` pinned tensor), valve alphas and
-  adapter indices (``ValveState.reserve_static``), latent inputs (``[B, 1, E]``);
-- attention reads the slot cache by slot index and per-row length (``StepMeta.lengths``:
-  the decode_attention op, or flash-attn's kv-cache kernel), so no shape depends on how
-  long the rows are, and the cache write is a scatter at device positions;
-- rows are padded to the bucket with dummy rows on the cache's scratch slot.
+- every input is a preallocated device buffer refilled in place: token ids and positions
+  (one host-to-device copy of a ``[2, B]`` pinned tensor), block tables (``[B,
+  max_pages]``, one more copy), valve alphas and adapter indices
+  (``ValveState.reserve_static``), latent inputs (``[B, 1, E]``);
+- attention reads the paged cache by block table and per-row length (``StepMeta.lengths``:
+  the decode_attention op, or flash-attn's paged kv-cache kernel), so no shape depends on
+  how long the rows are, and the cache write is a scatter at device positions computed on
+  the device from the tables;
+- rows are padded to the bucket with dummy rows on the cache's scratch page.
 
 The captured part is the decoder forward, the LM head of every row (fp32 logits) and,
 when every sampling row allows it, the sampling: each row's logit biases and banned tokens
@@ -75,9 +77,9 @@ class DecodeGraphs:
     """Captured (or static-shape eager) decode steps of one ModelRunner.
 
         graphs = DecodeGraphs(runner, capture=True)
-        key = graphs.key(len(slots), valve=False, latent=False, taps=(), sampling="greedy")
-        hidden, logits, tapped, next_tokens = graphs.run(key, slots, tokens, starts,
-                                                         sampling=[(0.0, 0, 0, ())] * len(slots))
+        key = graphs.key(len(tables), valve=False, latent=False, taps=(), sampling="greedy")
+        hidden, logits, tapped, next_tokens = graphs.run(key, tables, tokens, starts,
+                                                         sampling=[(0.0, 0, 0, ())] * len(tables))
     """
 
     def __init__(self, runner, capture: bool):
@@ -88,9 +90,13 @@ class DecodeGraphs:
         self.buckets = buckets(runner.max_batch)
         self.max_rows = self.buckets[-1]
         dev, n = runner.device, self.max_rows
-        self._host = torch.zeros(3, n, dtype=torch.long, pin_memory=capture)  # ids, slots, starts
-        self._dev = torch.zeros(3, n, dtype=torch.long, device=dev)
+        self._host = torch.zeros(2, n, dtype=torch.long, pin_memory=capture)  # ids, starts
+        self._dev = torch.zeros(2, n, dtype=torch.long, device=dev)
+        self._tables_host = torch.zeros(n, runner.max_pages, dtype=torch.long, pin_memory=capture)
+        self._tables = torch.zeros(n, runner.max_pages, dtype=torch.long, device=dev)
         self._lengths = torch.zeros(n, dtype=torch.long, device=dev)
+        self._write_pages = torch.zeros(n, dtype=torch.long, device=dev)
+        self._write_offs = torch.zeros(n, dtype=torch.long, device=dev)
         self._embeds = torch.zeros(n, 1, runner.embed.weight.shape[1], dtype=runner.dtype, device=dev)
         # Sampling inputs, per row: [seed, counter, bias ids...] and [temperature, bias values...].
         self._s_host_i = torch.zeros(n, 2 + MAX_BIASES, dtype=torch.long, pin_memory=capture)
@@ -126,13 +132,14 @@ class DecodeGraphs:
         return (self.bucket(n), bool(valve), bool(latent), tuple(taps), sampling)
 
     # -- the step --------------------------------------------------------------------------
-    def run(self, key: tuple, slots: list[int], tokens: list[int], starts: list[int],
+    def run(self, key: tuple, tables: list[list[int]], tokens: list[int], starts: list[int],
             embeds: torch.Tensor | None = None, sampling: list | None = None):
-        """One decode step of ``n = len(slots)`` rows (n <= the key's bucket).
+        """One decode step of ``n = len(tables)`` rows (n <= the key's bucket).
 
         Args:
             key: from :meth:`key` (the caller set the valve state for the bucket's rows).
-            slots, tokens, starts: per row, the cache slot, the input token and its position.
+            tables, tokens, starts: per row, its block table (covering ``start + 1``
+                positions), the input token and its position.
             embeds: ``[n, E]`` input embeddings when the key has latent inputs (token rows
                 carry E[tok] there), else None.
             sampling: when the key samples, per row ``(temperature, seed, counter,
@@ -145,17 +152,17 @@ class DecodeGraphs:
         graph's outputs, valid until the next step.
         """
         B, valve, latent, taps, mode = key
-        n = len(slots)
+        n = len(tables)
         if latent != (embeds is not None):
             raise ValueError("DecodeGraphs.run: embeds must be given exactly when the key has latent inputs")
         if (mode is not None) != (sampling is not None) or (sampling is not None and len(sampling) != n):
             raise ValueError("DecodeGraphs.run: sampling must be given, one entry a row, exactly when the key samples")
         if sampling is not None and any(len(row[3]) > MAX_BIASES for row in sampling):
             raise ValueError(f"DecodeGraphs.run: at most {MAX_BIASES} logit biases a row")
-        max_len = self.runner.max_len
-        for s, p in zip(slots, starts):
-            if not 0 <= p < max_len:
-                raise ValueError(f"slot {s}: position {p} outside the cache (max_len={max_len})")
+        max_len, ps = self.runner.max_len, self.runner.page_size
+        for b, (t, p) in enumerate(zip(tables, starts)):
+            if not 0 <= p < max_len or p >= len(t) * ps:
+                raise ValueError(f"row {b}: position {p} outside its {len(t)} pages (max_len={max_len})")
         entry = self._entries.get(key)
         if entry is None and self.capture:
             if key in self._failed:
@@ -164,9 +171,12 @@ class DecodeGraphs:
             if entry is None:
                 return None
         pad = B - n
-        scratch = self.runner.max_batch
-        self._host[:, :B].copy_(torch.tensor([tokens + [0] * pad, slots + [scratch] * pad, starts + [0] * pad]))
+        scratch, width = self.runner.cache.scratch, self.runner.max_pages
+        self._host[:, :B].copy_(torch.tensor([tokens + [0] * pad, starts + [0] * pad]))
         self._dev[:, :B].copy_(self._host[:, :B], non_blocking=self.capture)
+        self._tables_host[:B].copy_(torch.tensor([t + [scratch] * (width - len(t)) for t in tables]
+                                                 + [[scratch] * width] * pad))
+        self._tables[:B].copy_(self._tables_host[:B], non_blocking=self.capture)
         if latent:
             self._embeds[:n, 0].copy_(embeds)
             self._embeds[n:B].zero_()
@@ -199,7 +209,8 @@ class DecodeGraphs:
     def _meta(self, B: int):
         meta = self._metas.get(B)
         if meta is None:
-            meta = self.runner.static_meta(self._dev[1, :B], self._dev[2, :B], self._lengths[:B])
+            meta = self.runner.static_meta(self._tables[:B], self._dev[1, :B], self._lengths[:B],
+                                           self._write_pages[:B], self._write_offs[:B])
             self._metas[B] = meta
         return meta
 
@@ -208,7 +219,7 @@ class DecodeGraphs:
         B, _, latent, taps, mode = key
         r = self.runner
         meta = self._meta(B)
-        torch.add(meta.starts, 1, out=meta.lengths)  # keys per row, the new one included
+        r.fill_static_writes(meta)  # lengths, and where the new keys go
         if latent:
             hidden = r.forward(meta, inputs_embeds=self._embeds[:B], taps=taps)
         else:
@@ -224,9 +235,9 @@ class DecodeGraphs:
         B = key[0]
         dev = self.runner.device
         # Warm up on a side stream (Triton compiles, cuBLAS picks its kernels, the caching
-        # allocator settles) with every row on the scratch slot, so nothing real is written.
-        self._host[:, :B].copy_(torch.tensor([[0] * B, [self.runner.max_batch] * B, [0] * B]))
-        self._dev[:, :B].copy_(self._host[:, :B])
+        # allocator settles) with every row on the scratch page, so nothing real is written.
+        self._dev[:, :B].zero_()
+        self._tables[:B].fill_(self.runner.cache.scratch)
         self._embeds[:B].zero_()
         self._s_i[:B].zero_()
         self._s_f[:B].zero_()

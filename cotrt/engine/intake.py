@@ -28,6 +28,11 @@ class Intake:
         self.eos_ids = frozenset(eos_ids or ())
         self._seed_rng = random.Random()
 
+    def draw_seed(self, n: int = 1) -> int:
+        """A random seed for a request without one (``n <= 2**61`` consecutive seeds from
+        it stay below 2**62)."""
+        return self._seed_rng.getrandbits(62 if n == 1 else 61)
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
@@ -92,7 +97,7 @@ class Intake:
                                  f"within max_len={self.max_len}")
         pats = self.compile_patterns(params) if patterns is None else patterns
         if params.seed is None:
-            params = dataclasses.replace(params, seed=self._seed_rng.getrandbits(62))
+            params = dataclasses.replace(params, seed=self.draw_seed())
         req = Request(next_id(), ids, params, self.fmt, pats, self.vocab_bytes, self.eos_ids, self.encode, self.max_len,
                       valve_check=valve_check)
         if params.exit:

@@ -1,8 +1,11 @@
-"""Which requests run: the waiting queue, the cache slots, admission, release, aborts, and
-the grouping of multi-token feeds (prompts, probe starts) into padded forwards.
+"""Which requests run: the waiting queue, the batch lanes, admission, preemption, release,
+aborts, and the grouping of multi-token feeds (prompts, probe starts) into padded forwards.
 
-Requests beyond ``max_batch`` wait in the queue; they never fail for it. A slot is freed
-the step its request finishes and refilled, lowest slot first, on the next step.
+At most ``max_batch`` requests run (one lane each); the others wait in the queue, in
+order, and never fail for it. A request is admitted when a lane is free and the KV cache
+has pages for it (cotrt/engine/kv.py); a lane is freed the step its request finishes and
+refilled, lowest first, on the next step. A preempted request goes back to the head of the
+queue with its state, and is admitted again before any newer one.
 """
 from __future__ import annotations
 
@@ -40,13 +43,13 @@ class Scheduler:
         req = self.requests.get(rid)
         return None if req is None or req.finished else req
 
-    def abort(self, rid: int) -> bool:
-        """Finish ``rid`` now; its slot is released at the next step. False if it is
+    def abort(self, rid: int, reason: str = "abort") -> bool:
+        """Finish ``rid`` now; its lane and pages are released at the next step. False if it is
         unknown or already done."""
         req = self.live(rid)
         if req is None:
             return False
-        req.finish("abort", "abort")
+        req.finish(reason, "abort")
         if req.slot < 0:
             self.queue.remove(req)
         self.aborted.append(req)
@@ -59,28 +62,43 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.queue or self.running or self.aborted)
 
-    def running_in_slot_order(self) -> list[Request]:
+    def running_in_lane_order(self) -> list[Request]:
         return [self.running[s] for s in sorted(self.running)]
 
-    def admit(self) -> list[Request]:
-        """Move waiting requests into free slots (lowest first) and apply their limits that
-        bite before the first token."""
+    def admit(self, fits) -> list[Request]:
+        """Move waiting requests, in order, into free lanes (lowest first) while
+        ``fits(req)`` gives them KV pages; apply the limits that bite before the first
+        token (not again to a preempted request coming back)."""
         out = []
         while self.queue and self.free_slots:
-            req = self.queue.popleft()
+            req = self.queue[0]
+            if not fits(req):
+                break
+            self.queue.popleft()
             req.slot = self.free_slots.pop(0)
             self.running[req.slot] = req
-            req.start()
+            if not req.preemptions:
+                req.start()
             out.append(req)
         return out
 
-    def release(self, req: Request) -> None:
-        """Free a finished request's slot and forget it."""
+    def preempt(self, req: Request) -> None:
+        """Take a running request off its lane and put it back at the head of the queue
+        (its pages were released by the caller)."""
+        self._free_lane(req)
+        req.preemptions += 1
+        self.queue.appendleft(req)
+
+    def _free_lane(self, req: Request) -> None:
         if req.slot >= 0 and self.running.get(req.slot) is req:
             del self.running[req.slot]
             self.free_slots.append(req.slot)
             self.free_slots.sort()
         req.slot = -1
+
+    def release(self, req: Request) -> None:
+        """Free a finished request's lane and forget it."""
+        self._free_lane(req)
         req.t_done = time.perf_counter()
         self.requests.pop(req.id, None)
 

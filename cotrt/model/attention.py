@@ -1,15 +1,16 @@
 """The attention function cotrt registers with transformers, and its backends.
 
-``slot_attention`` is registered with ``AttentionInterface`` under ``ATTN_IMPL``. Inside a
+``paged_attention`` is registered with ``AttentionInterface`` under ``ATTN_IMPL``. Inside a
 cotrt forward it receives the step's ``StepMeta`` through the forward's ``**kwargs`` and
 attends each row over its own live length only; everything it needs comes from that
 metadata (never from the runner). Outside one (a user calling the wrapped model's
 ``generate``) it defers to HF's SDPA/eager functions, so the model stays usable.
 
-Backends: SDPA over the views ``SlotCache.update`` returns (prefill, and eager decode by
-default on CPU); decode by slot and per-row length straight from the cache buffers
-(``StepMeta.lengths`` set): flash-attn's kv-cache kernel on CUDA when installed, else
-cotrt's decode_attention op; plain math in fp32 for logit soft-capping (Gemma2).
+Backends: SDPA over the views or gathers ``PagedCache.update`` returns (prefill, and eager
+decode by default on CPU); decode by block table and per-row length straight from the
+page buffers (``StepMeta.lengths`` set): flash-attn's paged kv-cache kernel on CUDA when
+installed and the page size suits it (a multiple of 256), else cotrt's decode_attention
+op; plain math in fp32 for logit soft-capping (Gemma2).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from .kv_cache import StepMeta
 
-ATTN_IMPL = "cotrt_slot"
+ATTN_IMPL = "cotrt_paged"
 
 # Attention kwargs that change the math and that we do not implement: refuse the model
 # rather than silently ignoring them (attention sinks of gpt-oss, ALiBi-style biases).
@@ -31,12 +32,12 @@ except Exception:  # pragma: no cover - not installed on CPU machines
 
 
 class UnsupportedModelError(ValueError):
-    """The model's architecture cannot be served through the slot cache."""
+    """The model's architecture cannot be served through the paged cache."""
 
 
-def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+def paged_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                    sliding_window=None, softcap=None, **kwargs):
-    """Attention over the slot cache. query ``[B, H, T, D]``, key/value ``[B, KVH, L, D]``.
+    """Attention over the paged cache. query ``[B, H, T, D]``, key/value ``[B, KVH, L, D]``.
 
     Returns ``([B, T, H, D], None)`` like HF's attention functions.
     """
@@ -51,8 +52,8 @@ def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     kvh = key.shape[1]
     if scaling is None:
         scaling = D ** -0.5
-    if meta.lengths is not None:  # static decode, or decode_backend "by_slot"
-        return _decode_by_slot(module, query, meta, scaling, softcap, sliding_window), None
+    if meta.lengths is not None:  # static decode, or decode_backend "by_table"
+        return _decode_by_table(module, query, meta, scaling, softcap, sliding_window), None
     mask = meta.mask_for(sliding_window)
 
     if softcap is None and T == 1 and kvh != H:
@@ -77,22 +78,28 @@ def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     return out.transpose(1, 2).contiguous(), None
 
 
-def _decode_by_slot(module, query, meta, scaling, softcap, sliding_window):
-    """One query per row against its slot's first ``meta.lengths[b]`` keys, read straight
-    from the cache buffers (no views, no host values): flash-attn's kv-cache kernel when
-    installed, else cotrt's decode_attention op. Returns ``[B, 1, H, D]``."""
+# flash-attn's paged kv-cache kernel takes pages of a multiple of 256 tokens.
+FLASH_PAGE_MULTIPLE = 256
+
+
+def _decode_by_table(module, query, meta, scaling, softcap, sliding_window):
+    """One query per row against its first ``meta.lengths[b]`` keys, read from the pages
+    of its block table (no views, no host values): flash-attn's kv-cache kernel when
+    installed and the page size suits it, else cotrt's decode_attention op. Returns
+    ``[B, 1, H, D]``."""
     layer = module.layer_idx
     kc, vc = meta.k_buffers[layer], meta.v_buffers[layer]
-    if flash_attn_with_kvcache is not None and query.is_cuda and query.dtype != torch.float32:  # pragma: no cover
+    if flash_attn_with_kvcache is not None and query.is_cuda and query.dtype != torch.float32 \
+            and meta.page_size % FLASH_PAGE_MULTIPLE == 0:  # pragma: no cover
         window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
         extra = {"softcap": softcap} if softcap else {}  # flash-attn >= 2.6 only
         return flash_attn_with_kvcache(
             query.transpose(1, 2), kc, vc, cache_seqlens=meta.lengths.to(torch.int32),
-            cache_batch_idx=meta.slots.to(torch.int32), softmax_scale=scaling, causal=True,
+            block_table=meta.tables.to(torch.int32), softmax_scale=scaling, causal=True,
             window_size=window, **extra)
     from ..ops.decode_attention import decode_attention
 
-    out = decode_attention(query[:, :, 0], kc, vc, meta.slots, meta.lengths,
+    out = decode_attention(query[:, :, 0], kc, vc, meta.tables, meta.lengths,
                            scale=scaling, softcap=softcap, window=sliding_window)
     return out[:, None]
 
@@ -111,13 +118,13 @@ _REGISTERED = False
 
 
 def register_attention() -> None:
-    """Register ``slot_attention`` (and SDPA's mask builder, for calls outside cotrt)."""
+    """Register ``paged_attention`` (and SDPA's mask builder, for calls outside cotrt)."""
     global _REGISTERED
     if _REGISTERED:
         return
     from transformers import AttentionInterface
 
-    AttentionInterface.register(ATTN_IMPL, slot_attention)
+    AttentionInterface.register(ATTN_IMPL, paged_attention)
     try:
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 

@@ -1,4 +1,4 @@
-"""ModelRunner: one forward of the wrapped HF model over the slot cache.
+"""ModelRunner: one forward of the wrapped HF model over the paged KV cache.
 
 cotrt runs the model's own modules (embeddings, norms, rotary, MLPs) and owns only the KV
 cache (cotrt.model.kv_cache) and the attention call (cotrt.model.attention), through
@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from .attention import ATTN_IMPL, UnsupportedModelError, _set_attn_impl, flash_attn_with_kvcache, register_attention
-from .kv_cache import SlotCache, StepMeta
+from .kv_cache import PagedCache, StepMeta
 
 _UNSUPPORTED_LAYER_TYPES = ("linear_attention", "mamba", "conv", "recurrent", "chunked_attention")
 
 
 def check_architecture(model) -> None:
-    """Refuse models the slot cache cannot serve, with a message naming the reason."""
+    """Refuse models the paged cache cannot serve, with a message naming the reason."""
     config = model.config
     name = type(model).__name__
     if getattr(config, "is_encoder_decoder", False):
@@ -38,16 +38,20 @@ def check_architecture(model) -> None:
 
 
 class ModelRunner:
-    """Runs the wrapped model's decoder over the slot cache.
+    """Runs the wrapped model's decoder over the paged KV cache.
 
-    The runner keeps no per-slot lengths: the engine owns how many tokens each slot holds
-    and passes them as each step's ``starts``; ``forward`` writes the new tokens there and
-    advances nothing, so accepting, probing and rolling back a row are the engine's
-    bookkeeping (rollback is a smaller start next step, no copy).
+    The runner keeps no tables and no lengths: the engine owns which pages each request
+    holds and how many tokens they hold, and passes them as each step's block tables and
+    ``starts``; ``forward`` writes the new tokens there and advances nothing, so accepting,
+    probing and rolling back a row are the engine's bookkeeping (rollback is a smaller
+    start next step, no copy).
+
+    ``kv_tokens``: the cache's capacity in tokens, all requests together (default
+    ``max_batch * max_len``), in pages of ``page_size`` tokens.
     """
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, fuse: bool | None = None,
-                 cpu_kernels: bool | None = None):
+                 cpu_kernels: bool | None = None, kv_tokens: int | None = None, page_size: int = 16):
         check_architecture(model)
         register_attention()
         self.model = model
@@ -63,17 +67,21 @@ class ModelRunner:
         kvh = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         _set_attn_impl(model.config, ATTN_IMPL)
-        self.cache = SlotCache(n_layers, max_batch, max_len, kvh, head_dim, self.dtype, self.device)
+        kv_tokens = max_batch * max_len if kv_tokens is None else kv_tokens
+        self.page_size = page_size
+        self.num_pages = -(-kv_tokens // page_size)
+        self.max_pages = -(-max_len // page_size)  # block table entries of one request
+        self.cache = PagedCache(n_layers, self.num_pages, page_size, kvh, head_dim, self.dtype, self.device)
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
         self.logits_scaling = getattr(cfg, "logits_scaling", None)  # Granite divides
         self.logit_scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
-        # Attention of eager decode steps: "sdpa" over views of the live length, or
-        # "by_slot" (flash-attn's kv-cache kernel if installed, else the decode_attention
-        # op: by slot and per-row length, what a captured step always uses). Which is
-        # faster is a GPU measurement (bench/gpu_suite.py).
-        self.decode_backend = "by_slot" if flash_attn_with_kvcache is not None and self.device.type == "cuda" \
+        # Attention of eager decode steps: "sdpa" over views or gathers of the live length,
+        # or "by_table" (pages read in place: flash-attn's kv-cache kernel if installed, else
+        # the decode_attention op; what a captured step always uses). Which is faster is a
+        # measurement per device (bench/gpu_suite.py, bench/bench_paged.py).
+        self.decode_backend = "by_table" if flash_attn_with_kvcache is not None and self.device.type == "cuda" \
             else "sdpa"
         self.embed = model.get_input_embeddings()
         self._arange = torch.arange(max_len + 64, device=self.device)
@@ -106,49 +114,65 @@ class ModelRunner:
                 self.fused["cpu_linear"] = names
 
     # -- building the step ----------------------------------------------------------------
-    def make_meta(self, slots: list[int], q_lens: list[int], starts: list[int]) -> StepMeta:
-        """Step metadata for ``q_lens[b]`` new tokens written to slot ``slots[b]`` from
-        position ``starts[b]`` (the tokens the slot already holds, which the engine owns)."""
-        dev = self.device
-        B, T = len(slots), max(q_lens)
-        for s, st, q in zip(slots, starts, q_lens):
+    def make_meta(self, tables: list[list[int]], q_lens: list[int], starts: list[int]) -> StepMeta:
+        """Step metadata for ``q_lens[b]`` new tokens of row b written from position
+        ``starts[b]`` into the pages of its block table ``tables[b]`` (which must cover
+        ``starts[b] + q_lens[b]`` positions; the engine allocates them)."""
+        dev, ps = self.device, self.page_size
+        B, T = len(tables), max(q_lens)
+        for b, (st, q) in enumerate(zip(starts, q_lens)):
             if st + q > self.max_len:
-                raise ValueError(f"slot {s}: {st + q} tokens exceed max_len={self.max_len}")
+                raise ValueError(f"row {b}: {st + q} tokens exceed max_len={self.max_len}")
+            if st + q > len(tables[b]) * ps:
+                raise ValueError(f"row {b}: {st + q} tokens exceed its {len(tables[b])} pages of {ps}")
         kv_len = max(st + q for st, q in zip(starts, q_lens))
-        slots_t = torch.tensor(slots, dtype=torch.long, device=dev)
+        n_pages = -(-kv_len // ps)
+        scratch = self.cache.scratch
+        rows = [t[:n_pages] + [scratch] * (n_pages - len(t)) for t in tables]
+        tables_t = torch.tensor(rows, dtype=torch.long, device=dev)
         starts_t = torch.tensor(starts, dtype=torch.long, device=dev)
         t_idx = self._arange[:T]
         positions = starts_t[:, None] + t_idx[None, :]  # [B, T]
         k_idx = self._arange[:kv_len]
         causal = k_idx.view(1, 1, -1) <= positions[:, :, None]  # [B, T, L]
+        pos_pages = torch.gather(tables_t, 1, positions // ps)  # [B, T]
         if T > 1:
             q_lens_t = torch.tensor(q_lens, dtype=torch.long, device=dev)
             ends = starts_t + q_lens_t
             causal = causal & (k_idx.view(1, 1, -1) < ends.view(-1, 1, 1))
             valid = t_idx[None, :] < q_lens_t[:, None]  # [B, T]
-            write_rows = torch.where(valid, slots_t[:, None], self.max_batch).reshape(-1)
-            write_pos = torch.where(valid, positions, t_idx[None, :]).reshape(-1)
+            write_pages = torch.where(valid, pos_pages, scratch).reshape(-1)
+            write_offs = torch.where(valid, positions % ps, t_idx[None, :] % ps).reshape(-1)
         else:
-            write_rows, write_pos = slots_t, starts_t
-        contiguous = slots == list(range(slots[0], slots[0] + B))
-        lengths = starts_t + 1 if T == 1 and self.decode_backend == "by_slot" else None
+            write_pages, write_offs = pos_pages[:, 0], starts_t % ps
+        lengths = starts_t + 1 if T == 1 and self.decode_backend == "by_table" else None
         return StepMeta(
-            slots=slots_t, starts=starts_t, q_lens=list(q_lens), kv_len=kv_len,
-            mask=causal[:, None], positions=positions, write_rows=write_rows, write_pos=write_pos,
-            slot_range=(slots[0], slots[0] + B) if contiguous else None, decode=T == 1, lengths=lengths,
-            k_buffers=self.cache.keys_, v_buffers=self.cache.values_,
+            tables=tables_t, starts=starts_t, q_lens=list(q_lens), kv_len=kv_len, mask=causal[:, None],
+            positions=positions, write_pages=write_pages, write_offs=write_offs, view=_strided(rows),
+            decode=T == 1, page_size=ps, lengths=lengths, k_buffers=self.cache.keys_, v_buffers=self.cache.values_,
         )
 
-    def static_meta(self, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> StepMeta:
-        """Step metadata of a static decode step (cotrt.graph) over caller-owned device
-        buffers ``[B]``: one token per row at ``starts``, attending ``lengths`` keys."""
-        B = slots.shape[0]
+    def static_meta(self, tables: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+                    write_pages: torch.Tensor, write_offs: torch.Tensor) -> StepMeta:
+        """Step metadata of a static decode step (cotrt.engine.graph) over caller-owned
+        device buffers: block tables ``[B, max_pages]``, one token per row at ``starts``
+        ``[B]``, attending ``lengths`` keys; the caller fills ``write_pages`` /
+        ``write_offs`` ``[B]`` from them (``fill_static_writes``)."""
+        B = tables.shape[0]
         return StepMeta(
-            slots=slots, starts=starts, q_lens=[1] * B, kv_len=self.max_len,
-            mask=torch.ones(B, 1, 1, 1, dtype=torch.bool, device=slots.device),  # HF needs a 4-D mask to skip its own
-            positions=starts[:, None], write_rows=slots, write_pos=starts, slot_range=None, decode=True,
-            lengths=lengths, k_buffers=self.cache.keys_, v_buffers=self.cache.values_,
+            tables=tables, starts=starts, q_lens=[1] * B, kv_len=self.max_len,
+            mask=torch.ones(B, 1, 1, 1, dtype=torch.bool, device=tables.device),  # HF needs a 4-D mask to skip its own
+            positions=starts[:, None], write_pages=write_pages, write_offs=write_offs, view=None, decode=True,
+            page_size=self.page_size, lengths=lengths, k_buffers=self.cache.keys_, v_buffers=self.cache.values_,
         )
+
+    def fill_static_writes(self, meta: StepMeta) -> None:
+        """A static step's lengths and write positions from its tables and starts, on the
+        device (no host values: capturable)."""
+        ps = self.page_size
+        torch.add(meta.starts, 1, out=meta.lengths)  # keys per row, the new one included
+        torch.gather(meta.tables, 1, (meta.starts // ps)[:, None], out=meta.write_pages[:, None])
+        torch.remainder(meta.starts, ps, out=meta.write_offs)
 
     # -- the forward --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -212,7 +236,7 @@ class ModelRunner:
 
     # -- checks ---------------------------------------------------------------------------------
     def _self_check(self, n_layers: int) -> None:
-        """One 2-token forward on slot 0: every layer must go through our cache and attention.
+        """One 2-token forward on the first pages: every layer must go through our cache and attention.
 
         Architectures whose attention bypasses ``AttentionInterface`` (or keeps other state)
         would silently decode garbage; this makes them fail at wrap time instead.
@@ -227,14 +251,14 @@ class ModelRunner:
 
         cache.update = counting_update
         try:
-            meta = self.make_meta([0], [2], starts=[0])
+            meta = self.make_meta([list(range(-(-2 // self.page_size)))], [2], starts=[0])
             ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
             self.forward(meta, input_ids=ids)
         except UnsupportedModelError:
             raise
         except Exception as e:
             raise UnsupportedModelError(
-                f"{type(self.model).__name__}: a forward through the slot cache failed ({type(e).__name__}: {e})"
+                f"{type(self.model).__name__}: a forward through the paged cache failed ({type(e).__name__}: {e})"
             ) from e
         finally:
             cache.update = orig
@@ -243,3 +267,17 @@ class ModelRunner:
                 f"{type(self.model).__name__}: {calls['n']} of {n_layers} layers used the KV cache interface; "
                 "cotrt needs every layer's attention to go through transformers' Cache/AttentionInterface"
             )
+
+
+def _strided(tables: list[list[int]]) -> tuple | None:
+    """(first page, pages between rows) when row b's pages are consecutive from
+    first + b * stride (see ``StepMeta.view``), else None."""
+    first = tables[0][0]
+    stride = tables[1][0] - first if len(tables) > 1 else 0
+    for b, row in enumerate(tables):
+        base = first + b * stride
+        if row != list(range(base, base + len(row))):
+            return None
+    if stride < 0 or (len(tables) > 1 and stride < len(tables[0])):
+        return None  # rows would overlap or run backwards
+    return first, stride

@@ -1,0 +1,352 @@
+"""The paged KV cache: the page pool, greedy parity at several page sizes, prefix sharing
+(same step and across steps, and a failed producer), rollback freeing pages, preemption
+with unchanged outputs, parallel samples and self-consistency, kv_usage, validation.
+
+After every engine step of these tests, ``check_pages`` verifies the bookkeeping: each
+running request holds exactly the pages its written positions need, refcounts equal the
+holders, and every page is held, cached or free.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+import cotrt
+from _parity import assert_greedy_match, hf_greedy
+from cotrt.control.consistency import SelfConsistency, Vote
+from cotrt.engine.kv import extent
+from cotrt.model.pages import PagePool
+from cotrt.output import Output
+from cotrt.testing import tiny_model
+
+
+def _prompts(seed: int, n: int, vocab: int, lo=3, hi=40):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randrange(lo, hi))] for _ in range(n)]
+
+
+def check_pages(eng) -> None:
+    pool, ps = eng.kv.pool, eng.kv.page_size
+    holders = Counter()
+    for req in eng.running.values():
+        assert len(req.pages) == -(-extent(req) // ps), (req, extent(req))
+        holders.update(req.pages)
+    assert all(pool.ref[p] == holders[p] for p in range(pool.num_pages)), "refcounts differ from the holders"
+    u = eng.kv_usage()
+    assert u["pages_used"] + u["pages_cached"] + u["pages_free"] == u["pages_total"]
+
+
+def run_checked(rt, prompts, params) -> list:
+    """``rt.generate`` done step by step with ``check_pages`` after each step."""
+    eng = rt.engine
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [eng.add_samples(p, q) for p, q in zip(prompts, plist)]
+    flat = [i for g in ids for i in g]
+    outs = {}
+    while eng.has_unfinished():
+        for ev in eng.step():
+            if ev.finished:
+                outs[ev.request_id] = ev.output
+        check_pages(eng)
+    assert eng.kv_usage()["pages_used"] == 0
+    return [outs[i] for i in flat]
+
+
+# ------------------------------------------------------------------------------- the pool
+
+def test_pool_allocates_lowest_first_and_caches_keyed_pages():
+    pool = PagePool(6, 4)
+    assert [pool.alloc() for _ in range(3)] == [0, 1, 2]
+    toks = list(range(12))
+    assert pool.register("s", toks, [0, 1, 2], 0) == [0, 1, 2]
+    pool.release(1)  # keyed: cached, not free
+    assert pool.usage()["pages_cached"] == 1 and pool.available() == 4
+    assert pool.lookup("s", toks, 3) == [0, 1, 2]
+    assert pool.lookup("other salt", toks, 3) == []
+    assert pool.lookup("s", [99] + toks[1:], 3) == []  # the first page differs: nothing after it matches
+    assert pool.lookup("s", toks[:4] + [99] + toks[5:], 3) == [0]
+    # Free pages go first, then the least recently cached page is evicted (its key too).
+    assert [pool.alloc() for _ in range(3)] == [3, 4, 5]
+    assert pool.alloc() == 1 and pool.lookup("s", toks, 3) == [0]
+    assert pool.alloc() is None
+    pool.retain(0)
+    assert pool.ref[0] == 2 and pool.usage()["pages_shared"] == 1
+    with pytest.raises(RuntimeError, match="released more often"):
+        for _ in range(3):
+            pool.release(0)
+
+
+def test_pool_same_content_under_two_parents_is_two_keys():
+    pool = PagePool(4, 2)
+    a, b, c = pool.alloc(), pool.alloc(), pool.alloc()
+    pool.register(None, [1, 2, 5, 6], [a, b], 0)
+    pool.register(None, [3, 4, 5, 6], [c], 0)  # same second page tokens, other first page
+    assert pool.lookup(None, [3, 4, 5, 6], 2) == [c]
+    assert pool.lookup(None, [1, 2, 5, 6], 2) == [a, b]
+    pool.unregister(a)
+    assert pool.lookup(None, [1, 2, 5, 6], 2) == []
+
+
+# ------------------------------------------------------------------------------- parity
+
+@pytest.mark.parametrize("arch,page_size", [("llama", 1), ("llama", 5), ("mistral", 4), ("gemma2", 16),
+                                            ("qwen3", 7)])
+def test_greedy_parity_at_page_sizes(arch, page_size, smol_tokenizer):
+    """Ragged batches through pages of several sizes (1, sizes that divide nothing, pages
+    crossing the sliding window) equal HF generate; a cache of half the slot memory."""
+    vocab = len(smol_tokenizer)
+    model = tiny_model(arch, vocab)
+    prompts = _prompts(1, 5, vocab)
+    refs = [hf_greedy(model, p, 20, eos=None) for p in prompts]
+    rt = cotrt.wrap(model, smol_tokenizer, max_batch=4, max_len=128, kv_tokens=256, page_size=page_size)
+    outs = run_checked(rt, prompts, cotrt.Params(max_new_tokens=20, ignore_eos=True))
+    for p, o, r in zip(prompts, outs, refs):
+        assert_greedy_match(model, p, o.token_ids, r, label=f"{arch}/page {page_size}")
+
+
+def test_slot_layout_is_page_size_max_len(smol_tokenizer):
+    """page_size = max_len is the old slot cache: one page per request, read as views."""
+    vocab = len(smol_tokenizer)
+    model = tiny_model("llama", vocab)
+    prompts = _prompts(2, 4, vocab)
+    rt = cotrt.wrap(model, smol_tokenizer, max_batch=4, max_len=64, page_size=64)
+    assert rt.runner.num_pages == 4
+    outs = run_checked(rt, prompts, cotrt.Params(max_new_tokens=12, ignore_eos=True))
+    for p, o in zip(prompts, outs):
+        assert_greedy_match(model, p, o.token_ids, hf_greedy(model, p, 12, eos=None), label="slot layout")
+
+
+# ------------------------------------------------------------------------------- prefix sharing
+
+@pytest.fixture(scope="module")
+def llama(smol_tokenizer):
+    return tiny_model("llama", len(smol_tokenizer), seed=4)
+
+
+def test_samples_of_one_prompt_store_it_once(llama, smol_tokenizer):
+    """n samples admitted in one step: the first computes the prompt's full pages, the
+    others share them (and run after it); each equals its seed run alone."""
+    vocab = len(smol_tokenizer)
+    prompt = _prompts(5, 1, vocab, lo=70, hi=71)[0]
+    rt = cotrt.wrap(llama, smol_tokenizer, max_batch=4, max_len=128, page_size=8)
+    params = cotrt.Params(n=4, max_new_tokens=10, temperature=1.0, seed=11, ignore_eos=True)
+    eng = rt.engine
+    ids = eng.add_samples(prompt, params)
+    eng.step()  # all four admitted and prefilled
+    u = eng.kv_usage()
+    full = len(prompt) // 8  # 8 full pages; the 6-token tail and the first token are each sample's own
+    assert u["pages_shared"] == full and u["pages_used"] == full + 4
+    assert [eng.requests[i].cached for i in ids] == [0] + [full * 8] * 3
+    assert eng.stats["cached_prompt_tokens"] == 3 * full * 8
+    outs = {}
+    while eng.has_unfinished():
+        for ev in eng.step():
+            if ev.finished:
+                outs[ev.request_id] = ev.output.token_ids
+        check_pages(eng)
+    alone = [rt.generate([prompt], cotrt.Params(max_new_tokens=10, temperature=1.0, seed=11 + i,
+                                                ignore_eos=True))[0].token_ids for i in range(4)]
+    assert [outs[i] for i in ids] == alone
+    assert len(set(map(tuple, alone))) > 1  # the seeds differ
+
+
+def test_repeated_prompt_hits_the_cache(llama, smol_tokenizer):
+    vocab = len(smol_tokenizer)
+    prompt = _prompts(6, 1, vocab, lo=100, hi=101)[0]
+    rt = cotrt.wrap(llama, smol_tokenizer, max_batch=2, max_len=160, page_size=16)
+    params = cotrt.Params(max_new_tokens=8, ignore_eos=True)
+    first = rt.generate([prompt], params)[0]
+    assert first.stats["cached_tokens"] == 0 and rt.engine.kv_usage()["pages_cached"] == 6
+    again = rt.generate([prompt], params)[0]
+    assert again.stats["cached_tokens"] == 96  # 6 full pages; the last 4 tokens recomputed
+    assert again.token_ids == first.token_ids
+    # A prompt that extends it shares the same pages; one that differs in its first page
+    # shares nothing; a valve would change the salt (tests/test_valve_engine.py).
+    longer = rt.generate([prompt + [5, 6, 7]], params)[0]
+    assert longer.stats["cached_tokens"] == 96
+    other = rt.generate([[prompt[0] + 1] + prompt[1:]], params)[0]
+    assert other.stats["cached_tokens"] == 0
+
+
+def test_failed_producer_requeues_its_dependents(llama, smol_tokenizer, monkeypatch):
+    """A request sharing pages that another computes this step is requeued when that
+    forward fails, then recomputes them itself: same tokens as alone."""
+    vocab = len(smol_tokenizer)
+    prompt = _prompts(8, 1, vocab, lo=40, hi=41)[0]
+    rt = cotrt.wrap(llama, smol_tokenizer, max_batch=4, max_len=96, page_size=8)
+    params = cotrt.Params(max_new_tokens=6, ignore_eos=True)
+    alone = rt.generate([prompt + [9, 9]], params)[0].token_ids
+    rt = cotrt.wrap(llama, smol_tokenizer, max_batch=4, max_len=96, page_size=8)
+    eng = rt.engine
+    a = eng.add(prompt, params)
+    b = eng.add(prompt + [9, 9], params)
+    real = eng._extend
+
+    def extend(batch):
+        if any(r.id == a for r in batch.rows):
+            raise RuntimeError("boom")
+        real(batch)
+
+    monkeypatch.setattr(eng, "_extend", extend)
+    events = eng.step()
+    monkeypatch.setattr(eng, "_extend", real)
+    assert [e.output.finish_reason for e in events if e.finished] == ["error"]
+    assert eng.requests[b].slot == -1 and eng.requests[b].preemptions == 1  # requeued, not run
+    outs = {}
+    while eng.has_unfinished():
+        for ev in eng.step():
+            if ev.finished:
+                outs[ev.request_id] = ev.output
+        check_pages(eng)
+    assert outs[b].token_ids == alone and outs[b].stats["cached_tokens"] == 0
+
+
+# ------------------------------------------------------------------------------- preemption
+
+def test_more_demand_than_pages_gives_the_same_tokens(llama, smol_tokenizer):
+    """Six requests growing to ~100 tokens in a cache of 160 tokens: the newest are
+    preempted and recomputed, every request finishes with the tokens it gives alone."""
+    vocab = len(smol_tokenizer)
+    prompts = _prompts(9, 6, vocab, lo=10, hi=30)
+    params = [cotrt.Params(max_new_tokens=n, ignore_eos=True, temperature=t, seed=3)
+              for n, t in zip([70, 60, 75, 50, 65, 72], [0.0, 1.0, 0.0, 0.7, 1.0, 0.0])]
+    rt = cotrt.wrap(llama, smol_tokenizer, max_batch=6, max_len=112, kv_tokens=160, page_size=8)
+    alone = [rt.generate([p], q)[0].token_ids for p, q in zip(prompts, params)]
+    outs = run_checked(rt, prompts, params)
+    assert rt.engine.stats["preempted"] > 0
+    assert sum(o.stats["preemptions"] for o in outs) == rt.engine.stats["preempted"]
+    assert [o.token_ids for o in outs] == alone
+
+
+def test_preempted_request_keeps_its_controls(think_tokenizer):
+    """A think budget and streamed text survive preemption: the request resumes where it
+    was (no second forced end, no repeated text)."""
+    tok = think_tokenizer
+    model = tiny_model("llama", len(tok), seed=5)
+    prompts = [tok.encode(f"Q{i}: think.\n<think>\n", add_special_tokens=False) for i in range(4)]
+    params = cotrt.Params(max_new_tokens=60, think_budget=20, ignore_eos=True)
+    rt = cotrt.wrap(model, tok, max_batch=4, max_len=96, kv_tokens=128, page_size=8)
+    alone = [rt.generate([p], params)[0] for p in prompts]
+    eng = rt.engine
+    ids = [eng.add(p, params) for p in prompts]
+    texts, outs = {i: "" for i in ids}, {}
+    while eng.has_unfinished():
+        for ev in eng.step():
+            texts[ev.request_id] += ev.text
+            if ev.finished:
+                outs[ev.request_id] = ev.output
+        check_pages(eng)
+    assert eng.stats["preempted"] > 0
+    for i, a in zip(ids, alone):
+        assert outs[i].token_ids == a.token_ids and texts[i] == a.text
+        assert outs[i].stats["forced_tokens"] == a.stats["forced_tokens"]
+
+
+# ------------------------------------------------------------------------------- rollback
+
+class _ProbeEvery(cotrt.Policy):
+    """Probe 6 tokens every 4 thinking tokens (before the last token: a rollback of one
+    when it exits), never exit."""
+
+    name = "probe-every"
+    every = 4
+
+    def on_step(self, view):
+        return cotrt.Probe("\n</think>\nThe answer is", max_tokens=6, before_last=True)
+
+    def on_probe(self, view, result):
+        return None
+
+
+def test_probes_and_rollback_free_pages(think_tokenizer):
+    """A probe every 4 tokens writes past the row's length into pages it frees afterwards;
+    min_think rolls back: the bookkeeping holds after every step, outputs equal pages of
+    another size."""
+    tok = think_tokenizer
+    model = tiny_model("llama", len(tok), seed=6)
+    prompts = [tok.encode(t, add_special_tokens=False) for t in ("Q: 2+2?\n<think>\n", "Name a colour.\n<think>\n")]
+    params = cotrt.Params(max_new_tokens=40, min_think=30, ignore_eos=True, exit=_ProbeEvery())
+    outs = {}
+    for ps in (4, 16):
+        rt = cotrt.wrap(model, tok, max_batch=2, max_len=128, page_size=ps)
+        outs[ps] = run_checked(rt, prompts, params)
+        assert sum(o.stats["probe_tokens"] for o in outs[ps]) > 0
+    assert [o.token_ids for o in outs[4]] == [o.token_ids for o in outs[16]]
+
+
+# ------------------------------------------------------------------------------- samples and votes
+
+def test_generate_returns_n_per_prompt_prompt_major(llama, smol_tokenizer):
+    vocab = len(smol_tokenizer)
+    prompts = _prompts(10, 2, vocab, lo=5, hi=20)
+    rt = cotrt.wrap(llama, smol_tokenizer, max_batch=8, max_len=64)
+    outs = rt.generate(prompts, cotrt.Params(n=3, max_new_tokens=6, temperature=1.0, seed=100))
+    assert len(outs) == 6
+    for j, p in enumerate(prompts):
+        for i in range(3):
+            o = outs[3 * j + i]
+            assert o.prompt_token_ids == p
+            solo = rt.generate([p], cotrt.Params(max_new_tokens=6, temperature=1.0, seed=100 + i))[0]
+            assert o.token_ids == solo.token_ids
+
+
+def _out(answer: str, reason: str = "stop", exit_reason: str = "eos") -> Output:
+    return Output(0, [], [], answer, "", answer, reason, {"exit_reason": exit_reason})
+
+
+def test_vote_counts_equivalent_answers_and_decides_at_quorum():
+    v = Vote(SelfConsistency(), 5)
+    assert v.quorum == 3
+    assert not v.record(_out("so \\boxed{1/2}"))
+    assert not v.record(_out("the answer is 0.5"))
+    assert not v.record(_out("no answer here"))
+    assert not v.record(_out("#### 7"))
+    assert v.result["answer"] == "1/2" and v.result["votes"] == {"1/2": 2, "7": 1}
+    assert v.record(_out("\\boxed{0.50}"))
+    assert v.result["decided"] and v.result["finished"] == 5
+    v.record(_out("", "abort", "consistency"))
+    assert v.result["aborted"] == 1
+    with pytest.raises(ValueError, match="quorum=4 exceeds n=3"):
+        cotrt.Params(n=3, consistency={"quorum": 4})
+    with pytest.raises(ValueError, match="consistency.methods"):
+        SelfConsistency(methods=("nope",))
+
+
+def test_self_consistency_aborts_the_losers(smol_tokenizer):
+    """Samples that all answer " 7" at random lengths: once two agree, the rest are
+    aborted (their tokens never computed) and every sample reports the vote."""
+    tok = smol_tokenizer
+    model = tiny_model("llama", len(tok), seed=7)
+    seven = tok.encode(" 7", add_special_tokens=False)
+    assert len(seven) == 1
+    eos = tok.eos_token_id
+    rt = cotrt.wrap(model, tok, max_batch=8, max_len=96)
+    params = cotrt.Params(n=6, max_new_tokens=40, temperature=1.0, seed=1,
+                          logit_bias={seven[0]: 100.0, eos: 98.5},
+                          consistency=cotrt.SelfConsistency(quorum=2, methods=("last_number",), source="text"))
+    outs = rt.generate([tok.encode("Count:", add_special_tokens=False)], params)
+    vote = outs[0].stats["consistency"]
+    assert all(o.stats["consistency"] is vote for o in outs)
+    assert vote["decided"] and vote["answer"] == "7" and vote["votes"]["7"] >= 2
+    assert vote["aborted"] >= 1 and vote["finished"] + vote["aborted"] == 6
+    aborted = [o for o in outs if o.finish_reason == "abort"]
+    assert len(aborted) == vote["aborted"] and all(o.stats["exit_reason"] == "consistency" for o in aborted)
+
+
+# ------------------------------------------------------------------------------- validation
+
+def test_bad_paging_arguments_are_named(llama, smol_tokenizer):
+    for kwargs, msg in [({"page_size": 0}, "page_size"), ({"page_size": 2.0}, "page_size"),
+                        ({"kv_tokens": 32}, "kv_tokens"), ({"kv_tokens": True}, "kv_tokens")]:
+        with pytest.raises(ValueError, match=msg):
+            cotrt.wrap(llama, smol_tokenizer, max_batch=2, max_len=64, **kwargs)
+    rt = cotrt.wrap(llama, smol_tokenizer, max_batch=2, max_len=64)
+    with pytest.raises(ValueError, match="n: Engine.add queues one"):
+        rt.engine.add([5, 6], cotrt.Params(n=2))
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        cotrt.Params(n=0)
+    with pytest.raises(ValueError, match="voting samples exceed max_batch"):
+        rt.engine.add_samples([5, 6], cotrt.Params(n=3, consistency={}))
+    assert not rt.engine.has_unfinished()
