@@ -300,7 +300,7 @@ def check_kernels(plan: Plan) -> list[dict]:
         kc, vc = rnd(B + 3, T, KVH, 64), rnd(B + 3, T, KVH, 64)
         slots = torch.randperm(B + 3, generator=g)[:B].to(dev)
         lengths = (torch.arange(B) * 37 % L + 1).to(dev)  # ragged, 1 included
-        c = dict(q=q, k_cache=kc, v_cache=vc, slots=slots, lengths=lengths, softcap=softcap, window=window)
+        c = dict(q=q, k_cache=kc, v_cache=vc, block_tables=slots, lengths=lengths, softcap=softcap, window=window)
         case = {"op": "decode_attention", "shape": f"B={B} H={H} KVH={KVH} T={T} L<={L} softcap={softcap} "
                                                    f"window={window}", "dtype": str(dt)}
         try:

@@ -1,11 +1,16 @@
-"""decode_attention: one new query per row against that row's slot of a static KV cache.
+"""decode_attention: one new query per row against that row's pages of a paged KV cache.
 
-    out[b, h] = softmax(cap(scale · q[b, h] · Kᵀ)) · V,   K, V = k/v_cache[slots[b], lo:L, h // G]
+    out[b, h] = softmax(cap(scale · q[b, h] · Kᵀ)) · V,   K, V = rows lo .. L - 1 of K_b, V_b
+    K_b[n] = k_cache[block_tables[b, n // PS], n % PS, h // G]   (V_b alike)
 
-with ``L = lengths[b]``, ``lo = max(0, L - window)`` (HF's sliding window: key k is visible
-from the query at position L - 1 iff k > L - 1 - window), ``G = H // KVH`` query heads per
-kv head (GQA) and ``cap(s) = softcap · tanh(s / softcap)`` when softcap is given (Gemma2).
-The caller has already written the new token's key/value at position L - 1.
+with the cache stored as P pages of PS positions (``[P, PS, KVH, D]``, flash-attn's and
+vLLM's paged layout), row b's block table listing its pages in logical order,
+``L = lengths[b]``, ``lo = max(0, L - window)`` (HF's sliding window: key k is visible from
+the query at position L - 1 iff k > L - 1 - window), ``G = H // KVH`` query heads per kv
+head (GQA) and ``cap(s) = softcap · tanh(s / softcap)`` when softcap is given (Gemma2).
+The caller has already written the new token's key/value at position L - 1. Rows may share
+pages (a common prefix). A 1-D ``block_tables`` [B] is the slot form: one page per row, so
+``k_cache`` is a slot cache [S, T, KVH, D] and the entries are slots.
 
 - :func:`decode_attention` — the launcher: validates (metadata only), then runs the Triton
   flash-decoding kernels on CUDA tensors (``kernels/decode_attention.py``) and plain torch
@@ -16,15 +21,18 @@ The caller has already written the new token's key/value at position L - 1.
   the test oracle.
 
 Both launcher paths are free of device syncs and data-dependent shapes: their work and
-allocations depend on (B, H, KVH, D, T, chunk) only, so a decode step calling them can be
-captured in a CUDA graph and replayed after refilling ``slots`` / ``lengths`` in place.
-The price is that the torch path gathers all T positions of each row's slot whatever its
+allocations depend on (B, H, KVH, D, NP, PS, chunk) only, so a decode step calling them can
+be captured in a CUDA graph and replayed after refilling ``block_tables`` / ``lengths`` in
+place. The price is that the torch path gathers all NP pages of each row whatever its
 length; the kernel skips the empty splits.
 
-Values are not checked (that would sync): a length outside [0, T] is the caller's bug and
-is clamped to [0, T]; a slot outside [0, S) reads nothing and gives a zero row. Positions
-at or past a row's length, or before its window, are never used: they may hold anything,
-NaN included.
+Values are not checked (that would sync). A length outside [0, NP · PS] is the caller's bug
+and is clamped to it. Only the table entries of pages holding a live key (positions
+lo .. L - 1) are used: the others, past the length or before the window, may be anything
+(-1 for unallocated). A page id outside [0, P) where a live key needs it reads nothing
+and gives a zero row, as a bad slot does in the slot form (clamping L at the first bad
+page instead would need a scan of the table by every split). Positions at or past a row's length, or
+before its window, are never used: they may hold anything, NaN included.
 """
 from __future__ import annotations
 
@@ -45,9 +53,9 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_args(q, k_cache, v_cache, slots, lengths, scale, softcap, window, out, chunk):
+def _check_args(q, k_cache, v_cache, block_tables, lengths, scale, softcap, window, out, chunk):
     """Validate shapes, dtypes, devices and strides (metadata only: no device sync).
-    Returns (B, H, D, S, T, KVH)."""
+    Returns (B, H, D, P, PS, KVH, table), ``table`` the [B, NP] view of block_tables."""
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError(f"decode_attention: q must be a 3-D tensor [B, H, D], got {shape_of(q)}")
     B, H, D = q.shape
@@ -55,16 +63,21 @@ def _check_args(q, k_cache, v_cache, slots, lengths, scale, softcap, window, out
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"decode_attention: q dtype must be fp16/bf16/fp32, got {dtype}")
     if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4 or k_cache.shape[3] != D:
-        raise ValueError(f"decode_attention: k_cache must be a 4-D tensor [S, T, KVH, D={D}], got {shape_of(k_cache)}")
-    S, T, KVH, _ = k_cache.shape
+        raise ValueError(f"decode_attention: k_cache must be a 4-D tensor [P, PS, KVH, D={D}], "
+                         f"got {shape_of(k_cache)}")
+    P, PS, KVH, _ = k_cache.shape
     if not isinstance(v_cache, torch.Tensor) or v_cache.shape != k_cache.shape:
         raise ValueError(f"decode_attention: v_cache must have k_cache's shape {tuple(k_cache.shape)}, "
                          f"got {shape_of(v_cache)}")
     if KVH == 0 or H % KVH != 0:
         raise ValueError(f"decode_attention: q's H={H} heads must be a multiple of k_cache's KVH={KVH} heads")
-    for name, t in (("slots", slots), ("lengths", lengths)):
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B,):
-            raise ValueError(f"decode_attention: {name} must be a [B={B}] tensor, got {shape_of(t)}")
+    if not isinstance(block_tables, torch.Tensor) or block_tables.dim() not in (1, 2) \
+            or block_tables.shape[0] != B:
+        raise ValueError(f"decode_attention: block_tables must be a [B={B}, NP] tensor (or [B={B}]: one page "
+                         f"per row, the slot form), got {shape_of(block_tables)}")
+    if not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (B,):
+        raise ValueError(f"decode_attention: lengths must be a [B={B}] tensor, got {shape_of(lengths)}")
+    for name, t in (("block_tables", block_tables), ("lengths", lengths)):
         if t.dtype not in INDEX_DTYPES:
             raise ValueError(f"decode_attention: {name} must be int32 or int64, got {t.dtype}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
@@ -84,46 +97,53 @@ def _check_args(q, k_cache, v_cache, slots, lengths, scale, softcap, window, out
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype != dtype:
             raise ValueError(f"decode_attention: {name} dtype {t.dtype} differs from q dtype {dtype}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("slots", slots), ("lengths", lengths),
-                    ("out", out)):
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
+                    ("lengths", lengths), ("out", out)):
         if t is not None and t.device != device:
             raise ValueError(f"decode_attention: {name} is on {t.device}, q is on {device}")
     # Other strides are free (q may be a [B, 1, H, D] transpose view, the cache a slice of a
-    # bigger one); the head dim must be contiguous for the kernel's vectorised row loads.
+    # bigger one, the table a slice of a wider one); the head dim must be contiguous for the
+    # kernel's vectorised row loads.
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
         if t is not None and D > 1 and t.stride(-1) != 1:
             raise ValueError(f"decode_attention: {name} must have unit stride along its last dim, got strides "
                              f"{tuple(t.stride())} (call .contiguous())")
-    return B, H, D, S, T, KVH
+    table = block_tables[:, None] if block_tables.dim() == 1 else block_tables
+    return B, H, D, P, PS, KVH, table
 
 
-def decode_attention(q, k_cache, v_cache, slots, lengths, *, scale=None, softcap=None, window=None, out=None,
-                     chunk=None, impl="auto"):
-    """Attention of one new query per row over its slot of the KV cache.
+def decode_attention(q, k_cache, v_cache, block_tables, lengths, *, scale=None, softcap=None, window=None,
+                     out=None, chunk=None, impl="auto"):
+    """Attention of one new query per row over its pages of the KV cache.
 
     Args:
         q: [B, H, D] fp16/bf16/fp32, the new token's queries (last dim unit-stride).
-        k_cache, v_cache: [S, T, KVH, D] of q's dtype; ``k_cache[s, t, h]`` is the key of
-            slot s, position t, kv head h. H % KVH == 0.
-        slots: [B] int32/int64, the cache slot of each row (rows may share one, e.g.
-            padding rows pointing at a scratch slot).
-        lengths: [B] int32/int64, row b attends keys 0 .. lengths[b] - 1 of its slot.
-            Not checked against T (a sync): values outside [0, T] are clamped.
+        k_cache, v_cache: [P, PS, KVH, D] of q's dtype (other strides free);
+            ``k_cache[p, t, h]`` is the key at position t of page p, kv head h. H % KVH == 0.
+        block_tables: [B, NP] int32/int64, any strides: row b's logical position n lives at
+            ``k_cache[block_tables[b, n // PS], n % PS]``. Rows may share pages. Only the
+            entries of pages holding a live key are used (the rest may be -1). A 1-D [B]
+            tensor is the slot form, [B, 1]: one page (slot) of PS = T positions per row.
+        lengths: [B] int32/int64, row b attends its logical keys 0 .. lengths[b] - 1.
+            Not checked against NP · PS (a sync): values outside [0, NP · PS] are clamped.
         scale: the score scale, default D ** -0.5.
         softcap: None or > 0: scores become softcap · tanh(scores / softcap).
         window: None or int >= 1: attend only keys k >= lengths[b] - window.
         out: [B, H, D] of q's dtype to write into (last dim unit-stride), or None.
-        chunk: keys per split of the Triton path (default: 256, larger for T > 32768 so
-            that there are at most 128 splits). Ignored by the torch path.
+        chunk: keys per split of the Triton path (default: 256, larger past 32K keys a row
+            so that there are at most 128 splits, rounded down to whole pages when PS is
+            smaller). Ignored by the torch path.
         impl: "auto" (Triton on CUDA when triton is installed, torch ops otherwise),
             "triton" or "torch".
 
     Returns:
-        [B, H, D] of q's dtype (``out`` when given); a row with no key (length 0) is zeros.
+        [B, H, D] of q's dtype (``out`` when given); a row with no key (length 0) is zeros,
+        and so is a row with a live key on a page id outside [0, P) (not checked: a sync).
         Scores, softmax and the weighted sum are fp32 on both paths (the kernel rounds the
         probabilities to the cache dtype for the P·V product, as flash attention does).
     """
-    B, H, D, S, T, KVH = _check_args(q, k_cache, v_cache, slots, lengths, scale, softcap, window, out, chunk)
+    B, H, D, P, PS, KVH, table = _check_args(q, k_cache, v_cache, block_tables, lengths, scale, softcap, window,
+                                             out, chunk)
     scale = D ** -0.5 if scale is None else float(scale)
     if impl == "auto":
         impl = "triton" if q.is_cuda and HAS_TRITON else "torch"
@@ -132,30 +152,39 @@ def decode_attention(q, k_cache, v_cache, slots, lengths, *, scale=None, softcap
     y = torch.empty((B, H, D), dtype=q.dtype, device=q.device) if out is None else out
     if B == 0 or H == 0 or D == 0:
         return y
-    if S == 0 or T == 0:  # no key anywhere
+    if P == 0 or PS == 0 or table.shape[1] == 0:  # no key anywhere
         return y.zero_()
     if impl == "torch":
-        return y.copy_(_decode_attention_torch(q, k_cache, v_cache, slots, lengths, scale, softcap, window))
-    return _decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale, softcap, window, chunk, y,
-                                    B, H, D, S, T, KVH)
+        return y.copy_(_decode_attention_torch(q, k_cache, v_cache, table, lengths, scale, softcap, window))
+    return _decode_attention_triton(q, k_cache, v_cache, table, lengths, scale, softcap, window, chunk, y,
+                                    B, H, D, P, PS, KVH)
 
 
-def decode_attention_ref(q, k_cache, v_cache, slots, lengths, *, scale=None, softcap=None, window=None):
-    """The fp32 reference: each row's live keys sliced out by hand, every head at once.
+def decode_attention_ref(q, k_cache, v_cache, block_tables, lengths, *, scale=None, softcap=None, window=None):
+    """The fp32 reference: each row's live keys gathered page by page, every head at once.
     Same arguments as :func:`decode_attention`; returns fp32 [B, H, D]. Unlike the launcher
-    it reads slots and lengths on the host and raises on values out of range."""
-    B, H, D, S, T, KVH = _check_args(q, k_cache, v_cache, slots, lengths, scale, softcap, window, None, None)
+    it reads the tables and lengths on the host and raises on a length outside
+    [0, NP · PS] or a page id outside [0, P) where a live key needs it."""
+    B, H, D, P, PS, KVH, table = _check_args(q, k_cache, v_cache, block_tables, lengths, scale, softcap, window,
+                                             None, None)
     scale = D ** -0.5 if scale is None else scale
     G = H // KVH
+    NP = table.shape[1]
     out = torch.zeros(B, H, D, dtype=torch.float32, device=q.device)
-    for b, (s, L) in enumerate(zip(slots.tolist(), lengths.tolist())):
-        if not 0 <= s < S or not 0 <= L <= T:
-            raise ValueError(f"decode_attention_ref: row {b} has slot {s} (S={S}) and length {L} (T={T})")
+    for b, (pages, L) in enumerate(zip(table.tolist(), lengths.tolist())):
+        if not 0 <= L <= NP * PS:
+            raise ValueError(f"decode_attention_ref: row {b} has length {L}, outside [0, NP·PS={NP * PS}]")
         lo = max(0, L - window) if window is not None else 0
         if L == lo:
             continue  # no key: zeros
-        k = k_cache[s, lo:L].float().repeat_interleave(G, dim=1)  # (n, H, D): kv head h // G for query head h
-        v = v_cache[s, lo:L].float().repeat_interleave(G, dim=1)
+        for j in range(lo // PS, (L - 1) // PS + 1):  # the pages holding the live keys
+            if not 0 <= pages[j] < P:
+                raise ValueError(f"decode_attention_ref: row {b} needs block_tables entry {j} = {pages[j]}, "
+                                 f"outside [0, P={P})")
+        n = torch.arange(lo, L, device=q.device)  # the live logical positions
+        page = torch.tensor(pages, device=q.device)[n // PS]
+        k = k_cache[page, n % PS].float().repeat_interleave(G, dim=1)  # (n, H, D): kv head h // G for head h
+        v = v_cache[page, n % PS].float().repeat_interleave(G, dim=1)
         scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale  # (H, n)
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
@@ -167,27 +196,33 @@ def decode_attention_ref(q, k_cache, v_cache, slots, lengths, *, scale=None, sof
 # ---------------------------------------------------------------------------------- torch
 
 
-def _decode_attention_torch(q, k_cache, v_cache, slots, lengths, scale, softcap, window):
-    """Static-shape, sync-free torch path: gather the B slots whole, mask by length.
+def _decode_attention_torch(q, k_cache, v_cache, table, lengths, scale, softcap, window):
+    """Static-shape, sync-free torch path: gather each row's NP pages whole (page ids
+    clamped into range) into [B, NP · PS, KVH, D], mask by length and window.
     Returns fp32 [B, H, D]."""
     B, H, D = q.shape
-    S, T, KVH, _ = k_cache.shape
+    P, PS, KVH, _ = k_cache.shape
+    NP = table.shape[1]
+    N = NP * PS
     G = H // KVH
-    # Bad values give a zero row instead of an error, as in the kernel (no sync to check).
-    ok = (slots >= 0) & (slots < S)
-    idx = slots.clamp(0, S - 1)
-    L = torch.where(ok, lengths.clamp(0, T), 0)  # (B,)
-    t = torch.arange(T, device=q.device)
-    valid = t[None, :] < L[:, None]  # (B, T)
-    if window is not None:
-        valid &= t[None, :] >= (L - window)[:, None]
-    k = k_cache.index_select(0, idx).float()  # (B, T, KVH, D), a fresh tensor
-    v = v_cache.index_select(0, idx).float()
+    L = lengths.clamp(0, N)  # (B,)
+    lo = (L - window).clamp_min(0) if window is not None else torch.zeros_like(L)
+    # A page id out of range where a live key needs it gives a zero row instead of an error,
+    # as in the kernel (no sync to check); the entries of dead pages are never looked at.
+    j = torch.arange(NP, device=q.device)
+    live_page = (j[None, :] * PS < L[:, None]) & ((j[None, :] + 1) * PS > lo[:, None])  # (B, NP)
+    bad_page = (table < 0) | (table >= P)
+    L = torch.where((live_page & bad_page).any(dim=1), 0, L)
+    t = torch.arange(N, device=q.device)
+    valid = (t[None, :] < L[:, None]) & (t[None, :] >= lo[:, None])  # (B, N)
+    pages = table.clamp(0, P - 1).reshape(-1)  # (B · NP,)
+    k = k_cache.index_select(0, pages).float().view(B, N, KVH, D)  # a fresh tensor
+    v = v_cache.index_select(0, pages).float().view(B, N, KVH, D)
     # Dead positions may hold NaN/inf: scores are masked below, values zeroed here
     # (0 · NaN in P·V would leak otherwise).
     v.masked_fill_(~valid[:, :, None, None], 0.0)
     qg = q.reshape(B, KVH, G, D).float()  # fold each kv head's query group: K/V read once per group
-    s = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # (B, KVH, G, T)
+    s = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # (B, KVH, G, N)
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
@@ -207,56 +242,64 @@ def _kernels(interpreted: bool):
             load_kernel("decode_attention", "_decode_attention_reduce_kernel", interpreted))
 
 
-def _chunk(T: int, chunk) -> int:
+def _chunk(NP: int, PS: int, chunk) -> int:
     """Keys per split. 256 keeps a split's fixed cost small next to its K/V traffic (its
     fp32 partial, G · D · 4 bytes written and read back by the reduce, is 5% of the
     2 · 256 · D · 2 bytes of fp16 K/V it reads at G = 7), while a 1K-token row still
-    spreads over 4 programs per kv head. It depends on T only, never on lengths (graph
-    capture); past 128 splits (T > 32K) the chunk grows instead, bounding the reduce."""
+    spreads over 4 programs per kv head. Past 128 splits (over 32K keys a row) the chunk
+    grows instead, bounding the reduce. Pages of PS <= that chunk are not cut: the chunk
+    rounds down to whole pages (more than half of it, so at most 256 splits); a larger page
+    (a slot) is split inside. Shapes only, never lengths or table values (graph capture)."""
     if chunk is not None:
         return chunk
-    return max(DEFAULT_CHUNK, next_pow2(cdiv(T, MAX_SPLITS)))
+    c = max(DEFAULT_CHUNK, next_pow2(cdiv(NP * PS, MAX_SPLITS)))
+    return c if PS > c else c // PS * PS
 
 
 @functools.lru_cache(maxsize=64)
-def _blocks(G, D, chunk, n_splits, interpreted):
-    """(BLOCK_G, BLOCK_D, BLOCK_N, BLOCK_S, num_warps, num_stages). Not yet tuned on a GPU.
-    BLOCK_N = 64 keys a step keeps a 64 x 128 fp16 K tile (16 KB) plus V under 64 KB of
-    shared memory at two stages; 32 at D = 256."""
+def _blocks(G, D, PS, chunk, n_splits, interpreted):
+    """(BLOCK_G, BLOCK_D, BLOCK_N, BLOCK_S, PAGE_PER_TILE, num_warps, num_stages). Not yet
+    tuned on a GPU. BLOCK_N = 64 keys a step keeps a 64 x 128 fp16 K tile (16 KB) plus V
+    under 64 KB of shared memory at two stages; 32 at D = 256. PAGE_PER_TILE (one table
+    entry a tile instead of one a key) when BLOCK_N divides PS and the chunk, so a tile
+    never straddles two pages."""
     bg, bd = max(16, next_pow2(G)), max(16, next_pow2(D))
     bs = min(max(16, next_pow2(n_splits)), 64)
     if interpreted:  # numpy cost is per tile step: a whole chunk a step
-        return bg, bd, max(16, min(next_pow2(chunk), 512)), bs, 4, 1
-    bn = max(16, min(next_pow2(chunk), 64 if bd <= 128 else 32))
-    return bg, bd, bn, bs, 4, 2
+        bn, num_stages = max(16, min(next_pow2(chunk), 512)), 1
+    else:
+        bn, num_stages = max(16, min(next_pow2(chunk), 64 if bd <= 128 else 32)), 2
+    return bg, bd, bn, bs, PS % bn == 0 and chunk % bn == 0, 4, num_stages
 
 
-def _decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale, softcap, window, chunk, y,
-                             B, H, D, S, T, KVH):
+def _decode_attention_triton(q, k_cache, v_cache, table, lengths, scale, softcap, window, chunk, y,
+                             B, H, D, P, PS, KVH):
     if D > MAX_HEAD_DIM:
         raise ValueError(f"decode_attention: the Triton kernel supports D <= {MAX_HEAD_DIM}, q has D={D}")
     interpreted = interpreted_for("decode_attention", q)
     G = H // KVH
-    chunk = _chunk(T, chunk)
-    n_splits = cdiv(T, chunk)
-    bg, bd, bn, bs, num_warps, num_stages = _blocks(G, D, chunk, n_splits, interpreted)
+    NP = table.shape[1]
+    chunk = _chunk(NP, PS, chunk)
+    n_splits = cdiv(NP * PS, chunk)
+    bg, bd, bn, bs, page_per_tile, num_warps, num_stages = _blocks(G, D, PS, chunk, n_splits, interpreted)
     # Allocated per call: under graph capture they come from the graph's private pool.
     acc = torch.empty((B, H, n_splits, D), dtype=torch.float32, device=q.device)
     m = torch.empty((B, H, n_splits), dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     split_kernel, reduce_kernel = _kernels(interpreted)
     split_args = dict(
-        q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, slots_ptr=slots, lengths_ptr=lengths, acc_ptr=acc, m_ptr=m,
+        q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, block_tables_ptr=table, lengths_ptr=lengths, acc_ptr=acc, m_ptr=m,
         l_ptr=l,
         scale=scale, softcap=1.0 if softcap is None else float(softcap), window=0 if window is None else window,
-        S=S, T=T, G=G, D=D, CHUNK=chunk,
+        P=P, PS=PS, NP=NP, G=G, D=D, CHUNK=chunk,
         stride_qb=q.stride(0), stride_qh=q.stride(1),
-        stride_ks=k_cache.stride(0), stride_kt=k_cache.stride(1), stride_kh=k_cache.stride(2),
-        stride_vs=v_cache.stride(0), stride_vt=v_cache.stride(1), stride_vh=v_cache.stride(2),
-        stride_slots=slots.stride(0), stride_lengths=lengths.stride(0),
+        stride_kp=k_cache.stride(0), stride_kt=k_cache.stride(1), stride_kh=k_cache.stride(2),
+        stride_vp=v_cache.stride(0), stride_vt=v_cache.stride(1), stride_vh=v_cache.stride(2),
+        stride_btb=table.stride(0), stride_btn=table.stride(1),
+        stride_lengths=lengths.stride(0),
         stride_ab=acc.stride(0), stride_ah=acc.stride(1), stride_as=acc.stride(2),
         stride_mb=m.stride(0), stride_mh=m.stride(1),
-        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, PAGE_PER_TILE=page_per_tile,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_G=bg, BLOCK_D=bd, BLOCK_N=bn,
     )
@@ -272,4 +315,3 @@ def _decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale, softcap
     launch(split_kernel, split_grid, split_args, interpreted, num_warps=num_warps, num_stages=num_stages)
     launch(reduce_kernel, reduce_grid, reduce_args, interpreted, num_warps=4)
     return y
-
