@@ -109,7 +109,9 @@ CASES = [
     ("unknown valve", _c(valve={"nope": 0.5}), {}, 400, "cotrt.valve"),
     ("latent not an object", _c(latent=5), {}, 400, "cotrt.latent"),
     ("prompt past --max-len", _x(messages=[{"role": "user", "content": "word " * 3000}]), {}, 400, "messages"),
-    ("n = 2", _x(n=2), {}, 400, "n"),
+    ("n = 0", _x(n=0), {}, 400, "n"),
+    ("n past the sample limit", _x(n=1000), {}, 400, "n"),
+    ("voting n past max_batch", _x(n=64, cotrt={"consistency": {}}), {}, 400, "n"),
     ("logprobs", _x(logprobs=True), {}, 400, "logprobs"),
 ]
 

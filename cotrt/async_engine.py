@@ -54,9 +54,12 @@ class Request:
     ``output``); ``abort()`` from any thread. Leaving the iteration early (break, task
     cancelled, generator closed) aborts it, which frees its slot on the next step.
 
-    After acceptance: ``id`` (the engine's request id), ``prompt_tokens`` (int) and
-    ``thinking`` (True when the prompt leaves the think phase open, e.g. a template that
-    pre-opens ``<think>``: the first generated text is reasoning).
+    After acceptance: ``id`` (the engine's request id; the first sample's with n > 1),
+    ``ids`` (every sample's, in seed order: ``index(ev)`` is an event's sample),
+    ``prompt_tokens`` (int) and ``thinking`` (True when the prompt leaves the think phase
+    open, e.g. a template that pre-opens ``<think>``: the first generated text is
+    reasoning). With ``params.n > 1`` the iteration ends when every sample has finished;
+    ``outputs`` holds them in seed order (``output`` is the first).
     """
 
     def __init__(self, owner: "AsyncEngine", loop, prompt, params: Params, template_kwargs):
@@ -66,6 +69,8 @@ class Request:
         self.params = params
         self.template_kwargs = template_kwargs
         self.id: int | None = None
+        self.ids: list = []
+        self.outputs: list = []
         self.prompt_tokens = 0
         self.thinking = False
         self.output: Output | None = None
@@ -81,12 +86,21 @@ class Request:
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._iterate()
 
+    def index(self, ev: Event) -> int:
+        """The sample (0 .. n - 1) an event belongs to."""
+        return self.ids.index(ev.request_id) if len(self.ids) > 1 else 0
+
     async def _iterate(self) -> AsyncIterator[Event]:
+        n = self.params.n
+        done = [None] * n
         try:
             while self.output is None:
                 ev = await self._events.get()
                 if ev.finished:
-                    self.output = ev.output
+                    done[self.index(ev)] = ev.output
+                    if all(o is not None for o in done):
+                        self.outputs = done
+                        self.output = done[0]
                 yield ev
         finally:
             if self.output is None:  # the consumer left early: free the slot now
@@ -111,7 +125,7 @@ class AsyncEngine:
             raise ValueError(f"max_queue must be an int >= 0, got {max_queue!r}")
         self.runtime = runtime_or_engine if hasattr(runtime_or_engine, "engine") else None
         self.engine = runtime_or_engine.engine if self.runtime is not None else runtime_or_engine
-        for attr in ("add", "step", "abort", "has_unfinished"):
+        for attr in ("add", "add_samples", "step", "abort", "has_unfinished"):
             if not callable(getattr(self.engine, attr, None)):
                 raise ValueError("runtime_or_engine must be a cotrt Runtime or Engine")
         self.think_format = self.engine.fmt
@@ -128,7 +142,8 @@ class AsyncEngine:
         self._avg_time_s = 1.0  # running mean of request time, for Retry-After
         self._counts = {"requests": dict.fromkeys(OUTCOMES, 0), "tokens": dict.fromkeys(PHASES, 0),
                         "steps": 0}
-        self._gauges = {"queue_depth": 0, "running": 0, "slots_used": 0, "slots_total": self.max_batch}
+        self._gauges = {"queue_depth": 0, "running": 0, "slots_used": 0, "slots_total": self.max_batch,
+                        "kv": self._kv_snapshot()}
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> "AsyncEngine":
@@ -173,6 +188,12 @@ class AsyncEngine:
             params = _as_params(params)
             if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
                 raise ValueError("chat_template_kwargs must be a dict")
+            if params.n > self.max_batch + self.max_queue:  # would be refused forever, not "retry later"
+                raise ValueError(f"n: {params.n} samples exceed what this engine holds "
+                                 f"(max_batch + max_queue = {self.max_batch + self.max_queue})")
+            if params.consistency is not None and params.n > self.max_batch:
+                raise ValueError(f"n: {params.n} voting samples exceed max_batch={self.max_batch} "
+                                 "(they must run together)")
         except ValueError:
             self._count("invalid")
             raise
@@ -188,11 +209,11 @@ class AsyncEngine:
         with self._cond:
             if not self.running:
                 raise RuntimeError("AsyncEngine is not running: call start() first")
-            if self._outstanding >= self.max_batch + self.max_queue:
+            if self._outstanding + params.n > self.max_batch + self.max_queue:
                 self._counts["requests"]["rejected"] += 1
-                waiting = self._outstanding - self.max_batch
+                waiting = max(0, self._outstanding - self.max_batch)
                 raise QueueFull(waiting, max(1, math.ceil(self._avg_time_s * (waiting + 1) / self.max_batch)))
-            self._outstanding += 1
+            self._outstanding += params.n  # one per sample: each takes a lane
             self._inbox.append(req)
             self._cond.notify()
         try:
@@ -223,10 +244,12 @@ class AsyncEngine:
 
     def metrics(self) -> dict:
         """{"requests": {outcome: n}, "tokens": {phase: n}, "steps": n, "queue_depth",
-        "running", "slots_used", "slots_total"} (a consistent copy)."""
+        "running", "slots_used", "slots_total", "kv": {page_size, pages_total, pages_used,
+        pages_shared, pages_cached, pages_free, cached_prompt_tokens, preempted}} (a
+        consistent copy)."""
         with self._cond:
             out = {"requests": dict(self._counts["requests"]), "tokens": dict(self._counts["tokens"]),
-                   "steps": self._counts["steps"], **self._gauges}
+                   "steps": self._counts["steps"], **self._gauges, "kv": dict(self._gauges["kv"])}
             out["queue_depth"] += len(self._inbox)
         return out
 
@@ -262,8 +285,9 @@ class AsyncEngine:
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, []
         for req in aborts:
-            if req.id is not None and req.id in self._live:
-                eng.abort(req.id)
+            for rid in req.ids:
+                if rid in self._live:
+                    eng.abort(rid)
         for req in inbox:
             self._accept(req)
         if eng.has_unfinished():
@@ -277,14 +301,15 @@ class AsyncEngine:
             self._finish_unqueued(req, None, "abort")
             return
         try:
-            rid = self.engine.add(req.prompt, req.params, patterns=req.patterns)
+            ids = self.engine.add_samples(req.prompt, req.params, patterns=req.patterns)
         except Exception as e:  # noqa: BLE001 - a bad request is answered, never fatal
             err = e if isinstance(e, ValueError) else ValueError(f"{type(e).__name__}: {e}")
             self._finish_unqueued(req, err, "invalid")
             return
-        req.id = rid
-        req.prompt_tokens, req.thinking = self.engine.prompt_state(rid)
-        self._live[rid] = req
+        req.id, req.ids = ids[0], ids
+        req.prompt_tokens, req.thinking = self.engine.prompt_state(ids[0])
+        for rid in ids:
+            self._live[rid] = req
         _call(req._loop, _resolve, req._accepted, None)
 
     def _prepare(self, req: Request):
@@ -314,7 +339,7 @@ class AsyncEngine:
         """A request that never reached the engine: its submitter gets ``err`` (or a
         cancellation when it was aborted first)."""
         with self._cond:
-            self._outstanding -= 1
+            self._outstanding -= req.params.n
             self._counts["requests"][outcome] += 1
         _call(req._loop, _fail, req._accepted, err)
 
@@ -374,11 +399,21 @@ class AsyncEngine:
             if "time_s" in s and out.finish_reason in ("stop", "length"):
                 self._avg_time_s = 0.9 * self._avg_time_s + 0.1 * s["time_s"]
 
+    def _kv_snapshot(self) -> dict:
+        """The KV cache's pages (``Engine.kv_usage``) and its prefix-cache and preemption
+        counters."""
+        eng = self.engine
+        kv = dict(eng.kv_usage()) if hasattr(eng, "kv_usage") else {}
+        stats = getattr(eng, "stats", {})
+        kv.update(cached_prompt_tokens=stats.get("cached_prompt_tokens", 0), preempted=stats.get("preempted", 0))
+        return kv
+
     def _snapshot(self) -> None:
         eng = self.engine
+        kv = self._kv_snapshot()
         with self._cond:
             self._gauges.update(queue_depth=eng.num_waiting, running=eng.num_running,
-                                slots_used=self.max_batch - len(eng.free_slots))
+                                slots_used=self.max_batch - len(eng.free_slots), kv=kv)
 
     def _drain_on_exit(self) -> None:
         """Shutdown: end every request still here with "abort" so no consumer hangs."""

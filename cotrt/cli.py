@@ -260,10 +260,13 @@ def cmd_serve(args) -> int:
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
         raise UsageError(f"needs {' and '.join(missing)}: pip install 'cotrt[serve]'")
-    for name in ("max_batch", "max_queue"):
+    for name in ("max_batch", "max_queue", "page_size"):
         if hasattr(args, name):
             _check_int(args, name, 1)
     _check_int(args, "max_len", 2, allow_none=True)
+    _check_int(args, "kv_tokens", 2, allow_none=True)
+    if getattr(args, "kv_tokens", None) and args.max_len and args.kv_tokens < args.max_len:
+        raise UsageError(f"--kv-tokens {args.kv_tokens} is below --max-len {args.max_len}: one request must fit")
     _check_int(args, "max_body_bytes", 1)
     for name in ("header_timeout", "body_timeout"):
         v = getattr(args, name)
@@ -317,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="SmolLM2 on a few questions with and without budgets, then the testbed's "
                                    "trained reasoning model if it is built; progress on stderr.")
     d.add_argument("--model", default="default", help="local HF checkpoint directory, or 'default' (SmolLM2)")
-    d.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV slots)")
+    d.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     d.add_argument("--max-len", type=int, default=1024, help="prompt + output tokens per request")
     d.add_argument("--max-new-tokens", type=int, default=160, help="cap on generated tokens per request")
     d.add_argument("--no-testbed", dest="testbed", action="store_false",

@@ -134,6 +134,34 @@ def test_chat_and_completions_streaming_and_not(plain):
     assert ids.usage.prompt_tokens == 4 and ids.usage.completion_tokens == 3
 
 
+def test_n_choices_share_the_prompt_and_match_single_requests(plain):
+    """OpenAI's n: n choices (index 0..n-1), each equal to a single request with seed
+    seed + index; streamed choices carry their index; usage counts the prompt once; the
+    KV metrics show the shared prompt pages."""
+    c = plain.client()
+    conv = [{"role": "user", "content": "Tell me a long story about " + "rivers and moons " * 12}]
+    kw = dict(model="tiny", messages=conv, max_tokens=6, temperature=1.0, seed=7)
+    whole = c.chat.completions.create(n=3, **kw)
+    assert [ch.index for ch in whole.choices] == [0, 1, 2]
+    singles = [c.chat.completions.create(**{**kw, "seed": 7 + i}).choices[0].message.content for i in range(3)]
+    assert [ch.message.content for ch in whole.choices] == singles
+    prompt = whole.usage.prompt_tokens
+    assert whole.usage.completion_tokens == 18 and whole.usage.total_tokens == prompt + 18
+    stream = c.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **kw)
+    texts, reasons = ["", "", ""], [None] * 3
+    for k in stream:
+        for ch in k.choices:
+            texts[ch.index] += ch.delta.content or ""
+            reasons[ch.index] = ch.finish_reason or reasons[ch.index]
+    assert texts == singles and reasons == ["length"] * 3 and k.usage.completion_tokens == 18
+    m = plain.idle()
+    assert m["kv"]["cached_prompt_tokens"] >= 2 * (prompt // 16) * 16  # choices 2 and 3 shared the prompt
+    text = httpx.get(plain.url + "/metrics").text
+    for name in ("cotrt_kv_pages_total", "cotrt_kv_pages_used 0", "cotrt_kv_pages_cached", "cotrt_kv_page_size 16",
+                 "cotrt_cached_prompt_tokens_total", "cotrt_preemptions_total 0"):
+        assert name in text
+
+
 def test_reasoning_content_is_separated(think):
     c = think.client()
     kw = dict(model="tiny", messages=_conv(1), max_tokens=16, temperature=0,
@@ -190,7 +218,8 @@ def test_bad_requests_get_400_naming_the_field_while_others_run(plain):
         ({**base, "cotrt": {"valve": {"no_such_adapter": 0.5}}}, ("valve", "no_such_adapter")),
         ({**base, "cotrt": {"exit": {"name": "no_such_policy"}}}, ("exit", "no_such_policy")),
         ({**base, "messages": [{"role": "user", "content": "word " * 400}]}, "messages"),
-        ({**base, "n": 2}, "n"),
+        ({**base, "n": 0}, "n"),
+        ({**base, "n": 129}, "n"),
         ({**base, "logprobs": True}, "logprobs"),
         ({**base, "chat_template_kwargs": {"chat_template": "{{ 1 }}"}}, "chat_template_kwargs"),
         ({"model": "tiny", "prompt": [5] * 300}, "prompt"),

@@ -20,15 +20,22 @@ class FakeRequest:
 
     def __init__(self, texts, output, thinking=True):
         self.texts, self.output_when_done, self.thinking = texts, output, thinking
-        self.output, self.aborted = None, False
+        self.output, self.outputs, self.aborted = None, [], False
+        self.params = SimpleNamespace(n=1)
 
     def __aiter__(self):
         return self._events()
 
+    def index(self, ev):
+        return 0
+
     async def _events(self):
         for i, t in enumerate(self.texts):
-            yield SimpleNamespace(text=t, finished=i == len(self.texts) - 1)
-        self.output = self.output_when_done
+            last = i == len(self.texts) - 1
+            if last:
+                self.output = self.output_when_done
+                self.outputs = [self.output]
+            yield SimpleNamespace(text=t, finished=last, output=self.output if last else None, request_id=0)
 
     def abort(self):
         self.aborted = True

@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 from .guard import _Guard
 from .protocol import BODY_TIMEOUT_S, MAX_BODY_BYTES, BadRequest, param_of, parse_json, parse_request
 from .reasoning import ReasoningSplitter
-from .responses import _sse, _usage, error_response, prometheus, whole_response
+from .responses import _sse, error_response, prometheus, usage, whole_response
 
 log = logging.getLogger("cotrt.server")
 
@@ -169,12 +169,13 @@ class Routes:
                 pass
         finally:
             watcher.cancel()
-        out = req.output
-        if out.finish_reason == "error":
-            return error_response(500, f"generation failed: {out.error}")
-        if out.finish_reason == "abort" and self.closing:
+        outs = req.outputs or [req.output]
+        failed = next((o for o in outs if o.finish_reason == "error"), None)
+        if failed is not None:
+            return error_response(500, f"generation failed: {failed.error}")
+        if self.closing and any(o.finish_reason == "abort" for o in outs):
             return error_response(503, "the server shut down before the request finished")
-        body = whole_response(out, rid, chat, self.split, self.model_name)
+        body = whole_response(outs, rid, chat, self.model_name)
         return Response(json.dumps(body, default=str), media_type="application/json")
 
     def chunk(self, rid, obj, choice, include_usage) -> dict:
@@ -187,29 +188,39 @@ class Routes:
         obj = "chat.completion.chunk"
         # A plain model streams as content (stripped as Output.answer is): a stream cannot
         # take back the text sent before a budget forces the answer cue.
-        splitter = ReasoningSplitter(self.fmt, req.thinking if self.split else False)
-        yield _sse(self.chunk(rid, obj, {"index": 0, "delta": {"role": "assistant", "content": ""},
-                                         "finish_reason": None}, include_usage))
+        n = req.params.n
+        splitters = [ReasoningSplitter(self.fmt, req.thinking if self.split else False) for _ in range(n)]
+        for i in range(n):
+            yield _sse(self.chunk(rid, obj, {"index": i, "delta": {"role": "assistant", "content": ""},
+                                             "finish_reason": None}, include_usage))
         async for ev in req:
-            parts = splitter.feed(ev.text) + (splitter.flush() if ev.finished else [])
+            i = req.index(ev)
+            parts = splitters[i].feed(ev.text) + (splitters[i].flush() if ev.finished else [])
             for kind, text in parts:
-                yield _sse(self.chunk(rid, obj, {"index": 0, "delta": {kind: text}, "finish_reason": None},
+                yield _sse(self.chunk(rid, obj, {"index": i, "delta": {kind: text}, "finish_reason": None},
                                       include_usage))
-        async for line in self.finish(req, rid, obj, include_usage, {"index": 0, "delta": {}}):
+            if ev.finished:
+                for line in self.finish_choice(ev.output, rid, obj, include_usage, {"index": i, "delta": {}}):
+                    yield line
+        for line in self.finish(req, rid, obj, include_usage):
             yield line
 
     async def text_stream(self, req, rid, include_usage):
         obj = "text_completion"
         async for ev in req:
+            i = req.index(ev)
             if ev.text:
-                yield _sse(self.chunk(rid, obj, {"index": 0, "text": ev.text, "finish_reason": None,
+                yield _sse(self.chunk(rid, obj, {"index": i, "text": ev.text, "finish_reason": None,
                                                  "logprobs": None}, include_usage))
-        async for line in self.finish(req, rid, obj, include_usage, {"index": 0, "text": "", "logprobs": None}):
+            if ev.finished:
+                last = {"index": i, "text": "", "logprobs": None}
+                for line in self.finish_choice(ev.output, rid, obj, include_usage, last):
+                    yield line
+        for line in self.finish(req, rid, obj, include_usage):
             yield line
 
-    async def finish(self, req, rid, obj, include_usage, last):
-        """A stream's last events: the finish reason (or an error event), usage, ``[DONE]``."""
-        out = req.output
+    def finish_choice(self, out, rid, obj, include_usage, last):
+        """One choice's last event: its finish reason and stats (or an error event)."""
         if out.finish_reason == "error":
             yield _sse({"error": {"message": f"generation failed: {out.error}", "type": "server_error",
                                   "param": None, "code": None}})
@@ -220,9 +231,14 @@ class Routes:
             chunk = self.chunk(rid, obj, {**last, "finish_reason": out.finish_reason}, include_usage)
             chunk["cotrt"] = {"stats": out.stats}
             yield _sse(chunk)
-            if include_usage:
-                yield _sse({"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name,
-                            "choices": [], "usage": _usage(out, self.split)})
+
+    def finish(self, req, rid, obj, include_usage):
+        """A stream's last events: usage (when asked, and every choice ended normally), ``[DONE]``."""
+        outs = req.outputs or [req.output]
+        ok = all(o.finish_reason != "error" and not (o.finish_reason == "abort" and self.closing) for o in outs)
+        if include_usage and ok:
+            yield _sse({"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name,
+                        "choices": [], "usage": usage(outs)})
         yield "data: [DONE]\n\n"
 
 

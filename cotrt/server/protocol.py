@@ -81,8 +81,9 @@ def parse_params(body: dict, max_len: int) -> tuple[Params, bool, bool]:
     for name, off in UNSUPPORTED.items():
         if name in body and body[name] not in off:
             raise BadRequest(f"{name} is not supported by this server", name)
-    if _typed(body, "n", "int", lo=1) not in (None, 1):
-        raise BadRequest("n: only n=1 is supported", "n")
+    from ..params import MAX_SAMPLES
+
+    n = _typed(body, "n", "int", lo=1, hi=MAX_SAMPLES)
     stream = bool(_typed(body, "stream", "bool"))
     opts = _typed(body, "stream_options", "dict") or {}
     include_usage = bool(_typed(opts, "include_usage", "bool"))
@@ -91,6 +92,8 @@ def parse_params(body: dict, max_len: int) -> tuple[Params, bool, bool]:
     mt = _typed(body, "max_completion_tokens", "int", lo=1, hi=max_len) or \
         _typed(body, "max_tokens", "int", lo=1, hi=max_len)  # past --max-len: refused, not clamped
     d["max_new_tokens"] = mt or max_len
+    if n is not None:
+        d["n"] = n  # n choices: samples sharing the prompt's KV pages
     for name, kind in (("temperature", "number"), ("top_p", "number"), ("seed", "int"), ("top_k", "int")):
         v = _typed(body, name, kind)
         if v is not None:

@@ -16,24 +16,30 @@ def error_response(status: int, message: str, param: str | None = None, headers=
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _usage(out, split: bool) -> dict:
-    s = out.stats or {}
-    prompt, completion = s.get("prompt_tokens", 0), len(out.token_ids)
+def usage(outs) -> dict:
+    """OpenAI's usage of one request's outputs (n samples: the prompt counted once)."""
+    s = outs[0].stats or {}
+    prompt = s.get("prompt_tokens", 0)
+    completion = sum(len(o.token_ids) for o in outs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "completion_tokens_details": {"reasoning_tokens": s.get("think_tokens", 0)}}
+            "completion_tokens_details": {"reasoning_tokens": sum((o.stats or {}).get("think_tokens", 0)
+                                                                  for o in outs)}}
 
 
-def whole_response(out, rid: str, chat: bool, split: bool, model_name: str) -> dict:
-    """The non-streaming response body of a finished request."""
-    if not chat:
-        choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}
-    else:
-        # The engine's split (Output): a plain model's reply is all answer unless a control
-        # forced the answer cue, and then the text before the cue is reasoning.
-        message = {"role": "assistant", "content": out.answer, "reasoning_content": out.reasoning or None}
-        choice = {"index": 0, "message": message, "finish_reason": out.finish_reason, "logprobs": None}
+def whole_response(outs, rid: str, chat: bool, model_name: str) -> dict:
+    """The non-streaming response body of a finished request: one choice per sample."""
+    choices = []
+    for i, out in enumerate(outs):
+        if not chat:
+            choices.append({"index": i, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None})
+        else:
+            # The engine's split (Output): a plain model's reply is all answer unless a
+            # control forced the answer cue, and then the text before the cue is reasoning.
+            message = {"role": "assistant", "content": out.answer, "reasoning_content": out.reasoning or None}
+            choices.append({"index": i, "message": message, "finish_reason": out.finish_reason, "logprobs": None})
+    ext = {"stats": outs[0].stats} if len(outs) == 1 else {"stats": [o.stats for o in outs]}
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model_name, "choices": [choice], "usage": _usage(out, split), "cotrt": {"stats": out.stats}}
+            "model": model_name, "choices": choices, "usage": usage(outs), "cotrt": ext}
 
 
 def _sse(obj) -> str:
@@ -60,5 +66,18 @@ def prometheus(m: dict, prefix: str = "cotrt") -> str:
     metric("queue_depth", "gauge", "Requests waiting for a slot.", [("", m["queue_depth"])])
     metric("running_requests", "gauge", "Requests decoding in a slot.", [("", m["running"])])
     metric("slots_used", "gauge", "KV-cache slots in use.", [("", m["slots_used"])])
-    metric("slots_total", "gauge", "KV-cache slots (max_batch).", [("", m["slots_total"])])
+    metric("slots_total", "gauge", "Batch lanes (max_batch).", [("", m["slots_total"])])
+    kv = m.get("kv") or {}
+    if kv:
+        metric("kv_page_size", "gauge", "Tokens per KV-cache page.", [("", kv["page_size"])])
+        for name, help_ in (("pages_total", "KV-cache pages."),
+                            ("pages_used", "KV-cache pages held by requests."),
+                            ("pages_shared", "KV-cache pages held by several requests (shared prefixes)."),
+                            ("pages_cached", "KV-cache pages holding a cached prefix nobody holds (reusable)."),
+                            ("pages_free", "KV-cache pages free.")):
+            metric(f"kv_{name}", "gauge", help_, [("", kv[name])])
+        metric("cached_prompt_tokens_total", "counter", "Prompt tokens taken from the prefix cache.",
+               [("", kv["cached_prompt_tokens"])])
+        metric("preemptions_total", "counter", "Requests preempted when the KV cache was full.",
+               [("", kv["preempted"])])
     return "\n".join(lines) + "\n"

@@ -15,9 +15,12 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV slots)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     p.add_argument("--max-len", type=int, default=None,
                    help="prompt + output tokens per request (default: min(2048, the model's position limit))")
+    p.add_argument("--kv-tokens", type=int, default=None,
+                   help="KV-cache capacity in tokens, all requests together (default: max-batch x max-len)")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond max-batch; then 429")
     p.add_argument("--split-plain-reasoning", action="store_true",
                    help="for a model without think markers, stream its text as reasoning_content until the answer "
@@ -90,8 +93,8 @@ def run_serve(args) -> int:
 
     try:
         model, tok = load_model(args.model)
-        engine = AsyncEngine(wrap(model, tok, max_batch=args.max_batch, max_len=args.max_len),
-                             max_queue=args.max_queue)
+        engine = AsyncEngine(wrap(model, tok, max_batch=args.max_batch, max_len=args.max_len,
+                                  kv_tokens=args.kv_tokens, page_size=args.page_size), max_queue=args.max_queue)
     except ValueError as e:
         print(f"cotrt serve: {e}", file=sys.stderr)
         return 2
