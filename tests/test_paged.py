@@ -152,6 +152,22 @@ def test_samples_of_one_prompt_store_it_once(llama, smol_tokenizer):
     assert len(set(map(tuple, alone))) > 1  # the seeds differ
 
 
+@pytest.mark.parametrize("length", [17, 16])
+def test_samples_whose_feed_is_one_token_wait_for_the_pages(llama, smol_tokenizer, length):
+    """A prompt of 2 pages + 1 token: the second sample's feed is its last token alone, and
+    it must still run after the forward that computes the shared pages (not in the decode
+    forward before it); a prompt of exactly 2 pages recomputes its last page."""
+    vocab = len(smol_tokenizer)
+    prompt = _prompts(12, 1, vocab, lo=length, hi=length + 1)[0]
+    rt = cotrt.wrap(llama, smol_tokenizer, max_batch=4, max_len=64, page_size=8)
+    params = cotrt.Params(n=3, max_new_tokens=5, temperature=1.0, seed=5, ignore_eos=True)
+    outs = run_checked(rt, [prompt], params)
+    assert [o.stats["cached_tokens"] for o in outs] == [0] + [(length - 1) // 8 * 8] * 2
+    alone = [rt.generate([prompt], cotrt.Params(max_new_tokens=5, temperature=1.0, seed=5 + i,
+                                                ignore_eos=True))[0].token_ids for i in range(3)]
+    assert [o.token_ids for o in outs] == alone
+
+
 def test_repeated_prompt_hits_the_cache(llama, smol_tokenizer):
     vocab = len(smol_tokenizer)
     prompt = _prompts(6, 1, vocab, lo=100, hi=101)[0]

@@ -166,10 +166,12 @@ class Engine:
         admitted = self.scheduler.admit(lambda r: self.kv.admit(r, self._salt(r), reserve=len(running)))
         plans.update({r.id: ((r.prompt + r.gen)[r.cached:], r.cached) for r in admitted})
         rows = running + admitted
-        single = [r for r in rows if len(plans[r.id][0]) == 1]
+        # One-token feeds share the decode forward, unless they read prompt pages that a
+        # multi-token forward of this step computes (they run after it).
+        single = [r for r in rows if len(plans[r.id][0]) == 1 and not self.kv.waiting_on(r)]
         if single:
             self._guarded(single, lambda: self._decode(StepBatch(single, plans, self.sampler)))
-        self._extend_all([r for r in rows if len(plans[r.id][0]) > 1], plans)
+        self._extend_all([r for r in rows if r not in single], plans)
         self.kv.end_step()
         self.stats["steps"] += 1
         self.stats["cached_prompt_tokens"] = self.kv.stats["cached_prompt_tokens"]
