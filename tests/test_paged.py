@@ -186,6 +186,30 @@ def test_repeated_prompt_hits_the_cache(llama, smol_tokenizer):
     assert other.stats["cached_tokens"] == 0
 
 
+def test_a_valve_keys_its_own_prefix(smol_tokenizer, tmp_path):
+    """A prompt computed under a valve is cached apart from the base model's: a request
+    with the same tokens and another valve (or none) recomputes it."""
+    pytest.importorskip("peft")
+    import copy
+
+    from _peft import make_adapter
+
+    base = tiny_model("llama", len(smol_tokenizer), seed=41)
+    make_adapter(base, tmp_path / "short", seed=1, std=0.5, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    rt = cotrt.wrap(copy.deepcopy(base), smol_tokenizer, max_batch=2, max_len=96, page_size=8)
+    rt.load_valve(str(tmp_path / "short"), name="short")
+    prompt = _prompts(13, 1, len(smol_tokenizer), lo=40, hi=41)[0]
+
+    def run(valve):
+        o = rt.generate([prompt], cotrt.Params(max_new_tokens=6, ignore_eos=True, valve=valve))[0]
+        return o.stats["cached_tokens"], o.token_ids
+
+    (c0, base_ids), (c1, valve_ids) = run({}), run({"short": 1.0})
+    assert (c0, c1) == (0, 0) and base_ids != valve_ids
+    assert run({"short": 0.5})[0] == 0 and run({"short": 1.0}) == (32, valve_ids) and run({}) == (32, base_ids)
+    assert run({"short": 0.0}) == (32, base_ids)  # alpha 0 is the base model exactly
+
+
 def test_failed_producer_requeues_its_dependents(llama, smol_tokenizer, monkeypatch):
     """A request sharing pages that another computes this step is requeued when that
     forward fails, then recomputes them itself: same tokens as alone."""
