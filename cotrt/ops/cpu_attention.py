@@ -128,7 +128,9 @@ def paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, lengths, *, sc
         softcap: None or > 0: scores become softcap · tanh(scores / softcap).
         window: None or int >= 1: attend only keys n >= lengths[b] - window.
         out: [B, H, D] of q's dtype to write into (last dim unit-stride), or None.
-        threads: threads, the caller's included; <= 0 for torch's ``get_num_threads()``.
+        threads: at most this many threads, the caller's included; <= 0 for torch's
+            ``get_num_threads()``. The kernel takes one more thread per ~2^18 FMAs of work
+            (waking one costs a few microseconds), so a short batch-1 call runs alone.
 
     Returns:
         [B, H, D] of q's dtype (``out`` when given). A row with no key, or with a needed
