@@ -1,5 +1,5 @@
 """Builds the C++ extensions: cotrt._C (the token automaton compiler) and cotrt._cpu (the
-CPU decode linear kernel).
+CPU decode kernels: linear and paged decode attention).
 
 Plain C++17 with pybind11: no torch headers, so ``pip install .`` works with build
 isolation on a CPU-only machine. Metadata lives in pyproject.toml.
@@ -19,7 +19,7 @@ ext_modules = [
     # so the module is built without -march flags and runs on any x86-64 (or other) CPU.
     Pybind11Extension(
         "cotrt._cpu",
-        ["csrc/cpu_linear.cpp", "csrc/work_pool.cpp", "csrc/cpu_bindings.cpp"],
+        ["csrc/cpu_linear.cpp", "csrc/cpu_attention.cpp", "csrc/work_pool.cpp", "csrc/cpu_bindings.cpp"],
         cxx_std=17,
         extra_compile_args=["-O3", "-pthread"],
         extra_link_args=["-pthread"],

@@ -1,8 +1,10 @@
-// cotrt._cpu: pybind11 bindings of the CPU decode linear (cpu_linear.h). Tensors arrive as
-// data pointers (ints) from cotrt/ops/cpu_linear.py, which checks shapes, dtypes,
-// contiguity and devices first: this layer trusts them, so it is private to that module.
+// cotrt._cpu: pybind11 bindings of the CPU decode kernels (cpu_linear.h, cpu_attention.h).
+// Tensors arrive as data pointers (ints) from cotrt/ops/cpu_linear.py and
+// cotrt/ops/cpu_attention.py, which check shapes, dtypes, contiguity and devices first:
+// this layer trusts them, so it is private to those modules.
 #include <pybind11/pybind11.h>
 
+#include "cpu_attention.h"
 #include "cpu_linear.h"
 
 namespace py = pybind11;
@@ -44,13 +46,54 @@ void linear(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t lora_a, uintptr_
   cotrt::linear(a);
 }
 
+void paged_decode_attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t block_tables,
+                            uintptr_t lengths, uintptr_t out, int64_t B, int64_t H, int64_t KVH, int64_t D,
+                            int64_t P, int64_t PS, int64_t NP, int64_t sqb, int64_t sqh, int64_t sbt,
+                            int64_t sl, int64_t sob, int64_t soh, float scale, float softcap, int64_t window,
+                            bool io_bf16, bool cache_bf16, bool tables_i64, bool lengths_i64, int threads) {
+  cotrt::PagedAttentionArgs a{};
+  a.q = ptr<void>(q);
+  a.k = ptr<void>(k);
+  a.v = ptr<void>(v);
+  a.block_tables = ptr<void>(block_tables);
+  a.lengths = ptr<void>(lengths);
+  a.out = reinterpret_cast<void*>(out);
+  a.B = B;
+  a.H = H;
+  a.KVH = KVH;
+  a.D = D;
+  a.P = P;
+  a.PS = PS;
+  a.NP = NP;
+  a.sqb = sqb;
+  a.sqh = sqh;
+  a.sbt = sbt;
+  a.sl = sl;
+  a.sob = sob;
+  a.soh = soh;
+  a.scale = scale;
+  a.softcap = softcap;
+  a.window = window;
+  a.io_bf16 = io_bf16;
+  a.cache_bf16 = cache_bf16;
+  a.tables_i64 = tables_i64;
+  a.lengths_i64 = lengths_i64;
+  a.threads = threads;
+  py::gil_scoped_release nogil;
+  cotrt::paged_decode_attention(a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
-  m.doc() = "CPU decode linear kernels (private: use cotrt.ops.cpu_linear)";
+  m.doc() = "CPU decode kernels (private: use cotrt.ops.cpu_linear, cotrt.ops.cpu_attention)";
   m.def("linear", &linear,
         "y = x Wᵀ (+ bias) (+ alpha-scaled LoRA); arguments: pointers (0 = absent), sizes, "
         "strides, flags, threads (the caller's included; <= 0: 1)");
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "one query per row over a paged KV cache; arguments: pointers, sizes, strides, "
+        "scale, softcap (<= 0: none), window (<= 0: none), flags, threads");
+  m.attr("ATTENTION_SPLIT") = cotrt::kAttentionSplit;
   m.def("isa", &cotrt::isa, "the kernel linear() runs here: 'avx2' or 'scalar'");
   m.def("workers", &cotrt::workers, "worker threads the kernel's pool has started (the caller works too)");
 }
