@@ -76,6 +76,10 @@ class Runtime:
         self.valves = None
         self.engine = Engine(self.runner, tokenizer, self.think_format, max_batch, max_len,
                              eos_ids=_eos_ids(model, tokenizer), decode_graph=decode_graph)
+        if self.runner.tp is not None:  # tensor parallel: every rank draws the same seeds (cotrt.parallel)
+            from .parallel.lockstep import sync_seeds
+
+            sync_seeds(self.engine, self.runner.tp.group)
         # Valves a loader left on the model (load_ccot_bundle without a runtime keeps its
         # ValveSet as model.cotrt_valves) are this runtime's from the start; END heads in
         # model.cotrt_end_heads are found by name when a Latent binds.

@@ -272,11 +272,26 @@ def cmd_serve(args) -> int:
         v = getattr(args, name)
         if not (v > 0 and v != float("inf")):
             raise UsageError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {v}")
+    _check_tp(args)
     _check_bind(args.host, args.port)
     _check_model(args.model)
     from .server import run_serve
 
     return run_serve(args)
+
+
+def _check_tp(args) -> None:
+    """``--tp`` equals the number of ranks torchrun started (1 without torchrun)."""
+    from .parallel.group import available, check_tp
+
+    try:
+        check_tp(args.tp)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.tp > 1 and not available():
+        raise UsageError("--tp needs torch.distributed with gloo, which this torch build lacks")
+    if not (args.tp_timeout > 0 and args.tp_timeout != float("inf")):
+        raise UsageError(f"--tp-timeout must be a positive number of seconds, got {args.tp_timeout}")
 
 
 def _check_bind(host: str, port: int) -> None:

@@ -131,15 +131,24 @@ def load_tokenizer(name_or_path: str = "default", quiet: bool = False):
     return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path, quiet))
 
 
-def load_model(name_or_path: str = "default", dtype=None, device=None, quiet: bool = False):
-    """(model, tokenizer) from a local checkpoint directory or ``"default"``."""
+def load_model(name_or_path: str = "default", dtype=None, device=None, quiet: bool = False, tp_plan=None):
+    """(model, tokenizer) from a local checkpoint directory or ``"default"``.
+
+    ``tp_plan``: ``"auto"`` (or a plan dict) shards the model over the ranks of a torchrun
+    launch with transformers' tensor-parallel plan (``cotrt.parallel``; join the group first
+    with ``cotrt.parallel.init``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path, quiet)
     _log(f"loading {path}", quiet)
+    extra = {}
+    if tp_plan is not None:
+        from .parallel.shard import tp_kwargs
+
+        extra = tp_kwargs(tp_plan)
     with quiet_loading():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **extra)
     if device is not None:
         model = model.to(device)
     model.eval()

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from cotrt.layers.valve_lora import Conv1D, ValveLinear, ValveState
+from cotrt.parallel.shard import sharded_valve_linear, valve_style
 
 __all__ = ["ValveLinear", "ValveSet", "ValveState"]
 
@@ -172,6 +173,10 @@ class ValveSet:
             lin = modules[mod]
             if not _is_linear(lin):
                 fail(f"module {mod!r} is a {type(lin).__name__}; valves apply to nn.Linear / Conv1D only")
+            try:  # a tensor-parallel shard: the plan's style must be one a valve follows
+                valve_style(self.model, mod, lin)
+            except ValueError as e:
+                fail(str(e))
             for which in "AB":
                 if which not in ab:
                     fail(f"module {mod!r} has lora_{'BA'[which == 'B']} but no lora_{which}")
@@ -197,7 +202,7 @@ class ValveSet:
         for d in deltas:
             mod = self.model.get_submodule(d.module)
             if not isinstance(mod, ValveLinear):
-                vl = ValveLinear(mod, self.state)
+                vl = sharded_valve_linear(self.model, d.module, mod, self.state) or ValveLinear(mod, self.state)
                 _set_module(self.model, d.module, vl)
                 self._originals[d.module], self._module_slots[d.module], mod = mod, set(), vl
             # Fold s into B in fp32, then store in the weight's dtype.

@@ -161,13 +161,14 @@ class ValveLinear(nn.Module):
         """Write adapter ``slot``: a [r, K], b [N, r] (scale already folded), or None to zero
         it. Grows the bank (zero-padding slots and rank) when needed."""
         n, r = self.lora_a.shape[0], self.lora_a.shape[1]
+        K, N = self.lora_a.shape[2], self.lora_b.shape[1]  # the bank's (a tensor-parallel shard's: local)
         new_n = max(n, slot + 1)
         new_r = max(r, a.shape[0] if a is not None else 1)
         if (new_n, new_r) != (n, r):
-            la = self.lora_a.new_zeros(new_n, new_r, self.in_features)
+            la = self.lora_a.new_zeros(new_n, new_r, K)
             # lora_b is [n, N, r] stored N-major ([N, n, r] in memory): on CPU the expand for
             # all adapters is then one GEMM against a free [N, n·r] view.
-            lb = self.lora_b.new_zeros(self.out_features, new_n, new_r).permute(1, 0, 2)
+            lb = self.lora_b.new_zeros(N, new_n, new_r).permute(1, 0, 2)
             la[:n, :r] = self.lora_a
             lb[:n, :, :r] = self.lora_b
             self.lora_a, self.lora_b = la, lb
@@ -178,22 +179,26 @@ class ValveLinear(nn.Module):
             self.lora_b[slot, :, : b.shape[1]] = b.to(self.lora_b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.t() if self.transposed else self.weight  # [N, K] (a view)
+        return self.linear(x, self.weight.t() if self.transposed else self.weight, self.bias)
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x [..., K] -> [..., N]`` against ``w [N, K]`` (a view) and the banks (also
+        what a tensor-parallel shard runs on its local ``w``: cotrt.parallel.shard)."""
         alpha = self.state.alpha
         fast = not self.transposed and cpu_linear.active()  # decode rows on CPU: one pass over W
         if alpha is None:
-            y = cpu_linear.decode_linear(x, w, self.bias) if fast else None
-            return F.linear(x, w, self.bias) if y is None else y
-        x2 = x.reshape(-1, self.in_features)  # (T, K), row-major over (batch, seq)
+            y = cpu_linear.decode_linear(x, w, bias) if fast else None
+            return F.linear(x, w, bias) if y is None else y
+        x2 = x.reshape(-1, w.shape[1])  # (T, K), row-major over (batch, seq)
         T = x2.shape[0]
         alpha = _rows(alpha, T, "alpha")
         adapter = self.state.adapter
         if adapter is not None:
             adapter = _rows(adapter, T, "adapter")
-        y = cpu_linear.decode_linear(x2, w, self.bias, self.lora_a, self.lora_b, alpha, adapter) if fast else None
+        y = cpu_linear.decode_linear(x2, w, bias, self.lora_a, self.lora_b, alpha, adapter) if fast else None
         if y is None:
-            y = valve_lora(x2, w, self.lora_a, self.lora_b, alpha, adapter, self.bias)
-        return y.view(*x.shape[:-1], self.out_features)
+            y = valve_lora(x2, w, self.lora_a, self.lora_b, alpha, adapter, bias)
+        return y.view(*x.shape[:-1], w.shape[0])
 
     def extra_repr(self) -> str:
         n, r = self.lora_a.shape[0], self.lora_a.shape[1]

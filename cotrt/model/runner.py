@@ -14,6 +14,7 @@ import inspect
 import torch
 from torch import nn
 
+from ..parallel.shard import TPEmbedding, tp_info
 from .attention import ATTN_IMPL, UnsupportedModelError, _set_attn_impl, flash_attn_with_kvcache, register_attention
 from .kv_cache import PagedCache, StepMeta
 
@@ -66,6 +67,10 @@ class ModelRunner:
         n_layers = cfg.num_hidden_layers
         kvh = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # Tensor parallel (cotrt.parallel): the cache holds this rank's KV heads only.
+        self.tp = tp_info(model)
+        if self.tp is not None:
+            kvh = self.tp.local_kv_heads(kvh, cfg.num_attention_heads)
         _set_attn_impl(model.config, ATTN_IMPL)
         kv_tokens = max_batch * max_len if kv_tokens is None else kv_tokens
         self.page_size = page_size
@@ -83,7 +88,7 @@ class ModelRunner:
         # measurement per device (bench/gpu_suite.py, bench/bench_paged.py).
         self.decode_backend = "by_table" if flash_attn_with_kvcache is not None and self.device.type == "cuda" \
             else "sdpa"
-        self.embed = model.get_input_embeddings()
+        self.embed = model.get_input_embeddings() if self.tp is None else TPEmbedding(model.get_input_embeddings())
         self._arange = torch.arange(max_len + 64, device=self.device)
         self.fused = {}
         self._rope_patch = contextlib.nullcontext()

@@ -33,6 +33,11 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S,
                    help="seconds a request has to send its body; then 408")
     p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks: the number torchrun started (torchrun --nproc-per-node N -m cotrt "
+                        "serve ... --tp N); the model is sharded with transformers' tp_plan='auto'")
+    p.add_argument("--tp-timeout", type=float, default=120.0,
+                   help="seconds any collective may wait for the other ranks before the group fails (with --tp)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="uvicorn's log level")
 
@@ -91,10 +96,23 @@ def run_serve(args) -> int:
     from ..async_engine import AsyncEngine
     from ..models import DEFAULT_MODEL, load_model
 
+    group = driver = None
     try:
-        model, tok = load_model(args.model)
-        engine = AsyncEngine(wrap(model, tok, max_batch=args.max_batch, max_len=args.max_len,
-                                  kv_tokens=args.kv_tokens, page_size=args.page_size), max_queue=args.max_queue)
+        if getattr(args, "tp", 1) > 1:  # tensor parallel under torchrun (cotrt.parallel.serve)
+            from ..parallel import init
+
+            group = init(args.tp, timeout=args.tp_timeout)
+        model, tok = load_model(args.model, quiet=group is not None and group.rank > 0,
+                                tp_plan="auto" if group is not None else None)
+        rt = wrap(model, tok, max_batch=args.max_batch, max_len=args.max_len, kv_tokens=args.kv_tokens,
+                  page_size=args.page_size)
+        if group is not None:
+            from ..parallel.serve import Driver, follow_serve
+
+            if group.rank > 0:
+                return follow_serve(rt, group)
+            driver = Driver(rt, group)  # rt.engine now broadcasts before each step
+        engine = AsyncEngine(rt, max_queue=args.max_queue)
     except ValueError as e:
         print(f"cotrt serve: {e}", file=sys.stderr)
         return 2
@@ -107,7 +125,8 @@ def run_serve(args) -> int:
                      api_key=args.api_key or os.environ.get("COTRT_API_KEY") or None,
                      allowed_hosts=(*LOOPBACK_HOSTS, args.host) if loopback else None,
                      max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout, docs=args.docs)
-    print(f"[cotrt] serving {name} on http://{args.host}:{args.port}/v1 (think format: {engine.think_format})",
+    tp = f", tensor parallel over {group.size} ranks" if group is not None else ""
+    print(f"[cotrt] serving {name} on http://{args.host}:{args.port}/v1 (think format: {engine.think_format}{tp})",
           file=sys.stderr, flush=True)
 
     class Server(uvicorn.Server):
@@ -115,9 +134,14 @@ def run_serve(args) -> int:
             # Engine first: open streams get their error event and [DONE] at once, instead of
             # uvicorn waiting for them and then cutting them (a traceback each).
             await app.state.begin_shutdown()
+            if driver is not None:
+                driver.close()  # the engine is stopped: release the other ranks
             await super().shutdown(sockets=sockets)
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5, http=header_timeout_protocol(args.header_timeout))
-    Server(config).run()
+    server = Server(config)
+    if driver is not None:
+        return driver.serve(server)
+    server.run()
     return 0
