@@ -118,9 +118,19 @@ def test_by_table_attention_in_the_eager_step(smol_tokenizer, page_size):
     prompts = _prompts(8, 5, vocab)
     rt = cotrt.wrap(model, smol_tokenizer, max_batch=4, max_len=96, page_size=page_size)
     params = cotrt.Params(max_new_tokens=20, ignore_eos=True)
+    rt.runner.decode_backend = "sdpa"  # views or gathers of the pages
     ref = [o.token_ids for o in rt.generate(prompts, params)]
-    rt.runner.decode_backend = "by_table"
+    rt.runner.decode_backend = "by_table"  # the C++ kernel where it is built, else the decode_attention op
     assert [o.token_ids for o in rt.generate(prompts, params)] == ref
+    import cotrt.ops.cpu_attention as ca
+
+    if ca.HAS_CPU_ATTENTION:  # and the op's torch path, which CPUs without the kernel take
+        monkey = pytest.MonkeyPatch()
+        monkey.setattr(ca, "HAS_CPU_ATTENTION", False)
+        try:
+            assert [o.token_ids for o in rt.generate(prompts, params)] == ref
+        finally:
+            monkey.undo()
 
 
 def test_valves_mixed_alphas_and_set_valve(smol_tokenizer, tmp_path):

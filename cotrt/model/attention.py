@@ -85,8 +85,8 @@ FLASH_PAGE_MULTIPLE = 256
 def _decode_by_table(module, query, meta, scaling, softcap, sliding_window):
     """One query per row against its first ``meta.lengths[b]`` keys, read from the pages
     of its block table (no views, no host values): flash-attn's kv-cache kernel when
-    installed and the page size suits it, else cotrt's decode_attention op. Returns
-    ``[B, 1, H, D]``."""
+    installed and the page size suits it; on CPU cotrt's C++ kernel (cotrt.ops.cpu_attention)
+    when built; else cotrt's decode_attention op. Returns ``[B, 1, H, D]``."""
     layer = module.layer_idx
     kc, vc = meta.k_buffers[layer], meta.v_buffers[layer]
     if flash_attn_with_kvcache is not None and query.is_cuda and query.dtype != torch.float32 \
@@ -97,6 +97,13 @@ def _decode_by_table(module, query, meta, scaling, softcap, sliding_window):
             query.transpose(1, 2), kc, vc, cache_seqlens=meta.lengths.to(torch.int32),
             block_table=meta.tables.to(torch.int32), softmax_scale=scaling, causal=True,
             window_size=window, **extra)
+    if not query.is_cuda and query.dtype in (torch.float32, torch.bfloat16):
+        from ..ops.cpu_attention import HAS_CPU_ATTENTION, paged_decode_attention_cpu
+
+        if HAS_CPU_ATTENTION:
+            out = paged_decode_attention_cpu(query[:, :, 0], kc, vc, meta.tables, meta.lengths,
+                                             scale=scaling, softcap=softcap, window=sliding_window)
+            return out[:, None]
     from ..ops.decode_attention import decode_attention
 
     out = decode_attention(query[:, :, 0], kc, vc, meta.tables, meta.lengths,

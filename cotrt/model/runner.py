@@ -83,11 +83,14 @@ class ModelRunner:
         self.logits_scaling = getattr(cfg, "logits_scaling", None)  # Granite divides
         self.logit_scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
         # Attention of eager decode steps: "sdpa" over views or gathers of the live length,
-        # or "by_table" (pages read in place: flash-attn's kv-cache kernel if installed, else
-        # the decode_attention op; what a captured step always uses). Which is faster is a
-        # measurement per device (bench/gpu_suite.py, bench/bench_paged.py).
-        self.decode_backend = "by_table" if flash_attn_with_kvcache is not None and self.device.type == "cuda" \
-            else "sdpa"
+        # or "by_table" (pages read in place, each row to its own length: flash-attn's
+        # kv-cache kernel if installed, the C++ kernel on CPU, else the decode_attention op;
+        # what a captured step always uses). On CPU the C++ kernel is the default: SDPA
+        # pads every row to the longest and needs the pages gathered (bench/bench_paged.py,
+        # bench/bench_cpu_attention.py); on a GPU which is faster is a measurement
+        # (bench/gpu_suite.py).
+        self.decode_backend = "by_table" if (flash_attn_with_kvcache is not None and self.device.type == "cuda")\
+            or (self.device.type == "cpu" and _cpu_attention_built()) else "sdpa"
         self.embed = model.get_input_embeddings() if self.tp is None else TPEmbedding(model.get_input_embeddings())
         self._arange = torch.arange(max_len + 64, device=self.device)
         self.fused = {}
@@ -286,3 +289,9 @@ def _strided(tables: list[list[int]]) -> tuple | None:
     if stride < 0 or (len(tables) > 1 and stride < len(tables[0])):
         return None  # rows would overlap or run backwards
     return first, stride
+
+
+def _cpu_attention_built() -> bool:
+    from ..ops.cpu_attention import HAS_CPU_ATTENTION
+
+    return HAS_CPU_ATTENTION

@@ -104,8 +104,16 @@ class Lockstep:
         from ..engine.intake import Intake
 
         params = Intake.params(params)
+        if params.n != 1:
+            raise ValueError(f"n: Engine.add queues one request, got n={params.n} (use Engine.add_samples)")
+        return self.add_samples(prompt, params, patterns)[0]
+
+    def add_samples(self, prompt, params=None, patterns=None) -> list[int]:
+        from ..engine.intake import Intake
+
+        params = Intake.params(params)
         if params.seed is None:  # drawn here, sent with the request: every rank samples alike
-            params = dataclasses.replace(params, seed=self._rng.getrandbits(62))
+            params = dataclasses.replace(params, seed=self._rng.getrandbits(62 if params.n == 1 else 61))
         with self._lock:
             self._alive()
             ids = self._engine._prompt_ids(prompt)
@@ -114,9 +122,9 @@ class Lockstep:
             except Exception as e:  # noqa: BLE001 - a policy holding a lambda, an open file...
                 raise ValueError(f"params: cannot be sent to the other tensor-parallel ranks "
                                  f"({type(e).__name__}: {e})") from None
-            rid = self._engine.add(ids, params, patterns)
-            self._ops.append((blob, rid))
-        return rid
+            rids = self._engine.add_samples(ids, params, patterns)
+            self._ops.append((blob, rids))
+        return rids
 
     def abort(self, rid: int) -> bool:
         """Abort ``rid`` here, and on the followers at the next step. After the group failed
@@ -240,9 +248,9 @@ def _replay(eng, op, rid, group: TPGroup) -> None:
     kind = op[0]
     try:
         if kind == "add":
-            got = eng.add(op[1], op[2])
+            got = eng.add_samples(op[1], op[2])
             if got != rid:
-                raise TPGroupError(f"rank {group.rank}: request id {got} where rank 0 has {rid}: the ranks diverged")
+                raise TPGroupError(f"rank {group.rank}: request ids {got} where rank 0 has {rid}: the ranks diverged")
         elif kind == "abort":
             eng.abort(op[1])
         elif kind == "set_valve":
