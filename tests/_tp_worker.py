@@ -220,7 +220,7 @@ if RANK == 1:
     # Rank 1 exits (status 0, so torchrun leaves rank 0 running) two steps into the death
     # phase: the lockstep phase replays 5 adds, the death phase's generate 3 more.
     eng1 = rt.engine
-    real_step, real_add = eng1.step, eng1.add
+    real_step, real_add = eng1.step, eng1.add_samples  # every replayed add is an add_samples
     state = {"adds": 0, "armed_at": None, "steps": 0}
 
     def add(*a, **k):
@@ -237,7 +237,7 @@ if RANK == 1:
             write()
             os._exit(0)
         return real_step()
-    eng1.add, eng1.step = add, step
+    eng1.add_samples, eng1.step = add, step
 check_lockstep(rt, ref, tok)
 results["times"]["total"] = time.monotonic() - t_start
 write()
