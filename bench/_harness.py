@@ -84,6 +84,20 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def batched(fn, target_s=0.005):
+    """(run, n): ``run`` calls ``fn`` n times, as many as fill ~target_s (timed once up
+    front), for calls too short to time one by one."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    n = max(1, int(target_s / max(time.perf_counter() - t0, 1e-7)))
+
+    def run():
+        for _ in range(n):
+            fn()
+    return run, n
+
+
 def interleave(providers: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
     """Seconds per call of each provider: ``warmup`` untimed calls each, then ``repeats``
     rounds, each calling every provider once, the order reversed every other round."""

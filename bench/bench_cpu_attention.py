@@ -32,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _harness import header, interleave, quantiles  # noqa: E402
+from _harness import batched, header, interleave, quantiles  # noqa: E402
 from cotrt.ops.cpu_attention import _launch  # noqa: E402
 
 H, KVH, D = 9, 3, 64
@@ -84,21 +84,6 @@ def providers(B, L, PS, dtype):
         err = (fns[name]().float() - ref).abs().max().item()
         assert err < (1e-4 if dtype == torch.float32 else 5e-2), (name, err)
     return fns, B * L * KVH * D * 2 * kslot.element_size()
-
-
-def batched(fn, target_s=0.005):
-    """fn repeated as many times as fill ~target_s (timed once up front)."""
-    import time
-
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    n = max(1, int(target_s / max(time.perf_counter() - t0, 1e-7)))
-
-    def run():
-        for _ in range(n):
-            fn()
-    return run, n
 
 
 def main():

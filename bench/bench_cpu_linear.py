@@ -31,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _harness import header, interleave, quantiles  # noqa: E402
+from _harness import batched, header, interleave, quantiles  # noqa: E402
 from cotrt.ops.cpu_linear import _launch  # noqa: E402
 from cotrt.ops.valve_lora import valve_lora  # noqa: E402
 
@@ -74,21 +74,6 @@ def providers(M, N, K, dtype):
     bytes_w = N * K * w.element_size()
     bytes_lora = (R * K + N * R) * w.element_size()
     return out, bytes_w, bytes_lora
-
-
-def batched(fn, target_s=0.005):
-    """fn repeated as many times as fill ~target_s (timed once up front)."""
-    import time
-
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    n = max(1, int(target_s / max(time.perf_counter() - t0, 1e-7)))
-
-    def run():
-        for _ in range(n):
-            fn()
-    return run, n
 
 
 def model_sweep(args):

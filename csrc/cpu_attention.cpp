@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cpu_linear.h"  // isa(): the AVX2/FMA check shared with the linear kernel
+#include "bf16.h"
 #include "work_pool.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
@@ -38,21 +39,6 @@ namespace {
 constexpr int64_t kC = kAttentionSplit;
 constexpr int64_t kPrefetch = 8;  // keys ahead the scores loop prefetches K rows
 static_assert(kC % 8 == 0, "score rows are processed in whole 8-float vectors");
-
-inline float bf16_to_f32(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kept quiet
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
 
 template <bool BF16>
 inline float load1(const void* p, int64_t i) {

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16.h"
 #include "work_pool.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
@@ -21,21 +22,6 @@ namespace cotrt {
 namespace {
 
 constexpr int64_t kNR = 4;  // weight rows per block (4 streams; 4 x 2 accumulators in AVX2)
-
-inline float bf16_to_f32(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kept quiet
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
 
 inline float load_w(const void* p, WType t, int64_t i) {
   return t == WType::kF32 ? static_cast<const float*>(p)[i]

@@ -43,15 +43,20 @@ def run_checked(rt, prompts, params) -> list:
     eng = rt.engine
     plist = params if isinstance(params, list) else [params] * len(prompts)
     ids = [eng.add_samples(p, q) for p, q in zip(prompts, plist)]
-    flat = [i for g in ids for i in g]
+    outs = drain(eng)
+    assert eng.kv_usage()["pages_used"] == 0
+    return [outs[i] for g in ids for i in g]
+
+
+def drain(eng) -> dict:
+    """Step until every request is done, checking the pages after each step; id -> Output."""
     outs = {}
     while eng.has_unfinished():
         for ev in eng.step():
             if ev.finished:
                 outs[ev.request_id] = ev.output
         check_pages(eng)
-    assert eng.kv_usage()["pages_used"] == 0
-    return [outs[i] for i in flat]
+    return outs
 
 
 # ------------------------------------------------------------------------------- the pool
@@ -140,15 +145,10 @@ def test_samples_of_one_prompt_store_it_once(llama, smol_tokenizer):
     assert u["pages_shared"] == full and u["pages_used"] == full + 4
     assert [eng.requests[i].cached for i in ids] == [0] + [full * 8] * 3
     assert eng.stats["cached_prompt_tokens"] == 3 * full * 8
-    outs = {}
-    while eng.has_unfinished():
-        for ev in eng.step():
-            if ev.finished:
-                outs[ev.request_id] = ev.output.token_ids
-        check_pages(eng)
+    outs = drain(eng)
     alone = [rt.generate([prompt], cotrt.Params(max_new_tokens=10, temperature=1.0, seed=11 + i,
                                                 ignore_eos=True))[0].token_ids for i in range(4)]
-    assert [outs[i] for i in ids] == alone
+    assert [outs[i].token_ids for i in ids] == alone
     assert len(set(map(tuple, alone))) > 1  # the seeds differ
 
 
@@ -234,12 +234,7 @@ def test_failed_producer_requeues_its_dependents(llama, smol_tokenizer, monkeypa
     monkeypatch.setattr(eng, "_extend", real)
     assert [e.output.finish_reason for e in events if e.finished] == ["error"]
     assert eng.requests[b].slot == -1 and eng.requests[b].preemptions == 1  # requeued, not run
-    outs = {}
-    while eng.has_unfinished():
-        for ev in eng.step():
-            if ev.finished:
-                outs[ev.request_id] = ev.output
-        check_pages(eng)
+    outs = drain(eng)
     assert outs[b].token_ids == alone and outs[b].stats["cached_tokens"] == 0
 
 
