@@ -31,6 +31,7 @@ class PagePool:
             raise ValueError(f"PagePool: num_pages and page_size must be >= 1, got {num_pages}, {page_size}")
         self.num_pages, self.page_size = num_pages, page_size
         self.ref = [0] * num_pages
+        self._held = self._shared = 0  # pages with ref > 0, with ref > 1 (kept as refs change)
         self._free = list(range(num_pages))  # a heap: lowest id first
         self._page_of: dict = {}  # key -> page
         self._key_of: dict = {}  # page -> key
@@ -44,10 +45,9 @@ class PagePool:
         return len(self._free) + len(self._lru)
 
     def usage(self) -> dict:
-        held = sum(1 for r in self.ref if r > 0)
-        return {"page_size": self.page_size, "pages_total": self.num_pages, "pages_used": held,
-                "pages_shared": sum(1 for r in self.ref if r > 1), "pages_cached": len(self._lru),
-                "pages_free": len(self._free)}
+        """Counts kept as pages change hands: no pass over the pool (servers read it every step)."""
+        return {"page_size": self.page_size, "pages_total": self.num_pages, "pages_used": self._held,
+                "pages_shared": self._shared, "pages_cached": len(self._lru), "pages_free": len(self._free)}
 
     # -- holding pages -----------------------------------------------------------------------
     def alloc(self) -> int | None:
@@ -60,12 +60,16 @@ class PagePool:
         else:
             return None
         self.ref[p] = 1
+        self._held += 1
         return p
 
     def retain(self, p: int) -> None:
         """One more holder of page ``p`` (a prefix hit)."""
         if self.ref[p] == 0:
             self._lru.pop(p, None)
+            self._held += 1
+        elif self.ref[p] == 1:
+            self._shared += 1
         self.ref[p] += 1
 
     def release(self, p: int) -> None:
@@ -73,7 +77,10 @@ class PagePool:
         if self.ref[p] <= 0:
             raise RuntimeError(f"PagePool: page {p} released more often than held")
         self.ref[p] -= 1
+        if self.ref[p] == 1:
+            self._shared -= 1
         if self.ref[p] == 0:
+            self._held -= 1
             if p in self._key_of:
                 self._lru[p] = None
             else:
