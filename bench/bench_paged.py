@@ -17,10 +17,10 @@ paging). Paged: pages of 16 tokens, allocated as a request grows and freed when 
   preemptions. One timed run each after a warm-up run.
 - step: the cost of one decode step, paged over slot, at batch 1 and 8: every row holds a
   120-token prompt and decodes ``--steps`` tokens; the step is timed after 4 warm-up
-  steps (median and spread of steps, both layouts interleaved per round). At batch 8 the
-  paged rows' pages interleave (they grew together), so attention gathers them (or reads
-  them by table when a decode backend does); at batch 1 they are consecutive and read as
-  one view, like a slot.
+  steps (median and spread of steps; the two layouts hold their rows at once and step in
+  turn, so the machine's drifting speed falls on both alike). At batch 8 the paged rows'
+  pages interleave (they grew together), so attention reads them by table (or gathers
+  them); at batch 1 they are consecutive and read as one view, like a slot.
 """
 from __future__ import annotations
 
@@ -87,22 +87,24 @@ def run_mix(rt, prompts, params) -> dict:
 
 
 def step_times(rts: dict, tok, batch: int, steps: int, repeats: int) -> dict:
-    """Seconds per decode step of each runtime, interleaved rounds."""
+    """Seconds per decode step of each runtime. Both hold their rows at once and step in
+    turn (the order alternating each step), so the VM's drifting speed falls on both alike."""
     rng = random.Random(1)
     prompts = [prompt_of(tok, 120, rng) for _ in range(batch)]
     out = {k: [] for k in rts}
-    for r in range(repeats):
-        for name in (list(rts) if r % 2 == 0 else list(rts)[::-1]):
-            eng = rts[name].engine
+    engines = {name: rt.engine for name, rt in rts.items()}
+    for _ in range(repeats):
+        for eng in engines.values():
             for p in prompts:
                 eng.add(p, cotrt.Params(max_new_tokens=steps + 5, ignore_eos=True))
-            eng.step()  # prefill
-            for _ in range(4):
+            for _ in range(5):  # prefill, then 4 warm-up steps
                 eng.step()
-            for _ in range(steps):
+        for i in range(steps):
+            for name in (list(engines) if i % 2 == 0 else list(engines)[::-1]):
                 t0 = time.perf_counter()
-                eng.step()
+                engines[name].step()
                 out[name].append(time.perf_counter() - t0)
+        for eng in engines.values():
             while eng.has_unfinished():
                 eng.step()
     return out

@@ -279,6 +279,114 @@ def test_preempted_request_keeps_its_controls(think_tokenizer):
         assert outs[i].stats["forced_tokens"] == a.stats["forced_tokens"]
 
 
+class _ValveSwitch(cotrt.Policy):
+    """Every 6 thinking tokens, the next valve of a cycle (none, 0.4, 1.0, ...)."""
+
+    name = "valve-switch"
+    every = 6
+    cycle = ({}, {"v": 0.4}, {"v": 1.0})
+
+    def __init__(self):
+        self.k = 0
+
+    def on_step(self, view):
+        self.k += 1
+        return cotrt.SetValve(self.cycle[self.k % 3])
+
+
+def _record_preemptions(eng, monkeypatch) -> list:
+    """The requests ``eng`` preempts, with whether each was probing and latent then."""
+    seen, inner = [], eng._preempt
+
+    def spy(req):
+        seen.append((req.id, req.exits is not None and req.exits.probe is not None, req.latent is not None))
+        inner(req)
+
+    monkeypatch.setattr(eng, "_preempt", spy)
+    return seen
+
+
+def test_preemption_recomputes_each_position_under_its_valve(think_tokenizer, tmp_path, monkeypatch):
+    """Valves switched mid-request (a policy's SetValve): the recompute of a preempted
+    request runs each position under the valve it was first computed under, so its tokens
+    equal the run alone."""
+    pytest.importorskip("peft")
+    import copy
+
+    from _peft import make_adapter
+
+    tok = think_tokenizer
+    base = tiny_model("llama", len(tok), seed=7)
+    make_adapter(base, tmp_path / "v", seed=3, std=0.5, r=8, lora_alpha=16,
+                 target_modules=["q_proj", "v_proj", "up_proj"])
+    rt = cotrt.wrap(copy.deepcopy(base), tok, max_batch=4, max_len=96, kv_tokens=128, page_size=8)
+    rt.load_valve(str(tmp_path / "v"), name="v")
+    prompts = [tok.encode(f"Q{i}: think.\n<think>\n", add_special_tokens=False) for i in range(4)]
+    params = [cotrt.Params(max_new_tokens=58 + i, ignore_eos=True, valve={"v": 0.7}, exit=_ValveSwitch())
+              for i in range(4)]
+    alone = [rt.generate([p], q)[0].token_ids for p, q in zip(prompts, params)]
+    seen = _record_preemptions(rt.engine, monkeypatch)
+    outs = run_checked(rt, prompts, params)
+    assert seen, "nothing was preempted"
+    assert [o.token_ids for o in outs] == alone
+
+
+def test_preemption_restarts_a_probe_in_flight(think_tokenizer, monkeypatch):
+    """A request preempted while its probe runs restarts the probe after its recompute:
+    the same tokens and the same probe results as alone."""
+    tok = think_tokenizer
+    model = tiny_model("llama", len(tok), seed=8)
+    prompts = [tok.encode(f"Q{i}: 2+{i}?\n<think>\n", add_special_tokens=False) for i in range(4)]
+    params = cotrt.Params(max_new_tokens=56, ignore_eos=True, exit=_ProbeEvery())
+    rt = cotrt.wrap(model, tok, max_batch=4, max_len=96, kv_tokens=136, page_size=8)
+    alone = [rt.generate([p], params)[0] for p in prompts]
+    seen = _record_preemptions(rt.engine, monkeypatch)
+    outs = run_checked(rt, prompts, params)
+    assert any(probing for _, probing, _ in seen), seen
+    for o, a in zip(outs, alone):
+        assert o.token_ids == a.token_ids
+        key = lambda rec: (rec["position"], rec["text"], rec["tokens"], rec["decision"])  # noqa: E731
+        assert list(map(key, o.stats["probes"])) == list(map(key, a.stats["probes"]))
+
+
+def test_latent_requests_are_preempted_and_resume_exactly(latent_tok, tmp_path, monkeypatch):
+    """Coconut rows and a CCoT row (layer feedback, END head, a valve during the latent
+    phase and another after) preempted mid-phase and after it: the recompute feeds each
+    latent step's vector again, under its valve; tokens and fed-back states equal the run
+    alone."""
+    pytest.importorskip("peft")
+    import copy
+
+    import torch
+    from test_latent import ScriptedHead, _peft_valves
+
+    tok = latent_tok
+    base = tiny_model("llama", len(tok), seed=61)
+    rt = cotrt.wrap(copy.deepcopy(base), tok, max_batch=4, max_len=80, kv_tokens=96, page_size=4)
+    for name, path in _peft_valves(base, tmp_path):
+        rt.load_valve(path, name=name)
+    hidden = base.config.hidden_size
+
+    def params():
+        ccot = cotrt.Latent(end_head=ScriptedHead(hidden, 9), max_steps=12, feedback=0,
+                            valve_during={"contemplate": 1.0}, valve_after={"answer": 1.0})
+        return [cotrt.Params(max_new_tokens=40, ignore_eos=True),
+                cotrt.Params(max_new_tokens=36, ignore_eos=True, latent=cotrt.Latent(steps=10)),
+                cotrt.Params(max_new_tokens=30, ignore_eos=True, latent=ccot),
+                cotrt.Params(max_new_tokens=34, ignore_eos=True, latent=cotrt.Latent(steps=14))]
+
+    prompts = _prompts(21, 4, len(tok) - 3, lo=8, hi=14)
+    alone = [rt.generate([p], q)[0] for p, q in zip(prompts, params())]
+    seen = _record_preemptions(rt.engine, monkeypatch)
+    outs = run_checked(rt, prompts, params())
+    assert {rid for rid, _, latent in seen if latent}, seen
+    for o, a in zip(outs, alone):
+        assert o.token_ids == a.token_ids
+        assert len(o.latent_states or []) == len(a.latent_states or [])
+        for x, y in zip(o.latent_states or [], a.latent_states or []):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------- rollback
 
 class _ProbeEvery(cotrt.Policy):

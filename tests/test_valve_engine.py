@@ -110,9 +110,9 @@ def test_valve_schedule_raises_alpha_as_the_budget_runs_out(setup):
     seen = []
     real = rt.engine._set_valves
 
-    def spy(rows, n):
+    def spy(b, rows, n):
         seen.append([r.valve.get("short") if r is not None else None for r in rows])
-        return real(rows, n)
+        return real(b, rows, n)
 
     rt.engine._set_valves = spy
     try:

@@ -37,6 +37,12 @@ class ProbeRun:
             return self.feed, self.start
         return [self.tokens[-1]], self.start + len(self.feed) + len(self.tokens) - 1
 
+    def restart(self) -> None:
+        """Back to not started (its request was preempted: the pages it wrote are gone).
+        Its draws are keyed by position, so it picks the same tokens again."""
+        self.tokens, self.max_probs, self.token_probs = [], [], []
+        self.entropy, self.started = float("nan"), False
+
 
 class ExitControl:
     """The policies of one request and its probe in flight."""

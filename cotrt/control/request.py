@@ -100,6 +100,11 @@ class Request:
     cached: int = 0  # prompt tokens its last admission found in the prefix cache
     depends: set = field(default_factory=set)  # shared pages computed by this step's forward of another
     preemptions: int = 0  # times its pages were taken back (it was requeued, then recomputed)
+    resumed: bool = False  # preempted, and its recompute has not run yet
+    # (first position, valve) runs: the valve each written position was computed under, so
+    # a preempted request recomputes every position as it was (valves change mid-request:
+    # set_valve, a policy's Switch, a latent phase's valve_during / valve_after).
+    valve_log: list = field(default_factory=list)
     group: object = None  # the cotrt.control.consistency.Vote of its samples, if they vote
     gen: list = field(default_factory=list)
     gen_phase: list = field(default_factory=list)
@@ -251,7 +256,9 @@ class Request:
             return self.finish("max_len", "length")
 
     def start(self) -> None:
-        """Apply limits that bite before the first token (a budget of 0)."""
+        """At first admission: the prompt is computed under the valve it has now; apply
+        limits that bite before the first token (a budget of 0)."""
+        self.valve_log = [(0, dict(self.valve))]
         if self.phase == THINK:
             self._check_think_limits(0)
 
@@ -339,11 +346,39 @@ class Request:
         if self.seq_len >= self.max_len:
             return self.finish("max_len", "length")
 
+    # -- valves by position ------------------------------------------------------------------
+    def note_valve(self, start: int) -> None:
+        """A forward writes this request's positions from ``start`` on under its current
+        valve (positions from ``start`` that were written before are being rewritten)."""
+        log = self.valve_log
+        while log and log[-1][0] >= start:
+            log.pop()
+        if not log or log[-1][1] != self.valve:
+            log.append((start, dict(self.valve)))
+
+    def valve_runs(self, start: int, n: int) -> list[tuple[int, dict]]:
+        """``(count, valve)`` runs covering positions ``[start, start + n)`` as the log
+        records them."""
+        log, runs, end = self.valve_log, [], start + n
+        for j, (p, valve) in enumerate(log):
+            q = log[j + 1][0] if j + 1 < len(log) else end
+            lo, hi = max(p, start), min(q, end)
+            if hi > lo:
+                runs.append((hi - lo, valve))
+        return runs
+
+    @property
+    def prompt_valve(self) -> dict:
+        """The valve its prompt's KV is computed under (the prefix cache's salt)."""
+        return self.valve_log[0][1] if self.valve_log else self.valve
+
     def truncate(self, n: int) -> None:
         """Roll back to the first ``n`` generated tokens (the engine sets the slot length)."""
         k = len(self.gen) - n
         if k <= 0:
             return
+        if self.latent is not None:
+            self.latent.forget_from(len(self.prompt) + n)
         self.rolled_back += k
         for lst in (self.gen, self.gen_phase, self.gen_forced, self.states, self.byte_ends):
             del lst[n:]

@@ -67,6 +67,43 @@ class StepBatch:
                 mask[i] = True
         return contemplate(tokens.to(emb.device), mask, states, emb)
 
+    def recomputed_latents(self, ids: torch.Tensor, embed) -> torch.Tensor | None:
+        """``[R, T, E]`` inputs of a multi-token forward (``ids``: its padded feeds) in which a
+        resumed request recomputes latent steps: the vector each step fed, where its
+        placeholders are, token embeddings elsewhere. None when no row has any."""
+        found = [(i, r.latent.inputs_in(s, len(f))) for i, (r, s, f) in
+                 enumerate(zip(self.rows, self.starts, self.feeds)) if r.latent is not None and r.latent.inputs]
+        found = [(i, xs) for i, xs in found if xs]
+        if not found:
+            return None
+        embeds = embed(ids)
+        for i, xs in found:
+            for t, x in xs:
+                embeds[i, t] = x.to(embeds.dtype)
+        return embeds
+
+
+def set_token_valves(valves, rows, starts, lengths, tokens_per_row: int) -> bool:
+    """Per-token valves of a multi-token forward in which rows recompute positions written
+    under several valves: each row's ``valve_runs`` over its ``lengths[i]`` tokens from
+    ``starts[i]``, right-padded (base model) to ``tokens_per_row``. True when a valve is on."""
+    if valves is None:
+        return False
+    alphas, adapters = [], []
+    for r, start, n in zip(rows, starts, lengths):
+        for count, valve in r.valve_runs(start, n):
+            (name, alpha), = valve.items() if valve else ((None, 0.0),)
+            on = alpha != 0.0
+            alphas += [float(alpha) if on else 0.0] * count
+            adapters += [valves.index(name) if on else -1] * count
+        alphas += [0.0] * (tokens_per_row - n)
+        adapters += [-1] * (tokens_per_row - n)
+    if all(a < 0 for a in adapters):
+        valves.state.clear()
+        return False
+    valves.state.set_rows(alphas, adapters, 1)  # one "row" per token
+    return True
+
 
 def set_valves(valves, rows, tokens_per_row: int) -> bool:
     """Per-token valve alpha and adapter index for a forward of ``rows`` (None: padding) in

@@ -26,10 +26,10 @@ from ..control.request import Request, RowPatterns
 from ..control.think import ThinkFormat
 from ..output import Event, OutputBuilder
 from ..params import Params, check_valve
-from .batch import StepBatch, set_valves
+from .batch import StepBatch, set_valves, set_token_valves
 from .graph import DecodeGraphs, resolve_mode
 from .intake import Intake
-from .kv import KvPages, extent, preemptable
+from .kv import KvPages, admission_tokens, extent
 from .sampler import Sampler
 from .scheduler import Scheduler, plan, prefill_groups
 
@@ -163,8 +163,14 @@ class Engine:
         running = self.scheduler.running_in_lane_order()
         plans = {r.id: plan(r) for r in running}
         running = self._grow(running, plans)
-        admitted = self.scheduler.admit(lambda r: self.kv.admit(r, self._salt(r), reserve=len(running)))
-        plans.update({r.id: ((r.prompt + r.gen)[r.cached:], r.cached) for r in admitted})
+        writes = {}  # admitted request -> what its first forward leaves written
+
+        def fits(r):
+            writes[r.id] = admission_tokens(r)
+            return self.kv.admit(r, self._salt(r), reserve=len(running), tokens=writes[r.id])
+
+        admitted = self.scheduler.admit(fits)
+        plans.update({r.id: (writes[r.id][r.cached:], r.cached) for r in admitted})
         rows = running + admitted
         # One-token feeds share the decode forward, unless they read prompt pages that a
         # multi-token forward of this step computes (they run after it).
@@ -197,24 +203,16 @@ class Engine:
 
     def _grow(self, running: list[Request], plans: dict) -> list[Request]:
         """Pages for what each running row writes this step, oldest request first; when
-        the cache is full, the newest request that can be rebuilt from its tokens is
-        preempted (its pages freed, itself requeued). Returns the rows that run."""
+        the cache is full, the newest running request is preempted (its pages freed,
+        itself requeued, to be rebuilt from its tokens, valves and latent inputs).
+        Returns the rows that run."""
         kept = list(running)
         for req in sorted(running, key=lambda r: r.id):
             if req not in kept:
                 continue
             feed, start = plans[req.id]
             while not self.kv.ensure(req, start + len(feed)):
-                victims = [r for r in kept if preemptable(r)]
-                if not victims:
-                    # Nothing can give pages back (latent rows, probes in flight): this
-                    # row waits a step; if none can run, the newest fails rather than hang.
-                    kept.remove(req)
-                    if not kept:
-                        req.finish("error", "error", "kv cache full: no request can be preempted")
-                        self.scheduler.aborted.append(req)  # released next step, like an abort
-                    break
-                victim = max(victims, key=lambda r: r.id)
+                victim = max(kept, key=lambda r: r.id)
                 self._preempt(victim)
                 kept.remove(victim)
                 if victim is req:
@@ -223,6 +221,8 @@ class Engine:
 
     def _preempt(self, req: Request) -> None:
         self.kv.release(req)
+        if req.exits is not None and req.exits.probe is not None:
+            req.exits.probe.restart()
         self.scheduler.preempt(req)
         self.stats["preempted"] += 1
 
@@ -241,7 +241,8 @@ class Engine:
 
     def _salt(self, req: Request) -> tuple:
         """What besides its tokens sets a prompt's KV: the valve it is computed under."""
-        valve = tuple((n, a) for n, a in req.valve.items() if a != 0.0)
+        prompt_valve = req.prompt_valve if req.resumed else req.valve
+        valve = tuple((n, a) for n, a in prompt_valve.items() if a != 0.0)
         return (valve, self.valves.generation) if valve and self.valves is not None else ()
 
     @staticmethod
@@ -255,7 +256,20 @@ class Engine:
                 if not req.finished:
                     req.finish("error", "error", f"{type(e).__name__}: {e}")
 
-    def _set_valves(self, rows, tokens_per_row: int) -> bool:
+    def _set_valves(self, b: StepBatch, rows: list, tokens_per_row: int) -> bool:
+        """The valves of a forward of ``b`` (``rows``: b.rows, padded with None for a
+        captured step). Each row's log records the positions it writes now; a resumed row
+        recomputes each position under the valve the log records for it."""
+        per_token = False
+        for r, start, feed in zip(b.rows, b.starts, b.feeds):
+            if r.resumed:
+                r.note_valve(r.cache_len)  # its positions past what it had written
+                r.resumed = False
+                per_token |= len(feed) > 1
+            else:
+                r.note_valve(start)
+        if per_token:
+            return set_token_valves(self.valves, b.rows, b.starts, list(map(len, b.feeds)), tokens_per_row)
         return set_valves(self.valves, rows, tokens_per_row)
 
     def _extend(self, b: StepBatch) -> None:
@@ -263,8 +277,13 @@ class Engine:
         runner = self.runner
         ids = b.padded_ids()
         meta = runner.make_meta(b.tables, [len(f) for f in b.feeds], starts=b.starts)
-        self._set_valves(b.rows, ids.shape[1])
-        hidden = runner.forward(meta, input_ids=ids.to(self.device), taps=b.taps)
+        self._set_valves(b, b.rows, ids.shape[1])
+        ids = ids.to(self.device)
+        embeds = b.recomputed_latents(ids, runner.embed)
+        if embeds is None:
+            hidden = runner.forward(meta, input_ids=ids, taps=b.taps)
+        else:  # a resumed request feeds its latent steps' vectors again
+            hidden = runner.forward(meta, inputs_embeds=embeds, taps=b.taps)
         self.stats["prefill_tokens"] += sum(map(len, b.feeds))
         now = time.perf_counter()
         for r in b.rows:
@@ -280,7 +299,7 @@ class Engine:
         runner = self.runner
         ids = torch.tensor(b.tokens, dtype=torch.long, device=self.device)[:, None]
         meta = runner.make_meta(b.tables, [1] * len(b.rows), starts=b.starts)
-        self._set_valves(b.rows, 1)
+        self._set_valves(b, b.rows, 1)
         if b.latent_inputs_needed:
             # Latent rows feed back a state instead of a token: one pass builds every row's
             # input embedding (contemplate op); token rows get E[tok].
@@ -300,7 +319,7 @@ class Engine:
         if self.valves is not None:
             graphs.sync_valves(self.valves.generation)
             self.valves.state.reserve_static(graphs.max_rows)
-        valve = self._set_valves(b.rows + [None] * (B - n), 1)
+        valve = self._set_valves(b, b.rows + [None] * (B - n), 1)
         mode, spec = self.sampler.captured(n, b.sampling, b.draws)
         key = graphs.key(n, valve, b.latent_inputs_needed, b.taps, mode)
         if graphs.failed(key):

@@ -15,6 +15,10 @@ table is ``Request.pages``. The rules:
 - **Growth** before each forward covers the positions the row writes (``ensure``).
 - **Trim** after each step frees whole trailing pages past what the row holds (a rollback,
   a finished probe: rolling back stays a length change plus freeing pages).
+- **Preemption** frees every page of the newest request; any request can be preempted.
+  Its readmission recomputes what it had written (``admission_tokens``), each position
+  under the valve it was computed under (``Request.valve_log``) and with the vector a
+  latent step fed there (``LatentRun.inputs``); a probe in flight restarts.
 - Only full prompt pages are ever shared, and a request writes only past its prefix hit,
   so a shared page is never written: no copy-on-write is needed (the first page where two
   requests differ is each one's own, computed by its own prefill).
@@ -40,12 +44,13 @@ class KvPages:
         return -(-n_tokens // self.page_size)
 
     # -- admission ----------------------------------------------------------------------------
-    def admit(self, req: Request, salt, reserve: int) -> bool:
-        """Give ``req`` pages for its feed (``req.prompt + req.gen``: a preempted request
-        recomputes what it had), sharing cached prompt pages; False (nothing changed) when
-        fewer than that plus ``reserve`` pages are available."""
+    def admit(self, req: Request, salt, reserve: int, tokens: list[int]) -> bool:
+        """Give ``req`` pages for ``tokens``, what its first forward leaves written from
+        position 0 (``admission_tokens``: its prompt, or what a preempted request had),
+        sharing cached prompt pages; False (nothing changed) when fewer than that plus
+        ``reserve`` pages are available."""
         pool, ps = self.pool, self.page_size
-        seq_len = req.seq_len
+        seq_len = len(tokens)
         n_total = self.pages_for(seq_len)
         n_prompt_full = len(req.prompt) // ps
         hit = pool.lookup(salt, req.prompt, min(n_prompt_full, (seq_len - 1) // ps))
@@ -132,7 +137,11 @@ def extent(req: Request) -> int:
     return n
 
 
-def preemptable(req: Request) -> bool:
-    """A request whose cache can be rebuilt from its tokens alone: not a latent one (its
-    fed-back states are not tokens) and not in the middle of a probe."""
-    return req.latent is None and (req.exits is None or req.exits.probe is None)
+def admission_tokens(req: Request) -> list[int]:
+    """What an admitted request's first forward leaves written, from position 0: its
+    prompt; for a preempted request, everything it had plus its next input, or, when it was
+    running a probe, its tokens up to the probe and the probe's first feed (the probe
+    restarts)."""
+    seq = req.prompt + req.gen
+    probe = req.exits.probe if req.exits is not None else None
+    return seq if probe is None else seq[:probe.start] + probe.feed

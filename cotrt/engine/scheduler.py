@@ -87,6 +87,7 @@ class Scheduler:
         (its pages were released by the caller)."""
         self._free_lane(req)
         req.preemptions += 1
+        req.resumed = True
         self.queue.appendleft(req)
 
     def _free_lane(self, req: Request) -> None:

@@ -6,6 +6,9 @@ instead of a token embedding: the row's sequence holds a placeholder id there
 forward uses. No LM head, no sampling. The phase ends after k steps (Coconut) or when the
 END head fires or the cap is reached (CCoT); then the end token is forced and the row
 decodes tokens, under ``valve_after`` if the spec switches valves.
+
+Every input vector is kept by position (``inputs``): a preempted request's recompute feeds
+them again where its sequence holds placeholders, so its cache is rebuilt exactly.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ class LatentRun:
         self.steps = 0
         self.pending: torch.Tensor | None = None  # [E] input embedding of the last placeholder
         self.fed_back: list[torch.Tensor] = []  # the vectors fed back, in order (tests, stats)
+        self.inputs: dict[int, torch.Tensor] = {}  # position -> input vector of its placeholder
 
     @property
     def tap(self) -> int | None:
@@ -54,3 +58,13 @@ class LatentRun:
         self.fed_back.append(state.detach().float().clone())
         self.steps += 1
         row.accept_latent(b.latent_id if b.latent_id is not None else 0)
+        self.inputs[row.cache_len] = x  # the placeholder's position
+
+    def forget_from(self, position: int) -> None:
+        """Drop the inputs at ``position`` and after (the row rolled back past them)."""
+        for p in [p for p in self.inputs if p >= position]:
+            del self.inputs[p]
+
+    def inputs_in(self, start: int, n: int) -> list[tuple[int, torch.Tensor]]:
+        """``(offset, vector)`` for the placeholders at positions ``[start, start + n)``."""
+        return [(p - start, x) for p, x in self.inputs.items() if start <= p < start + n]
