@@ -5,7 +5,8 @@
 SmolLM2 (CPU), a random PEFT LoRA on every linear layer (rank 16) loaded as a valve;
 8 requests x 64 tokens, max_batch 8, greedy, EOS ignored. Three runs of the same work:
 no valve loaded; valve loaded but every request at alpha 0 (base rows: exact F.linear);
-requests at alphas {0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2} in one batch.
+requests at alphas {0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2} in one batch. The three run in
+turn, round after round (medians of ``--repeats`` rounds).
 """
 from __future__ import annotations
 
@@ -55,8 +56,6 @@ def main():
     new = 64
     plain_rt = cotrt.wrap(model, tok, max_batch=8, max_len=512)
     p0 = [cotrt.Params(max_new_tokens=new, ignore_eos=True)] * 8
-    plain = [run(plain_rt, prompts, p0)[0] for _ in range(1)]  # warm-up
-    plain = [run(plain_rt, prompts, p0)[0] for _ in range(args.repeats)]
 
     vmodel = copy.deepcopy(model)
     with tempfile.TemporaryDirectory() as d:
@@ -65,12 +64,14 @@ def main():
         rt.load_valve(d, name="v")
     base_rows = [cotrt.Params(max_new_tokens=new, ignore_eos=True, valve={"v": 0.0})] * 8
     mixed = [cotrt.Params(max_new_tokens=new, ignore_eos=True, valve={"v": a}) for a in ALPHAS]
-    run(rt, prompts, mixed)  # warm-up
-    zero = [run(rt, prompts, base_rows)[0] for _ in range(args.repeats)]
-    mix = []
+    run(plain_rt, prompts, p0)  # warm-up
+    run(rt, prompts, mixed)
+    # The three runs in turn each round, so the machine's drifting speed falls on all alike.
+    plain, zero, mix = [], [], []
     for _ in range(args.repeats):
-        tps, outs = run(rt, prompts, mixed)
-        mix.append(tps)
+        plain.append(run(plain_rt, prompts, p0)[0])
+        zero.append(run(rt, prompts, base_rows)[0])
+        mix.append(run(rt, prompts, mixed)[0])
     m = statistics.median
     print(header(model, f"LoRA r={args.rank} on all linears but the LM head; 8 requests x {new} tokens, "
                         f"median of {args.repeats}"))

@@ -574,3 +574,27 @@ def test_repeated_calls_and_a_second_wrap_change_nothing(think_tokenizer):
     assert [o.token_ids for o in again] == ref
     assert [o.token_ids for o in fresh] == ref
     assert [o.token_ids for o in after] == ref
+
+
+def test_a_second_wrap_of_a_model_runs_the_cpu_kernels(smol_tokenizer, monkeypatch):
+    """Both runtimes on one model decode through the CPU kernel (the second wrap finds its
+    linears already swapped; it once fell back to F.linear, and benchmarks comparing two
+    runtimes on one model compared the kernel with F.linear)."""
+    import copy
+
+    from cotrt.layers import cpu_linear as cl
+    from cotrt.ops.cpu_linear import HAS_CPU_KERNEL
+
+    if not HAS_CPU_KERNEL:
+        pytest.skip("cotrt._cpu is not built")
+    model = tiny_model("llama", len(smol_tokenizer), seed=2)
+    runtimes = [cotrt.wrap(model, smol_tokenizer, max_batch=2, max_len=64, page_size=p) for p in (64, 8)]
+    runtimes.append(cotrt.wrap(copy.deepcopy(model), smol_tokenizer, max_batch=2, max_len=64))  # a copy, swapped
+    real, calls = cl._launch, []
+    monkeypatch.setattr(cl, "_launch", lambda *a: calls.append(1) or real(*a))
+    n_linears = len(runtimes[0].runner.fused["cpu_linear"])
+    for rt in runtimes:
+        assert len(rt.runner.fused["cpu_linear"]) == n_linears
+        calls.clear()
+        rt.generate([[5, 6, 7]], cotrt.Params(max_new_tokens=4, ignore_eos=True))
+        assert len(calls) >= 3 * n_linears  # every linear of each decode step

@@ -74,7 +74,9 @@ class CpuLinear(nn.Linear):
 
 def swap_cpu_linears(model: nn.Module) -> list[str]:
     """Make every plain ``nn.Linear`` of ``model`` with a packable weight (and bias) a
-    CpuLinear; returns their names. A no-op (empty list) when ``cotrt._cpu`` is not built."""
+    CpuLinear; returns the names of its CpuLinear modules, including those an earlier wrap
+    of the same model swapped (a second runtime on one model runs the kernel too). A no-op
+    (empty list) when ``cotrt._cpu`` is not built."""
     if not HAS_CPU_KERNEL:
         return []
     names = []
@@ -82,6 +84,7 @@ def swap_cpu_linears(model: nn.Module) -> list[str]:
         if type(m) is nn.Linear and packable(m.weight) and (
                 m.bias is None or (m.bias.dtype == m.weight.dtype and m.bias.is_contiguous())):
             m.__class__ = CpuLinear
+        if type(m) is CpuLinear:
             names.append(name)
     return names
 
