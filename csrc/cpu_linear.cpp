@@ -103,13 +103,10 @@ float dot_avx2(const float* x, const void* w, WType t, int64_t w0, int64_t K) {
   return v;
 }
 
-// The LoRA expand, vectorized over r (B's r values of one output are contiguous).
-inline float expand_avx2(const LinearArgs& a, const Shrunk& lo, int64_t m, int64_t n) {
-  if (!lo.off || lo.off[m] < 0) return 0.f;
-  return dot_avx2(lo.t + m * a.r, a.lora_b, a.wtype, n * a.n_adapters * a.r + lo.off[m], a.r);
-}
-
-// NR weight rows (n..n+NR) times MR x rows (m..m+MR).
+// NR weight rows (n..n+NR) times MR x rows (m..m+MR). A valve row's LoRA expand
+// t[m] · B[n, a_m] is r more terms of the same dot product, [x, t] · [W[n], B[n, a_m]]: its
+// first r & ~7 terms go into the row's accumulator before the one horizontal sum, the
+// rest (r % 8) after it.
 template <int NR, int MR>
 inline void tile(const LinearArgs& a, const Shrunk& lo, int64_t n, int64_t m) {
   __m256 acc[NR][MR];
@@ -126,12 +123,51 @@ inline void tile(const LinearArgs& a, const Shrunk& lo, int64_t n, int64_t m) {
       for (int j = 0; j < MR; ++j) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
     }
   }
+  const int64_t R8 = a.r & ~int64_t(7), ldb = a.n_adapters * a.r;
+  if (lo.off) {
+    for (int j = 0; j < MR; ++j) {
+      const int64_t o = lo.off[m + j];
+      if (o < 0) continue;  // a base-only row: no LoRA term
+      const float* t = lo.t + (m + j) * a.r;
+      for (int64_t q = 0; q < R8; q += 8) {
+        const __m256 tv = _mm256_loadu_ps(t + q);
+        for (int i = 0; i < NR; ++i)
+          acc[i][j] = _mm256_fmadd_ps(load8(a.lora_b, a.wtype, (n + i) * ldb + o + q), tv, acc[i][j]);
+      }
+    }
+  }
   for (int i = 0; i < NR; ++i)
     for (int j = 0; j < MR; ++j) {
       float v = hsum(acc[i][j]);
       for (int64_t k = K8; k < a.K; ++k) v += x[j][k] * load_w(a.w, a.wtype, (n + i) * a.K + k);
-      finish(a, m + j, n + i, v, expand_avx2(a, lo, m + j, n + i));
+      float d = 0.f;
+      if (lo.off && lo.off[m + j] >= 0) {
+        const float* t = lo.t + (m + j) * a.r;
+        for (int64_t q = R8; q < a.r; ++q) d += t[q] * load_w(a.lora_b, a.wtype, (n + i) * ldb + lo.off[m + j] + q);
+      }
+      finish(a, m + j, n + i, v, d);
     }
+}
+
+// The valve's shrink for one x row: t[j] = alpha · x · A[j] for the r rows of its adapter's
+// A (from a0), four A rows per pass over x.
+void shrink_avx2(const float* x, const void* A, WType wt, int64_t a0, int64_t K, int64_t r, float alpha,
+                 float* t) {
+  const int64_t K8 = K & ~int64_t(7);
+  int64_t j = 0;
+  for (; j + 4 <= r; j += 4) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t k = 0; k < K8; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + k);
+      for (int i = 0; i < 4; ++i) acc[i] = _mm256_fmadd_ps(load8(A, wt, a0 + (j + i) * K + k), xv, acc[i]);
+    }
+    for (int i = 0; i < 4; ++i) {
+      float v = hsum(acc[i]);
+      for (int64_t k = K8; k < K; ++k) v += x[k] * load_w(A, wt, a0 + (j + i) * K + k);
+      t[j + i] = alpha * v;
+    }
+  }
+  for (; j < r; ++j) t[j] = alpha * dot_avx2(x, A, wt, a0 + j * K, K);
 }
 
 template <int NR>
@@ -162,7 +198,7 @@ bool cpu_has_avx2() {
 #else
 bool cpu_has_avx2() { return false; }
 void rows_avx2(const LinearArgs&, const Shrunk&, int64_t, int64_t) {}
-float dot_avx2(const float*, const void*, WType, int64_t, int64_t) { return 0.f; }
+void shrink_avx2(const float*, const void*, WType, int64_t, int64_t, int64_t, float, float*) {}
 #endif
 
 float dot_scalar(const float* x, const void* w, WType t, int64_t w0, int64_t K) {
@@ -176,7 +212,7 @@ float dot_scalar(const float* x, const void* w, WType t, int64_t w0, int64_t K) 
 void linear(const LinearArgs& a) {
   const bool avx2 = cpu_has_avx2();
   // Valve shrink: M·r dot products of length K (r=16, K=576: 74k FMAs, ~1% of the stream
-  // of a 576x576 weight), serial, before the threads start.
+  // of a 576x576 weight), on the calling thread before the others start.
   Shrunk lo;
   std::vector<float> t;
   std::vector<int64_t> off;
@@ -191,12 +227,12 @@ void linear(const LinearArgs& a) {
                            : static_cast<const int32_t*>(a.adapter)[m * a.s_adapter];
       if (al == 0.f || ad < 0 || ad >= a.n_adapters) continue;
       off[m] = ad * a.r;
-      for (int64_t j = 0; j < a.r; ++j) {
-        const int64_t w0 = (ad * a.r + j) * a.K;
-        const float* x = a.x + m * a.ldx;
-        t[m * a.r + j] = al * (avx2 ? dot_avx2(x, a.lora_a, a.wtype, w0, a.K)
-                                    : dot_scalar(x, a.lora_a, a.wtype, w0, a.K));
+      const float* x = a.x + m * a.ldx;
+      if (avx2) {
+        shrink_avx2(x, a.lora_a, a.wtype, ad * a.r * a.K, a.K, a.r, al, &t[m * a.r]);
+        continue;
       }
+      for (int64_t j = 0; j < a.r; ++j) t[m * a.r + j] = al * dot_scalar(x, a.lora_a, a.wtype, (ad * a.r + j) * a.K, a.K);
     }
     lo.t = t.data();
     lo.off = off.data();

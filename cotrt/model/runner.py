@@ -96,6 +96,7 @@ class ModelRunner:
         self.fused = {}
         self._rope_patch = contextlib.nullcontext()
         self._cpu_kernels = contextlib.nullcontext()
+        self.lean = None  # cotrt.model.lean_decode.LeanDecode, set below where it applies
         self._self_check(n_layers)
         # Fewer kernels a step, by default where the kernels exist (CUDA): RMSNorm modules
         # as one kernel each (cotrt.layers.rms_norm) and HF's rotary function as one kernel for
@@ -120,6 +121,15 @@ class ModelRunner:
             if names:
                 self._cpu_kernels = CpuKernels()
                 self.fused["cpu_linear"] = names
+        # Decode steps on CPU without HF's per-module plumbing (cotrt.model.lean_decode), for
+        # the architectures it knows, once a step through it equals HF's.
+        if "cpu_linear" in self.fused:
+            from .lean_decode import LeanDecode
+
+            self.lean = LeanDecode(self)
+            self.fused["lean_decode"] = self.lean.why_not or self._check_lean()
+            if self.fused["lean_decode"] != "on":
+                self.lean = None
 
     # -- building the step ----------------------------------------------------------------
     def make_meta(self, tables: list[list[int]], q_lens: list[int], starts: list[int]) -> StepMeta:
@@ -193,6 +203,13 @@ class ModelRunner:
         land in ``self.tapped[layer]`` (a forward hook on those layers only, so no other
         layer's states are kept).
         """
+        if self.lean is not None and self.lean.applies(meta):
+            with self._cpu_kernels:
+                hidden, self.tapped = self.lean.forward(meta, input_ids, inputs_embeds, taps)
+            return hidden
+        return self._hf_forward(meta, input_ids, inputs_embeds, taps)
+
+    def _hf_forward(self, meta: StepMeta, input_ids=None, inputs_embeds=None, taps: tuple = ()) -> torch.Tensor:
         self.cache.meta = meta
         self.tapped = {}
         hooks = [self._layers()[l].register_forward_hook(self._tap_hook(l)) for l in taps]
@@ -275,6 +292,30 @@ class ModelRunner:
                 f"{type(self.model).__name__}: {calls['n']} of {n_layers} layers used the KV cache interface; "
                 "cotrt needs every layer's attention to go through transformers' Cache/AttentionInterface"
             )
+
+
+    def _check_lean(self) -> str:
+        """"on" when a decode step through LeanDecode equals HF's forward (two rows, two
+        positions each, GQA and windows included), else why not."""
+        g = torch.Generator().manual_seed(0)
+        n_tok = self.config.vocab_size
+        pages_per_row = -(-3 // self.page_size)
+        if self.num_pages < 2 * pages_per_row:
+            return "the cache is too small for the check"
+        tables = [list(range(pages_per_row)), list(range(pages_per_row, 2 * pages_per_row))]
+        ids = torch.randint(0, n_tok, (2, 2), generator=g).to(self.device)
+        nxt = torch.randint(0, n_tok, (2, 1), generator=g).to(self.device)
+        with torch.inference_mode():
+            self._hf_forward(self.make_meta(tables, [2, 2], starts=[0, 0]), input_ids=ids)
+            meta = self.make_meta(tables, [1, 1], starts=[2, 2])
+            if not self.lean.applies(meta):
+                return "decode steps do not read the cache by table"
+            with self._cpu_kernels:
+                ref = self._hf_forward(meta, input_ids=nxt).float()
+                got = self.lean.forward(meta, input_ids=nxt)[0].float()
+        tol = 1e-4 if self.dtype == torch.float32 else 2e-2
+        err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+        return "on" if err <= tol else f"differs from HF's forward (relative error {err:.2e})"
 
 
 def _strided(tables: list[list[int]]) -> tuple | None:

@@ -56,7 +56,7 @@ def test_base_matches_reference(dtype, M, N, K):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 3, 8])
-@pytest.mark.parametrize("n,r", [(1, 16), (3, 5)])
+@pytest.mark.parametrize("n,r", [(1, 16), (3, 5), (2, 11)])
 def test_valve_matches_reference(dtype, M, n, r):
     for seed in (0, 1):  # int32 and int64 adapter indices
         c = make(M, 579, 131, dtype=dtype, seed=seed, bias=True, lora=(n, r), noncontig_x=True)

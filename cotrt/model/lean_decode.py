@@ -1,0 +1,117 @@
+"""A lean CPU decode step for Llama-family decoders (issue 12).
+
+On a 2-core CPU a SmolLM2 decode step through HF's modules spends ~30 ms outside its
+linears: module calls, keyword plumbing, mask and cache APIs, a dozen small ops a layer
+that do no arithmetic worth the name. The linears themselves run near the read-bandwidth
+limit through cotrt's kernel (cotrt.layers.cpu_linear). ``LeanDecode`` runs the same math
+for one token per row with the fewest calls: the model's own modules for what carries
+weights (projections, norms: a valve's ValveLinear and the CPU kernel ride along), plain
+tensor ops for the rest, the cache written in place and read by block table through the
+C++ paged attention kernel.
+
+It is used for decode forwards only (one token per row, block-table metadata, CPU, no
+tensor parallelism) of the architectures below, and only after a check at wrap time that
+its output equals HF's forward through the same cache; anything else runs HF's forward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import StepMeta
+
+# model_type -> (per-head q/k norms, sliding window read from the config for every layer)
+_ARCHS = {"llama": (False, False), "mistral": (False, True), "qwen2": (False, False), "qwen3": (True, False)}
+_LAYER_PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class LeanDecode:
+    """The decode forward of one wrapped model (see the module docstring). ``why_not``
+    says why a model does not qualify (None when it does)."""
+
+    def __init__(self, runner):
+        self.why_not = _why_not(runner)
+        if self.why_not is not None:
+            return
+        dec, cfg = runner.decoder, runner.text_config
+        qk_norm, config_window = _ARCHS[cfg.model_type]
+        self.decoder = dec
+        # The layers' modules are looked up at each step: loading a valve or fusing norms
+        # replaces them after this is built.
+        self.layers = []
+        for layer in dec.layers:
+            window = getattr(cfg, "sliding_window", None) if config_window else getattr(layer.self_attn, "sliding_window", None)
+            self.layers.append((layer, layer.self_attn, layer.mlp, layer.self_attn.scaling, window))
+        self.qk_norm = qk_norm
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    def applies(self, meta: StepMeta) -> bool:
+        return self.why_not is None and meta.decode and meta.lengths is not None and meta.k_buffers is not None
+
+    def forward(self, meta: StepMeta, input_ids=None, inputs_embeds=None, taps: tuple = ()):
+        """``[B, 1, H]`` final hidden states of one token per row, and ``{layer: [B, 1, H]}``
+        residuals after the ``taps`` layers."""
+        from ..ops.cpu_attention import paged_decode_attention_cpu
+
+        dec = self.decoder
+        x = (dec.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)[:, 0]
+        B = x.shape[0]
+        cos, sin = dec.rotary_emb(x[:, None], meta.positions)  # [B, 1, D]
+        Hq, Hk, D = self.heads, self.kv_heads, self.head_dim
+        pages, offs, tables, lengths = meta.write_pages, meta.write_offs, meta.tables, meta.lengths
+        tapped = {}
+        for i, (layer, attn, mlp, scaling, window) in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(B, Hq, D)
+            k = attn.k_proj(h).view(B, Hk, D)
+            v = attn.v_proj(h).view(B, Hk, D)
+            if self.qk_norm:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kc, vc = meta.k_buffers[i], meta.v_buffers[i]
+            kc.index_put_((pages, offs), k)
+            vc.index_put_((pages, offs), v)
+            a = paged_decode_attention_cpu(q, kc, vc, tables, lengths, scale=scaling, window=window)
+            x = x + attn.o_proj(a.reshape(B, Hq * D))
+            h = layer.post_attention_layernorm(x)
+            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+            if i in taps:
+                tapped[i] = x[:, None]
+        return dec.norm(x)[:, None], tapped
+
+
+def _why_not(runner) -> str | None:
+    from ..ops.cpu_attention import HAS_CPU_ATTENTION
+
+    cfg = runner.text_config
+    if runner.device.type != "cpu" or not HAS_CPU_ATTENTION:
+        return "CPU with cotrt._cpu built only"
+    if runner.tp is not None:
+        return "not under tensor parallelism"
+    if runner.dtype not in (torch.float32, torch.bfloat16):
+        return f"dtype {runner.dtype}"
+    if getattr(cfg, "model_type", None) not in _ARCHS:
+        return f"model type {getattr(cfg, 'model_type', None)!r} (lean decode knows {sorted(_ARCHS)})"
+    if getattr(cfg, "hidden_act", None) != "silu":
+        return f"activation {getattr(cfg, 'hidden_act', None)!r}"
+    dec = runner.decoder
+    for name in ("embed_tokens", "norm", "rotary_emb", "layers"):
+        if not hasattr(dec, name):
+            return f"the decoder has no {name}"
+    for layer in dec.layers:
+        for part in _LAYER_PARTS:
+            obj = layer
+            for attr in part.split("."):
+                obj = getattr(obj, attr, None)
+            if obj is None:
+                return f"a layer has no {part}"
+    return None

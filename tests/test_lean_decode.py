@@ -1,0 +1,93 @@
+"""The lean CPU decode step (cotrt.model.lean_decode): which models take it, that its
+decode steps equal HF's forward (greedy parity with HF generate, the same tokens as the HF
+path of the same runtime, with GQA, a sliding window, q/k norms, bf16, a valve, latent
+taps, paging), and that everything else runs HF's forward."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import cotrt
+from _parity import assert_greedy_match, hf_greedy
+from cotrt.ops.cpu_attention import HAS_CPU_ATTENTION
+from cotrt.ops.cpu_linear import HAS_CPU_KERNEL
+from cotrt.testing import tiny_model
+
+pytestmark = pytest.mark.skipif(not (HAS_CPU_KERNEL and HAS_CPU_ATTENTION), reason="cotrt._cpu is not built")
+
+LEAN_ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def _prompts(vocab: int, n: int = 3, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(L),), generator=g).tolist() for L in torch.randint(4, 30, (n,), generator=g)]
+
+
+def _count_lean(rt, monkeypatch) -> list:
+    calls, inner = [], rt.runner.lean.forward
+    monkeypatch.setattr(rt.runner.lean, "forward", lambda *a, **k: calls.append(1) or inner(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("arch", LEAN_ARCHS)
+def test_lean_decode_matches_hf(arch, smol_tokenizer, monkeypatch):
+    """Greedy tokens equal HF generate's (tie-gap rule) and the HF path's of the same
+    runtime, over a context longer than Mistral's window of 12, three rows at once."""
+    vocab = len(smol_tokenizer)
+    model = tiny_model(arch, vocab, seed=11)
+    rt = cotrt.wrap(model, smol_tokenizer, max_batch=3, max_len=96, page_size=8)
+    assert rt.runner.fused["lean_decode"] == "on"
+    calls = _count_lean(rt, monkeypatch)
+    prompts = _prompts(vocab)
+    params = cotrt.Params(max_new_tokens=24, ignore_eos=True)
+    outs = rt.generate(prompts, params)
+    assert len(calls) >= 23  # every decode step went through it
+    for p, o in zip(prompts, outs):
+        assert_greedy_match(model, p, o.token_ids, hf_greedy(model, p, 24, eos=None), label=f"{arch} lean")
+    rt.runner.lean = None  # the same runtime through HF's modules
+    assert [o.token_ids for o in rt.generate(prompts, params)] == [o.token_ids for o in outs]
+
+
+def test_lean_decode_in_bf16_and_with_a_valve(smol_tokenizer, tmp_path):
+    """bf16 weights pass the wrap-time check; a valve's LoRA rides the projections: the
+    same tokens as the HF path at several alphas in one batch."""
+    pytest.importorskip("peft")
+    from _peft import make_adapter
+
+    vocab = len(smol_tokenizer)
+    bf = tiny_model("llama", vocab, seed=12).to(torch.bfloat16)
+    assert cotrt.wrap(bf, smol_tokenizer, max_batch=1, max_len=32).runner.fused["lean_decode"] == "on"
+    base = tiny_model("qwen2", vocab, seed=13)
+    make_adapter(base, tmp_path / "v", seed=2, std=0.4, r=4, lora_alpha=8,
+                 target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    rt = cotrt.wrap(copy.deepcopy(base), smol_tokenizer, max_batch=3, max_len=64)
+    rt.load_valve(str(tmp_path / "v"), name="v")
+    prompts = _prompts(vocab, seed=1)
+    params = [cotrt.Params(max_new_tokens=16, ignore_eos=True, valve={"v": a}) for a in (0.0, 0.5, 1.0)]
+    lean = [o.token_ids for o in rt.generate(prompts, params)]
+    lean_runner, rt.runner.lean = rt.runner.lean, None
+    assert lean_runner is not None
+    assert [o.token_ids for o in rt.generate(prompts, params)] == lean
+
+
+def test_other_models_run_hf_forward(smol_tokenizer):
+    """Gemma2 and Phi-3 are not Llama-shaped: their decode steps stay HF's, and the reason
+    is reported; cpu_kernels=False turns the lean step off with the kernels."""
+    vocab = len(smol_tokenizer)
+    for arch in ("gemma2", "phi3"):
+        rt = cotrt.wrap(tiny_model(arch, vocab, seed=3), smol_tokenizer, max_batch=1, max_len=32)
+        assert rt.runner.lean is None and "model type" in rt.runner.fused["lean_decode"]
+    rt = cotrt.wrap(tiny_model("llama", vocab, seed=3), smol_tokenizer, max_batch=1, max_len=32, cpu_kernels=False)
+    assert rt.runner.lean is None and "lean_decode" not in rt.runner.fused
+
+
+def test_a_lean_step_that_differs_from_hf_is_refused(smol_tokenizer, monkeypatch):
+    """The wrap-time check compares a decode step with HF's: a lean step computing
+    something else (here: no rotary embedding) is turned off, with the error reported."""
+    from cotrt.model import lean_decode
+
+    monkeypatch.setattr(lean_decode, "_rotate_half", lambda x: torch.zeros_like(x))
+    rt = cotrt.wrap(tiny_model("llama", len(smol_tokenizer), seed=4), smol_tokenizer, max_batch=1, max_len=32)
+    assert rt.runner.lean is None and "differs from HF" in rt.runner.fused["lean_decode"]
