@@ -91,3 +91,18 @@ def test_a_lean_step_that_differs_from_hf_is_refused(smol_tokenizer, monkeypatch
     monkeypatch.setattr(lean_decode, "_rotate_half", lambda x: torch.zeros_like(x))
     rt = cotrt.wrap(tiny_model("llama", len(smol_tokenizer), seed=4), smol_tokenizer, max_batch=1, max_len=32)
     assert rt.runner.lean is None and "differs from HF" in rt.runner.fused["lean_decode"]
+
+
+def test_kernels_are_off_outside_cotrt_after_a_wrap(smol_tokenizer):
+    """Wrapping (whose check runs a forward inside another) leaves the CPU kernels off
+    for the model's own calls; a CpuKernels context entered inside itself restores."""
+    from cotrt.layers import cpu_linear as cl
+
+    cotrt.wrap(tiny_model("llama", len(smol_tokenizer), seed=5), smol_tokenizer, max_batch=1, max_len=32)
+    assert not cl.active()
+    ctx = cl.CpuKernels()
+    with ctx:
+        with ctx:
+            assert cl.active()
+        assert cl.active()
+    assert not cl.active()

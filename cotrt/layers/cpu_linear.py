@@ -34,11 +34,14 @@ class CpuKernels:
     thread only)."""
 
     def __enter__(self):
-        self._prev = getattr(_tls, "on", False)
+        # One instance is entered again inside itself (a runner's forward inside its own
+        # check): the states to restore are a per-thread stack, not an attribute.
+        stack = _tls.__dict__.setdefault("stack", [])
+        stack.append(getattr(_tls, "on", False))
         _tls.on = True
 
     def __exit__(self, *exc):
-        _tls.on = self._prev
+        _tls.on = _tls.stack.pop()
 
 
 def packable(weight: torch.Tensor) -> bool:

@@ -310,8 +310,8 @@ class ModelRunner:
             meta = self.make_meta(tables, [1, 1], starts=[2, 2])
             if not self.lean.applies(meta):
                 return "decode steps do not read the cache by table"
+            ref = self._hf_forward(meta, input_ids=nxt).float()
             with self._cpu_kernels:
-                ref = self._hf_forward(meta, input_ids=nxt).float()
                 got = self.lean.forward(meta, input_ids=nxt)[0].float()
         tol = 1e-4 if self.dtype == torch.float32 else 2e-2
         err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
