@@ -19,7 +19,7 @@ ext_modules = [
     # so the module is built without -march flags and runs on any x86-64 (or other) CPU.
     Pybind11Extension(
         "cotrt._cpu",
-        ["csrc/cpu_linear.cpp", "csrc/cpu_attention.cpp", "csrc/work_pool.cpp", "csrc/cpu_bindings.cpp"],
+        ["csrc/cpu_linear.cpp", "csrc/cpu_attention.cpp", "csrc/cpu_layer.cpp", "csrc/work_pool.cpp", "csrc/cpu_bindings.cpp"],
         cxx_std=17,
         extra_compile_args=["-O3", "-pthread"],
         extra_link_args=["-pthread"],

@@ -3,8 +3,13 @@
 // cotrt/ops/cpu_attention.py, which check shapes, dtypes, contiguity and devices first:
 // this layer trusts them, so it is private to those modules.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <vector>
 
 #include "cpu_attention.h"
+#include "cpu_layer.h"
 #include "cpu_linear.h"
 
 namespace py = pybind11;
@@ -83,6 +88,59 @@ void paged_decode_attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t blo
   cotrt::paged_decode_attention(a);
 }
 
+// Pointers: x, norm1, norm2, wq, wk, wv, wo, wg, wu, wd, bq, bk, bv, bo, bg, bu, bd, q_norm,
+// k_norm, cos, sin, k_cache, v_cache, write_pages, write_offs, tables, lengths (0 = absent).
+void decode_layer(std::vector<uintptr_t> p, int64_t B, int64_t H, int64_t Hq, int64_t Hk, int64_t D, int64_t I,
+                  int64_t P, int64_t PS, int64_t NP, float eps1, float eps2, float qk_eps, float scale,
+                  int64_t window, int threads) {
+  if (p.size() != 27) throw std::invalid_argument("decode_layer: 27 pointers expected");
+  cotrt::DecodeLayerArgs a{};
+  a.x = reinterpret_cast<float*>(p[0]);
+  a.norm1 = ptr<float>(p[1]);
+  a.norm2 = ptr<float>(p[2]);
+  a.wq = ptr<float>(p[3]);
+  a.wk = ptr<float>(p[4]);
+  a.wv = ptr<float>(p[5]);
+  a.wo = ptr<float>(p[6]);
+  a.wg = ptr<float>(p[7]);
+  a.wu = ptr<float>(p[8]);
+  a.wd = ptr<float>(p[9]);
+  a.bq = ptr<float>(p[10]);
+  a.bk = ptr<float>(p[11]);
+  a.bv = ptr<float>(p[12]);
+  a.bo = ptr<float>(p[13]);
+  a.bg = ptr<float>(p[14]);
+  a.bu = ptr<float>(p[15]);
+  a.bd = ptr<float>(p[16]);
+  a.q_norm = ptr<float>(p[17]);
+  a.k_norm = ptr<float>(p[18]);
+  a.cos = ptr<float>(p[19]);
+  a.sin = ptr<float>(p[20]);
+  a.k_cache = reinterpret_cast<float*>(p[21]);
+  a.v_cache = reinterpret_cast<float*>(p[22]);
+  a.write_pages = ptr<int64_t>(p[23]);
+  a.write_offs = ptr<int64_t>(p[24]);
+  a.tables = ptr<int64_t>(p[25]);
+  a.lengths = ptr<int64_t>(p[26]);
+  a.B = B;
+  a.H = H;
+  a.Hq = Hq;
+  a.Hk = Hk;
+  a.D = D;
+  a.I = I;
+  a.P = P;
+  a.PS = PS;
+  a.NP = NP;
+  a.eps1 = eps1;
+  a.eps2 = eps2;
+  a.qk_eps = qk_eps;
+  a.scale = scale;
+  a.window = window;
+  a.threads = threads;
+  py::gil_scoped_release nogil;
+  cotrt::decode_layer(a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -93,6 +151,9 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "one query per row over a paged KV cache; arguments: pointers, sizes, strides, "
         "scale, softcap (<= 0: none), window (<= 0: none), flags, threads");
+  m.def("decode_layer", &decode_layer,
+        "one fp32 Llama-family decoder layer for a decode step (cpu_layer.h); arguments: 27 "
+        "pointers, sizes, eps values, scale, window (<= 0: none), threads");
   m.attr("ATTENTION_SPLIT") = cotrt::kAttentionSplit;
   m.def("isa", &cotrt::isa, "the kernel linear() runs here: 'avx2' or 'scalar'");
   m.def("workers", &cotrt::workers, "worker threads the kernel's pool has started (the caller works too)");

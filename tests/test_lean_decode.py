@@ -85,12 +85,30 @@ def test_other_models_run_hf_forward(smol_tokenizer):
 
 def test_a_lean_step_that_differs_from_hf_is_refused(smol_tokenizer, monkeypatch):
     """The wrap-time check compares a decode step with HF's: a lean step computing
-    something else (here: no rotary embedding) is turned off, with the error reported."""
-    from cotrt.model import lean_decode
+    something else (here: its hidden states off by 1%) is turned off, with the error
+    reported."""
+    from cotrt.model.lean_decode import LeanDecode
 
-    monkeypatch.setattr(lean_decode, "_rotate_half", lambda x: torch.zeros_like(x))
+    real = LeanDecode.forward
+    monkeypatch.setattr(LeanDecode, "forward", lambda self, *a, **k: (real(self, *a, **k)[0] * 1.01, {}))
     rt = cotrt.wrap(tiny_model("llama", len(smol_tokenizer), seed=4), smol_tokenizer, max_batch=1, max_len=32)
     assert rt.runner.lean is None and "differs from HF" in rt.runner.fused["lean_decode"]
+
+
+def test_fp32_layers_run_in_one_native_call_each(smol_tokenizer, monkeypatch):
+    """fp32 models with no valve in use run each layer through ``_cpu.decode_layer``;
+    a step with a valve in use, or bf16 weights, runs the module path."""
+    from cotrt.ops import cpu_attention
+
+    vocab = len(smol_tokenizer)
+    rt = cotrt.wrap(tiny_model("qwen3", vocab, seed=6), smol_tokenizer, max_batch=2, max_len=48)
+    assert rt.runner.lean.native
+    real, calls = cpu_attention._cpu.decode_layer, []
+    monkeypatch.setattr(cpu_attention._cpu, "decode_layer", lambda *a: calls.append(1) or real(*a), raising=False)
+    rt.generate([[5, 6, 7]], cotrt.Params(max_new_tokens=5, ignore_eos=True))
+    assert len(calls) == 4 * 2  # 4 decode steps x 2 layers
+    bf = cotrt.wrap(tiny_model("llama", vocab, seed=6).to(torch.bfloat16), smol_tokenizer, max_batch=1, max_len=32)
+    assert bf.runner.lean is not None and not bf.runner.lean.native
 
 
 def test_kernels_are_off_outside_cotrt_after_a_wrap(smol_tokenizer):

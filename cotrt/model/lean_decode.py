@@ -52,6 +52,11 @@ class LeanDecode:
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.hidden, self.inter = cfg.hidden_size, cfg.intermediate_size
+        # Each layer in one C++ call (csrc/cpu_layer.cpp) when the model is fp32 with plain
+        # weights; the wrap-time check runs this path too.
+        self.native = runner.dtype == torch.float32 and _native_built() and all(
+            _plain(m) for layer in dec.layers for m in layer.modules() if m is not layer)
 
     def applies(self, meta: StepMeta) -> bool:
         return self.why_not is None and meta.decode and meta.lengths is not None and meta.k_buffers is not None
@@ -59,12 +64,19 @@ class LeanDecode:
     def forward(self, meta: StepMeta, input_ids=None, inputs_embeds=None, taps: tuple = ()):
         """``[B, 1, H]`` final hidden states of one token per row, and ``{layer: [B, 1, H]}``
         residuals after the ``taps`` layers."""
-        from ..ops.cpu_attention import paged_decode_attention_cpu
-
         dec = self.decoder
         x = (dec.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)[:, 0]
-        B = x.shape[0]
         cos, sin = dec.rotary_emb(x[:, None], meta.positions)  # [B, 1, D]
+        layers = self._native_layers() if self.native else None
+        if layers is not None:
+            return self._native(meta, x, cos[:, 0].contiguous(), sin[:, 0].contiguous(), layers, taps)
+        return self._modules(meta, x, cos, sin, taps)
+
+    def _modules(self, meta, x, cos, sin, taps):
+        """The layers through their modules and PyTorch ops (bf16, a valve in use)."""
+        from ..ops.cpu_attention import paged_decode_attention_cpu
+
+        B = x.shape[0]
         Hq, Hk, D = self.heads, self.kv_heads, self.head_dim
         pages, offs, tables, lengths = meta.write_pages, meta.write_offs, meta.tables, meta.lengths
         tapped = {}
@@ -86,7 +98,67 @@ class LeanDecode:
             x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
             if i in taps:
                 tapped[i] = x[:, None]
-        return dec.norm(x)[:, None], tapped
+        return self.decoder.norm(x)[:, None], tapped
+
+    def _native_layers(self) -> list | None:
+        """Per layer, the weights' pointers for ``_cpu.decode_layer``; None when a layer
+        cannot run there this step (a valve in use, a module replaced by another kind)."""
+        from ..layers.valve_lora import ValveLinear
+
+        out = []
+        for layer, attn, mlp, _, _ in self.layers:
+            mods = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            for m in mods:
+                if isinstance(m, ValveLinear):
+                    if m.state.alpha is not None:
+                        return None
+                elif not isinstance(m, torch.nn.Linear):
+                    return None
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            qk = (attn.q_norm, attn.k_norm) if self.qk_norm else (None, None)
+            ptrs = [n.weight.data_ptr() for n in norms] + [m.weight.data_ptr() for m in mods] + \
+                [0 if m.bias is None else m.bias.data_ptr() for m in mods] + \
+                [0 if n is None else n.weight.data_ptr() for n in qk]
+            out.append((ptrs, _eps(norms[0]), _eps(norms[1]), _eps(qk[0]) if qk[0] is not None else 0.0))
+        return out
+
+    def _native(self, meta, x, cos, sin, layers, taps):
+        """Each layer in one call of ``_cpu.decode_layer`` (fp32, no valve in use)."""
+        from ..ops.cpu_attention import _cpu
+
+        x = x.contiguous().clone()  # the residual stream, updated in place
+        B = x.shape[0]
+        tables, lengths = meta.tables.contiguous(), meta.lengths.contiguous()
+        pages, offs = meta.write_pages.contiguous(), meta.write_offs.contiguous()
+        tail = [cos.data_ptr(), sin.data_ptr()]
+        step = [pages.data_ptr(), offs.data_ptr(), tables.data_ptr(), lengths.data_ptr()]
+        P, PS = meta.k_buffers[0].shape[:2]
+        threads = torch.get_num_threads()
+        tapped = {}
+        for i, ((ptrs, eps1, eps2, qk_eps), (_, _, _, scaling, window)) in enumerate(zip(layers, self.layers)):
+            kc, vc = meta.k_buffers[i], meta.v_buffers[i]
+            _cpu.decode_layer([x.data_ptr()] + ptrs + tail + [kc.data_ptr(), vc.data_ptr()] + step,
+                              B, self.hidden, self.heads, self.kv_heads, self.head_dim, self.inter, P, PS,
+                              tables.shape[1], eps1, eps2, qk_eps, scaling, window or 0, threads)
+            if i in taps:
+                tapped[i] = x[:, None].clone()
+        return self.decoder.norm(x)[:, None], tapped
+
+
+def _eps(norm) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+def _plain(m) -> bool:
+    """A module whose weights the native layer may read in place (contiguous fp32 on CPU)."""
+    w = getattr(m, "weight", None)
+    return w is None or (type(w.data) is torch.Tensor and w.dtype == torch.float32 and w.is_contiguous())
+
+
+def _native_built() -> bool:
+    from ..ops.cpu_attention import _cpu
+
+    return _cpu is not None and hasattr(_cpu, "decode_layer")
 
 
 def _why_not(runner) -> str | None:
