@@ -124,3 +124,32 @@ def test_kernels_are_off_outside_cotrt_after_a_wrap(smol_tokenizer):
             assert cl.active()
         assert cl.active()
     assert not cl.active()
+
+
+@pytest.mark.parametrize("arch", LEAN_ARCHS)
+def test_native_layer_equals_the_module_path(arch, smol_tokenizer):
+    """``_cpu.decode_layer`` against its reference, the same layers through the model's
+    modules and PyTorch ops: hidden states and a tapped residual at fp32 tolerance, for
+    three rows at different lengths (Mistral's window of 12 cut in)."""
+    from cotrt.testing import assert_close
+
+    vocab = len(smol_tokenizer)
+    rt = cotrt.wrap(tiny_model(arch, vocab, seed=21), smol_tokenizer, max_batch=3, max_len=64, page_size=4)
+    runner, lean = rt.runner, rt.runner.lean
+    assert lean.native
+    g = torch.Generator().manual_seed(0)
+    lens = [5, 17, 30]
+    tables = [list(range(i * 8, i * 8 + 8)) for i in range(3)]
+    with torch.inference_mode():
+        for t, n in zip(tables, lens):
+            runner._hf_forward(runner.make_meta([t], [n], starts=[0]), input_ids=torch.randint(3, vocab, (1, n), generator=g))
+        meta = runner.make_meta(tables, [1, 1, 1], starts=lens)
+        ids = torch.randint(3, vocab, (3, 1), generator=g)
+        x = runner.decoder.embed_tokens(ids)[:, 0]
+        cos, sin = runner.decoder.rotary_emb(x[:, None], meta.positions)
+        with runner._cpu_kernels:
+            ref, ref_taps = lean._modules(meta, x, cos, sin, taps=(0,))
+            got, got_taps = lean._native(meta, x, cos[:, 0].contiguous(), sin[:, 0].contiguous(),
+                                         lean._native_layers(), taps=(0,))
+    assert_close(got, ref)
+    assert_close(got_taps[0], ref_taps[0])
