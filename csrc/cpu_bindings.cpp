@@ -90,11 +90,26 @@ void paged_decode_attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t blo
 
 // Pointers: x, norm1, norm2, wq, wk, wv, wo, wg, wu, wd, bq, bk, bv, bo, bg, bu, bd, q_norm,
 // k_norm, cos, sin, k_cache, v_cache, write_pages, write_offs, tables, lengths (0 = absent).
-void decode_layer(std::vector<uintptr_t> p, int64_t B, int64_t H, int64_t Hq, int64_t Hk, int64_t D, int64_t I,
-                  int64_t P, int64_t PS, int64_t NP, float eps1, float eps2, float qk_eps, float scale,
-                  int64_t window, int threads) {
+// valve: 7 lora_a, 7 lora_b pointers (0: none), then alpha, adapter (0: none); banks: 7
+// n_adapters then 7 r.
+void decode_layer(std::vector<uintptr_t> p, std::vector<uintptr_t> valve, std::vector<int64_t> banks,
+                  int64_t s_alpha, int64_t s_adapter, bool adapter_i64, int64_t B, int64_t H, int64_t Hq,
+                  int64_t Hk, int64_t D, int64_t I, int64_t P, int64_t PS, int64_t NP, float eps1, float eps2,
+                  float qk_eps, float scale, int64_t window, int threads) {
   if (p.size() != 27) throw std::invalid_argument("decode_layer: 27 pointers expected");
+  if (valve.size() != 16 || banks.size() != 14) throw std::invalid_argument("decode_layer: 16 valve pointers and 14 sizes expected");
   cotrt::DecodeLayerArgs a{};
+  for (int i = 0; i < 7; ++i) {
+    a.lora_a[i] = ptr<float>(valve[i]);
+    a.lora_b[i] = ptr<float>(valve[7 + i]);
+    a.n_adapters[i] = banks[i];
+    a.r[i] = banks[7 + i];
+  }
+  a.alpha = ptr<float>(valve[14]);
+  a.adapter = ptr<void>(valve[15]);
+  a.s_alpha = s_alpha;
+  a.s_adapter = s_adapter;
+  a.adapter_i64 = adapter_i64;
   a.x = reinterpret_cast<float*>(p[0]);
   a.norm1 = ptr<float>(p[1]);
   a.norm2 = ptr<float>(p[2]);
@@ -153,7 +168,8 @@ PYBIND11_MODULE(_cpu, m) {
         "scale, softcap (<= 0: none), window (<= 0: none), flags, threads");
   m.def("decode_layer", &decode_layer,
         "one fp32 Llama-family decoder layer for a decode step (cpu_layer.h); arguments: 27 "
-        "pointers, sizes, eps values, scale, window (<= 0: none), threads");
+        "pointers, 16 valve pointers, 14 bank sizes, alpha/adapter strides, sizes, eps values, scale, "
+        "window (<= 0: none), threads");
   m.attr("ATTENTION_SPLIT") = cotrt::kAttentionSplit;
   m.def("isa", &cotrt::isa, "the kernel linear() runs here: 'avx2' or 'scalar'");
   m.def("workers", &cotrt::workers, "worker threads the kernel's pool has started (the caller works too)");

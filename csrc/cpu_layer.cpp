@@ -22,9 +22,22 @@ void rms_norm(const float* x, const float* w, float eps, int64_t n, float* out) 
   for (i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
 }
 
-void linear(const float* x, const float* w, const float* b, float* y, int64_t M, int64_t N, int64_t K,
-            int threads) {
+// Projection `i` of the layer (0..6: q, k, v, o, gate, up, down), with its valve if any.
+void linear(const DecodeLayerArgs& a, int i, const float* x, const float* w, const float* b, float* y, int64_t M,
+            int64_t N, int64_t K) {
   LinearArgs l{};
+  if (a.alpha && a.lora_a[i]) {
+    l.lora_a = a.lora_a[i];
+    l.lora_b = a.lora_b[i];
+    l.n_adapters = a.n_adapters[i];
+    l.r = a.r[i];
+    l.alpha = a.alpha;
+    l.s_alpha = a.s_alpha;
+    l.adapter = a.adapter;
+    l.s_adapter = a.s_adapter;
+    l.adapter_i64 = a.adapter_i64;
+  }
+  const int threads = a.threads;
   l.x = x;
   l.w = w;
   l.bias = b;
@@ -65,9 +78,9 @@ void decode_layer(const DecodeLayerArgs& a) {
   float* u = g + B * I;
   float* o = u + B * I;
   for (int64_t b = 0; b < B; ++b) rms_norm(a.x + b * H, a.norm1, a.eps1, H, h + b * H);
-  linear(h, a.wq, a.bq, q, B, QD, H, a.threads);
-  linear(h, a.wk, a.bk, k, B, KD, H, a.threads);
-  linear(h, a.wv, a.bv, v, B, KD, H, a.threads);
+  linear(a, 0, h, a.wq, a.bq, q, B, QD, H);
+  linear(a, 1, h, a.wk, a.bk, k, B, KD, H);
+  linear(a, 2, h, a.wv, a.bv, v, B, KD, H);
   for (int64_t b = 0; b < B; ++b) {
     const float* c = a.cos + b * D;
     const float* s = a.sin + b * D;
@@ -114,13 +127,13 @@ void decode_layer(const DecodeLayerArgs& a) {
   p.lengths_i64 = true;
   p.threads = a.threads;
   paged_decode_attention(p);
-  linear(att, a.wo, a.bo, o, B, H, QD, a.threads);
+  linear(a, 3, att, a.wo, a.bo, o, B, H, QD);
   for (int64_t e = 0; e < B * H; ++e) a.x[e] += o[e];
   for (int64_t b = 0; b < B; ++b) rms_norm(a.x + b * H, a.norm2, a.eps2, H, h + b * H);
-  linear(h, a.wg, a.bg, g, B, I, H, a.threads);
-  linear(h, a.wu, a.bu, u, B, I, H, a.threads);
+  linear(a, 4, h, a.wg, a.bg, g, B, I, H);
+  linear(a, 5, h, a.wu, a.bu, u, B, I, H);
   for (int64_t e = 0; e < B * I; ++e) g[e] = (g[e] / (1.f + std::exp(-g[e]))) * u[e];
-  linear(g, a.wd, a.bd, o, B, H, I, a.threads);
+  linear(a, 6, g, a.wd, a.bd, o, B, H, I);
   for (int64_t e = 0; e < B * H; ++e) a.x[e] += o[e];
 }
 

@@ -4,7 +4,8 @@
 //   write k, v into the paged cache ; a = paged attention ; x += a Wo
 //   h = rmsnorm(x) ; x += (silu(h Wg) * (h Wu)) Wd
 //
-// fp32 only, no valve (the Python lean step runs those). The linears and the attention
+// fp32 only. A valve rides the projections: each may carry its LoRA bank, with one alpha
+// and adapter per row for the whole layer (cpu_linear.h's LinearArgs). The linears and the attention
 // are cpu_linear.h's and cpu_attention.h's kernels; everything else is a few loops over
 // B rows, where the same step through PyTorch ops costs a few microseconds per op.
 #pragma once
@@ -19,6 +20,14 @@ struct DecodeLayerArgs {
   float eps1, eps2;
   const float *wq, *wk, *wv, *wo, *wg, *wu, *wd;  // [Hq*D, H], [Hk*D, H] x2, [H, Hq*D], [I, H] x2, [H, I]
   const float *bq, *bk, *bv, *bo, *bg, *bu, *bd;  // biases or nullptr
+  // Per projection (q, k, v, o, gate, up, down): its valve bank [n, r, K] / [N, n, r] or nullptr.
+  const float* lora_a[7];
+  const float* lora_b[7];
+  int64_t n_adapters[7], r[7];
+  const float* alpha;  // [B] (stride s_alpha) or nullptr: no valve in use
+  const void* adapter;  // [B] int32 (int64: adapter_i64), stride s_adapter, or nullptr (adapter 0)
+  int64_t s_alpha, s_adapter;
+  bool adapter_i64;
   const float *q_norm, *k_norm;  // [D] per-head norms (Qwen3) or nullptr
   float qk_eps;
   const float *cos, *sin;  // [B, D]

@@ -96,8 +96,9 @@ def test_a_lean_step_that_differs_from_hf_is_refused(smol_tokenizer, monkeypatch
 
 
 def test_fp32_layers_run_in_one_native_call_each(smol_tokenizer, monkeypatch):
-    """fp32 models with no valve in use run each layer through ``_cpu.decode_layer``;
-    a step with a valve in use, or bf16 weights, runs the module path."""
+    """fp32 models run each layer through ``_cpu.decode_layer`` (a valve in use too:
+    ``test_lean_decode_in_bf16_and_with_a_valve`` compares its tokens); bf16 weights run
+    the module path."""
     from cotrt.ops import cpu_attention
 
     vocab = len(smol_tokenizer)

@@ -54,7 +54,7 @@ class LeanDecode:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.hidden, self.inter = cfg.hidden_size, cfg.intermediate_size
         # Each layer in one C++ call (csrc/cpu_layer.cpp) when the model is fp32 with plain
-        # weights; the wrap-time check runs this path too.
+        # weights (a valve's banks ride along); the wrap-time check runs this path too.
         self.native = runner.dtype == torch.float32 and _native_built() and all(
             _plain(m) for layer in dec.layers for m in layer.modules() if m is not layer)
 
@@ -73,7 +73,7 @@ class LeanDecode:
         return self._modules(meta, x, cos, sin, taps)
 
     def _modules(self, meta, x, cos, sin, taps):
-        """The layers through their modules and PyTorch ops (bf16, a valve in use)."""
+        """The layers through their modules and PyTorch ops (bf16, a module the native layer cannot read)."""
         from ..ops.cpu_attention import paged_decode_attention_cpu
 
         B = x.shape[0]
@@ -101,17 +101,24 @@ class LeanDecode:
         return self.decoder.norm(x)[:, None], tapped
 
     def _native_layers(self) -> list | None:
-        """Per layer, the weights' pointers for ``_cpu.decode_layer``; None when a layer
-        cannot run there this step (a valve in use, a module replaced by another kind)."""
+        """Per layer, the pointers ``_cpu.decode_layer`` reads (weights, norms, valve banks)
+        and the eps values; None when a layer cannot run there (a module replaced by
+        another kind, a valve bank it cannot read). Also sets ``self._valve``: the step's
+        per-row alpha and adapter when a valve is in use."""
         from ..layers.valve_lora import ValveLinear
 
-        out = []
+        out, self._valve = [], None
         for layer, attn, mlp, _, _ in self.layers:
             mods = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-            for m in mods:
+            banks = [None] * 7
+            for i, m in enumerate(mods):
                 if isinstance(m, ValveLinear):
-                    if m.state.alpha is not None:
-                        return None
+                    if m.state.alpha is not None and m.lora_a.shape[0] > 0:
+                        if m.transposed or m.lora_a.dtype != torch.float32 or not m.lora_a.is_contiguous() \
+                                or not m.lora_b.permute(1, 0, 2).is_contiguous():
+                            return None
+                        banks[i] = m
+                        self._valve = m.state
                 elif not isinstance(m, torch.nn.Linear):
                     return None
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
@@ -119,11 +126,15 @@ class LeanDecode:
             ptrs = [n.weight.data_ptr() for n in norms] + [m.weight.data_ptr() for m in mods] + \
                 [0 if m.bias is None else m.bias.data_ptr() for m in mods] + \
                 [0 if n is None else n.weight.data_ptr() for n in qk]
-            out.append((ptrs, _eps(norms[0]), _eps(norms[1]), _eps(qk[0]) if qk[0] is not None else 0.0))
+            lora = [0 if m is None else m.lora_a.data_ptr() for m in banks] + \
+                [0 if m is None else m.lora_b.data_ptr() for m in banks]
+            sizes = [0 if m is None else m.lora_a.shape[0] for m in banks] + \
+                [0 if m is None else m.lora_a.shape[1] for m in banks]
+            out.append((ptrs, lora, sizes, _eps(norms[0]), _eps(norms[1]), _eps(qk[0]) if qk[0] is not None else 0.0))
         return out
 
     def _native(self, meta, x, cos, sin, layers, taps):
-        """Each layer in one call of ``_cpu.decode_layer`` (fp32, no valve in use)."""
+        """Each layer in one call of ``_cpu.decode_layer`` (fp32)."""
         from ..ops.cpu_attention import _cpu
 
         x = x.contiguous().clone()  # the residual stream, updated in place
@@ -132,14 +143,24 @@ class LeanDecode:
         pages, offs = meta.write_pages.contiguous(), meta.write_offs.contiguous()
         tail = [cos.data_ptr(), sin.data_ptr()]
         step = [pages.data_ptr(), offs.data_ptr(), tables.data_ptr(), lengths.data_ptr()]
+        rows, s_alpha, s_adapter, i64 = [0, 0], 0, 0, False
+        state = self._valve
+        if state is not None:  # one alpha and adapter per row ([1]: broadcast), as ValveLinear reads them
+            alpha, adapter = state.alpha, state.adapter
+            rows = [alpha.data_ptr(), 0 if adapter is None else adapter.data_ptr()]
+            s_alpha = 0 if alpha.shape[0] == 1 else alpha.stride(0)
+            if adapter is not None:
+                s_adapter, i64 = (0 if adapter.shape[0] == 1 else adapter.stride(0)), adapter.dtype == torch.int64
         P, PS = meta.k_buffers[0].shape[:2]
         threads = torch.get_num_threads()
         tapped = {}
-        for i, ((ptrs, eps1, eps2, qk_eps), (_, _, _, scaling, window)) in enumerate(zip(layers, self.layers)):
+        for i, ((ptrs, lora, sizes, eps1, eps2, qk_eps), (_, _, _, scaling, window)) in \
+                enumerate(zip(layers, self.layers)):
             kc, vc = meta.k_buffers[i], meta.v_buffers[i]
-            _cpu.decode_layer([x.data_ptr()] + ptrs + tail + [kc.data_ptr(), vc.data_ptr()] + step,
-                              B, self.hidden, self.heads, self.kv_heads, self.head_dim, self.inter, P, PS,
-                              tables.shape[1], eps1, eps2, qk_eps, scaling, window or 0, threads)
+            _cpu.decode_layer([x.data_ptr()] + ptrs + tail + [kc.data_ptr(), vc.data_ptr()] + step, lora + rows,
+                              sizes, s_alpha, s_adapter, i64, B, self.hidden, self.heads, self.kv_heads,
+                              self.head_dim, self.inter, P, PS, tables.shape[1], eps1, eps2, qk_eps, scaling,
+                              window or 0, threads)
             if i in taps:
                 tapped[i] = x[:, None].clone()
         return self.decoder.norm(x)[:, None], tapped
