@@ -23,8 +23,8 @@ void rms_norm(const float* x, const float* w, float eps, int64_t n, float* out) 
 }
 
 // Projection `i` of the layer (0..6: q, k, v, o, gate, up, down), with its valve if any.
-void linear(const DecodeLayerArgs& a, int i, const float* x, const float* w, const float* b, float* y, int64_t M,
-            int64_t N, int64_t K) {
+LinearArgs proj(const DecodeLayerArgs& a, int i, const float* x, const float* w, const float* b, float* y,
+                int64_t M, int64_t N, int64_t K) {
   LinearArgs l{};
   if (a.alpha && a.lora_a[i]) {
     l.lora_a = a.lora_a[i];
@@ -37,7 +37,6 @@ void linear(const DecodeLayerArgs& a, int i, const float* x, const float* w, con
     l.s_adapter = a.s_adapter;
     l.adapter_i64 = a.adapter_i64;
   }
-  const int threads = a.threads;
   l.x = x;
   l.w = w;
   l.bias = b;
@@ -48,8 +47,16 @@ void linear(const DecodeLayerArgs& a, int i, const float* x, const float* w, con
   l.ldx = K;
   l.ldy = N;
   l.wtype = WType::kF32;
-  l.threads = threads;
-  cotrt::linear(l);
+  l.threads = a.threads;
+  return l;
+}
+
+// Linears that read the same x: one pool job when none has a valve, else one call each.
+void run(const LinearArgs* const* ls, int n) {
+  bool valve = false;
+  for (int i = 0; i < n; ++i) valve |= ls[i]->lora_a != nullptr;
+  if (!valve) return linears(ls, n);
+  for (int i = 0; i < n; ++i) linear(*ls[i]);
 }
 
 // x * cos + rotate_half(x) * sin for one head, rotate_half(x) = [-x2, x1].
@@ -78,9 +85,12 @@ void decode_layer(const DecodeLayerArgs& a) {
   float* u = g + B * I;
   float* o = u + B * I;
   for (int64_t b = 0; b < B; ++b) rms_norm(a.x + b * H, a.norm1, a.eps1, H, h + b * H);
-  linear(a, 0, h, a.wq, a.bq, q, B, QD, H);
-  linear(a, 1, h, a.wk, a.bk, k, B, KD, H);
-  linear(a, 2, h, a.wv, a.bv, v, B, KD, H);
+  {
+    const LinearArgs lq = proj(a, 0, h, a.wq, a.bq, q, B, QD, H), lk = proj(a, 1, h, a.wk, a.bk, k, B, KD, H),
+                     lv = proj(a, 2, h, a.wv, a.bv, v, B, KD, H);
+    const LinearArgs* qkv[3] = {&lq, &lk, &lv};
+    run(qkv, 3);
+  }
   for (int64_t b = 0; b < B; ++b) {
     const float* c = a.cos + b * D;
     const float* s = a.sin + b * D;
@@ -127,13 +137,16 @@ void decode_layer(const DecodeLayerArgs& a) {
   p.lengths_i64 = true;
   p.threads = a.threads;
   paged_decode_attention(p);
-  linear(a, 3, att, a.wo, a.bo, o, B, H, QD);
+  linear(proj(a, 3, att, a.wo, a.bo, o, B, H, QD));
   for (int64_t e = 0; e < B * H; ++e) a.x[e] += o[e];
   for (int64_t b = 0; b < B; ++b) rms_norm(a.x + b * H, a.norm2, a.eps2, H, h + b * H);
-  linear(a, 4, h, a.wg, a.bg, g, B, I, H);
-  linear(a, 5, h, a.wu, a.bu, u, B, I, H);
+  {
+    const LinearArgs lg = proj(a, 4, h, a.wg, a.bg, g, B, I, H), lu = proj(a, 5, h, a.wu, a.bu, u, B, I, H);
+    const LinearArgs* gu[2] = {&lg, &lu};
+    run(gu, 2);
+  }
   for (int64_t e = 0; e < B * I; ++e) g[e] = (g[e] / (1.f + std::exp(-g[e]))) * u[e];
-  linear(a, 6, g, a.wd, a.bd, o, B, H, I);
+  linear(proj(a, 6, g, a.wd, a.bd, o, B, H, I));
   for (int64_t e = 0; e < B * H; ++e) a.x[e] += o[e];
 }
 

@@ -259,6 +259,43 @@ void linear(const LinearArgs& a) {
   }, &job);
 }
 
+void linears(const LinearArgs* const* as, int n) {
+  // The chunks of every linear in one index space: linear i owns [first[i], first[i + 1]).
+  constexpr int kMax = 4;
+  if (n > kMax) {
+    for (int i = 0; i < n; ++i) linear(*as[i]);
+    return;
+  }
+  struct Job {
+    const LinearArgs* const* as;
+    int64_t first[kMax + 1];
+    int64_t rows[kMax];
+    bool avx2;
+  } job{};
+  job.as = as;
+  job.avx2 = cpu_has_avx2();
+  int threads = 1;
+  for (int i = 0; i < n; ++i) threads = std::max(threads, as[i]->threads);
+  for (int i = 0; i < n; ++i) {
+    const int64_t blocks = (as[i]->N + kNR - 1) / kNR;
+    const int64_t per = std::max<int64_t>(4, (blocks + 8 * threads - 1) / (8 * threads));
+    job.rows[i] = per * kNR;
+    job.first[i + 1] = job.first[i] + (blocks + per - 1) / per;
+  }
+  static const Shrunk kNoValve{};
+  parallel_chunks(job.first[n], threads, [](const void* ctx, int64_t c) {
+    const Job& j = *static_cast<const Job*>(ctx);
+    int i = 0;
+    while (c >= j.first[i + 1]) ++i;
+    const LinearArgs& a = *j.as[i];
+    const int64_t n0 = (c - j.first[i]) * j.rows[i], n1 = std::min(n0 + j.rows[i], a.N);
+    if (j.avx2)
+      rows_avx2(a, kNoValve, n0, n1);
+    else
+      rows_scalar(a, kNoValve, n0, n1);
+  }, &job);
+}
+
 const char* isa() { return cpu_has_avx2() ? "avx2" : "scalar"; }
 
 int workers() { return pool_workers(); }
