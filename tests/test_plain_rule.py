@@ -62,13 +62,15 @@ def test_the_server_follows_the_same_rule(rt):
     from cotrt.server import create_app
 
     conv = [{"role": "user", "content": "hi"}]
+    cases = [({}, cotrt.Params(max_new_tokens=12, temperature=0, ignore_eos=True)),
+             ({"think_budget": 5, "answer_budget": 4},
+              cotrt.Params(max_new_tokens=30, temperature=0, ignore_eos=True, think_budget=5, answer_budget=4))]
+    # The references first: once the server runs, its engine thread owns the engine (a
+    # request added from this thread could be stepped by both threads at once).
+    wants = [rt.chat([conv], params)[0] for _, params in cases]
     app = create_app(AsyncEngine(rt, max_queue=4), "tiny")
     with TestClient(app) as client:
-        for extra, params in (({}, cotrt.Params(max_new_tokens=12, temperature=0, ignore_eos=True)),
-                              ({"think_budget": 5, "answer_budget": 4},
-                               cotrt.Params(max_new_tokens=30, temperature=0, ignore_eos=True, think_budget=5,
-                                            answer_budget=4))):
-            want = rt.chat([conv], params)[0]
+        for (extra, params), want in zip(cases, wants):
             body = {"model": "tiny", "messages": conv, "max_tokens": params.max_new_tokens, "temperature": 0,
                     "cotrt": {"ignore_eos": True, **extra}}
             r = client.post("/v1/chat/completions", json=body).json()
