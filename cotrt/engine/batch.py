@@ -83,6 +83,21 @@ class StepBatch:
         return embeds
 
 
+def _valve_slot(valves, valve: dict | None) -> tuple[float, int]:
+    """(alpha, adapter index) of one ``{"name": alpha}`` valve (None or {}: the base model);
+    alpha 0 is the base model exactly, adapter -1: no delta to compute."""
+    (name, alpha), = valve.items() if valve else ((None, 0.0),)
+    return (float(alpha), valves.index(name)) if alpha != 0.0 else (0.0, -1)
+
+
+def _apply(valves, alphas: list, adapters: list, tokens_per_row: int) -> bool:
+    if all(a < 0 for a in adapters):
+        valves.state.clear()
+        return False
+    valves.state.set_rows(alphas, adapters, tokens_per_row)
+    return True
+
+
 def set_token_valves(valves, rows, starts, lengths, tokens_per_row: int) -> bool:
     """Per-token valves of a multi-token forward in which rows recompute positions written
     under several valves: each row's ``valve_runs`` over its ``lengths[i]`` tokens from
@@ -92,17 +107,12 @@ def set_token_valves(valves, rows, starts, lengths, tokens_per_row: int) -> bool
     alphas, adapters = [], []
     for r, start, n in zip(rows, starts, lengths):
         for count, valve in r.valve_runs(start, n):
-            (name, alpha), = valve.items() if valve else ((None, 0.0),)
-            on = alpha != 0.0
-            alphas += [float(alpha) if on else 0.0] * count
-            adapters += [valves.index(name) if on else -1] * count
+            alpha, adapter = _valve_slot(valves, valve)
+            alphas += [alpha] * count
+            adapters += [adapter] * count
         alphas += [0.0] * (tokens_per_row - n)
         adapters += [-1] * (tokens_per_row - n)
-    if all(a < 0 for a in adapters):
-        valves.state.clear()
-        return False
-    valves.state.set_rows(alphas, adapters, 1)  # one "row" per token
-    return True
+    return _apply(valves, alphas, adapters, 1)  # one "row" per token
 
 
 def set_valves(valves, rows, tokens_per_row: int) -> bool:
@@ -111,19 +121,5 @@ def set_valves(valves, rows, tokens_per_row: int) -> bool:
     ValveLinears run plain F.linear. True when a valve is on."""
     if valves is None:
         return False
-    state = valves.state
-    alphas, adapters = [], []
-    for r in rows:
-        valve = r.valve if r is not None else None
-        (name, alpha), = valve.items() if valve else ((None, 0.0),)
-        if alpha != 0.0:  # alpha 0 is the base model exactly: no delta to compute
-            alphas.append(float(alpha))
-            adapters.append(valves.index(name))
-        else:
-            alphas.append(0.0)
-            adapters.append(-1)
-    if all(a < 0 for a in adapters):
-        state.clear()
-        return False
-    state.set_rows(alphas, adapters, tokens_per_row)
-    return True
+    slots = [_valve_slot(valves, r.valve if r is not None else None) for r in rows]
+    return _apply(valves, [a for a, _ in slots], [i for _, i in slots], tokens_per_row)

@@ -34,8 +34,8 @@ class CpuKernels:
     thread only)."""
 
     def __enter__(self):
-        # One instance is entered again inside itself (a runner's forward inside its own
-        # check): the states to restore are a per-thread stack, not an attribute.
+        # One instance may be entered again inside itself (a forward inside another
+        # forward's context): the states to restore are a per-thread stack, not an attribute.
         stack = _tls.__dict__.setdefault("stack", [])
         stack.append(getattr(_tls, "on", False))
         _tls.on = True

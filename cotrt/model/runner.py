@@ -293,7 +293,6 @@ class ModelRunner:
                 "cotrt needs every layer's attention to go through transformers' Cache/AttentionInterface"
             )
 
-
     def _check_lean(self) -> str:
         """"on" when a decode step through LeanDecode equals HF's forward (two rows, two
         positions each, GQA and windows included), else why not."""
