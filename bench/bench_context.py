@@ -12,7 +12,10 @@ each cell is the median over rounds of those medians, [p20, p80] over rounds.
 
 Batch 1 rows also give the share of the read-bandwidth limit: bytes a step must read
 (every weight once, plus the K/V cache of C tokens) over the step time, against the
-bandwidth of a plain all-threads read of the same weights measured in this run.
+bandwidth of a plain all-threads read of the same weights. That read runs in every round
+next to both sides and the limit is the best rate seen over the whole run (a single
+probe at the start moved by a third between runs on the shared 2-core machine, and the
+share with it); the table is printed once the run ends, each cell's line before.
 
 The SVG plots decode tokens/s (B / step time) against context for each batch and side.
 Runtime on a quiet 2-core machine: ~10 min for the default grid (prefill of 8 x 4096 tokens
@@ -32,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cotrt  # noqa: E402
-from _harness import header, interleave, plain_hf, quantiles  # noqa: E402
+from _harness import header, interleave, plain_hf, quantiles, timed  # noqa: E402
 from cotrt.models import load_model  # noqa: E402
 
 
@@ -75,18 +78,11 @@ def step_time(stamps):
     return statistics.median(d[len(d) // 2:])
 
 
-def read_bandwidth(model, repeats):
-    """GB/s of an all-threads read (torch.sum) of every parameter, best of repeats."""
-    params = list(model.parameters())
-    nbytes = sum(p.numel() * p.element_size() for p in params)
-    best = float("inf")
+def read_weights(params):
+    """One all-threads read (torch.sum) of every parameter."""
     with torch.inference_mode():
-        for _ in range(repeats + 1):
-            t0 = time.perf_counter()
-            for p in params:
-                p.sum()
-            best = min(best, time.perf_counter() - t0)
-    return nbytes / best / 1e9, nbytes
+        for p in params:
+            p.sum()
 
 
 def write_svg(path, rows, contexts):
@@ -149,36 +145,44 @@ def main():
     model, tok = load_model("default", quiet=True)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     rt = cotrt.wrap(model, tok, max_batch=max(batches), max_len=max(contexts) + args.new + 8)
-    gbps, wbytes = read_bandwidth(model, args.repeats)
+    params = list(model.parameters())
+    wbytes = sum(p.numel() * p.element_size() for p in params)
+    reads = [timed(lambda: read_weights(params)) for _ in range(args.repeats + 1)]
     cfg = model.config
     kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) \
         * next(model.parameters()).element_size()
+    rows, cells = [], []
+    for C in contexts:
+        for B in batches:
+            prompts = prompts_of(tok, C, B)
+            res = {"hf": [], "co": [], "bw": []}
+            # repeats + 1 rounds: the first warms this shape up on both sides and is dropped.
+            interleave({"hf": lambda: res["hf"].append(step_time(hf_steps(model, prompts, args.new, pad))),
+                        "co": lambda: res["co"].append(step_time(cotrt_steps(rt, prompts, args.new))),
+                        "bw": lambda: res["bw"].append(timed(lambda: read_weights(params)))},
+                       args.repeats + 1, warmup=0)
+            reads += res["bw"]
+            hf, co = res["hf"][1:], res["co"][1:]
+            cells.append((C, B, quantiles(hf), quantiles(co)))
+            rows.append((C, B, B / quantiles(hf)[0], B / quantiles(co)[0]))
+            print(f"# done: context {C}, batch {B}: HF {quantiles(hf)[0] * 1e3:.1f} ms, cotrt {quantiles(co)[0] * 1e3:.1f} ms",
+                  file=sys.stderr, flush=True)
+    gbps = wbytes / min(reads) / 1e9
     print(header(model, f"{args.new} new tokens, median [p20, p80] over {args.repeats} interleaved rounds; "
-                        f"read bandwidth {gbps:.1f} GB/s (all-threads sum over the {wbytes / 1e6:.0f} MB of weights)"),
+                        f"read bandwidth {gbps:.1f} GB/s (all-threads sum over the {wbytes / 1e6:.0f} MB of weights, "
+                        f"best of {len(reads)} reads spread over the run; median {wbytes / statistics.median(reads) / 1e9:.1f})"),
           flush=True)
     print("| context | batch | HF ms/step | cotrt ms/step | cotrt / HF speed | HF tok/s | cotrt tok/s "
           "| cotrt % of read-bandwidth limit |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    rows = []
-    for C in contexts:
-        for B in batches:
-            prompts = prompts_of(tok, C, B)
-            res = {"hf": [], "co": []}
-            # repeats + 1 rounds: the first warms this shape up on both sides and is dropped.
-            interleave({"hf": lambda: res["hf"].append(step_time(hf_steps(model, prompts, args.new, pad))),
-                        "co": lambda: res["co"].append(step_time(cotrt_steps(rt, prompts, args.new)))},
-                       args.repeats + 1, warmup=0)
-            hf, co = res["hf"][1:], res["co"][1:]
-            mh, lh, hh = quantiles(hf)
-            mc, lc, hc = quantiles(co)
-            share = ""
-            if B == 1:
-                need = wbytes + C * kv_per_token  # bytes one step must read (tied head counted once)
-                share = f"{need / mc / 1e9 / gbps * 100:.0f}%"
-            rows.append((C, B, B / mh, B / mc))
-            print(f"| {C} | {B} | {mh * 1e3:.1f} [{lh * 1e3:.1f}, {hh * 1e3:.1f}] | {mc * 1e3:.1f} "
-                  f"[{lc * 1e3:.1f}, {hc * 1e3:.1f}] | {mh / mc:.2f}x | {B / mh:.1f} | {B / mc:.1f} | {share} |",
-                  flush=True)
+    for C, B, (mh, lh, hh), (mc, lc, hc) in cells:
+        share = ""
+        if B == 1:
+            need = wbytes + C * kv_per_token  # bytes one step must read (tied head counted once)
+            share = f"{need / mc / 1e9 / gbps * 100:.0f}%"
+        print(f"| {C} | {B} | {mh * 1e3:.1f} [{lh * 1e3:.1f}, {hh * 1e3:.1f}] | {mc * 1e3:.1f} "
+              f"[{lc * 1e3:.1f}, {hc * 1e3:.1f}] | {mh / mc:.2f}x | {B / mh:.1f} | {B / mc:.1f} | {share} |",
+              flush=True)
     if args.svg:
         write_svg(args.svg, rows, contexts)
         print(f"# plot: {args.svg}")

@@ -1,20 +1,18 @@
 // CPU decode attention over a paged KV cache (see cpu_attention.h).
 //
-// Work items are (row, kv head, key range of at most kAttentionSplit keys). An item loads
-// its kv head's G queries once (fp32, pre-scaled) and reads each of its K and V rows once
-// from memory for all G of them: scores in tiles of 2 queries x 4 keys (8 accumulators;
-// the K rows come from L1 for the other queries), prefetching K rows ahead and the same
-// keys' V rows into L2 (pages scatter the rows, which defeats the hardware prefetcher at
-// every page boundary); a softmax over the item's score rows; then P·V in tiles of
-// 2 queries x 32 columns (the item's V rows, 32 KB at D=64 fp32, stay in L1/L2 across
-// the G queries). An item covering a whole row writes the output; the items of a longer
-// row store (max, sum, unnormalized acc) and whichever finishes last merges them by
-// log-sum-exp, so no second pass over the pool is needed.
-//
-// SmolLM2's shape (H 9, KVH 3, D 64, fp32) at 1 thread on the loaded 2-core EPYC
-// (bench/bench_cpu_attention.py --threads 1): B=1, L=1024 in 148 us against 288 us for
-// SDPA over the slot views; B=8, L=1024 (12.6 MB of K/V) 3.2 ms against 4.0 ms, both
-// bound by memory.
+// Work items are (row, key range of at most kAttentionSplit keys), every kv head of the
+// range in one item: a page stores each key's K (and V) row as KVH·D contiguous values,
+// so an item streams whole rows, page after page, as the hardware prefetcher likes it.
+// (Items per (row, kv head), the layout before, read a third of each row at a stride and
+// ran at 6 GB/s from DRAM on the 2-core EPYC: 30 layers of a 3000-token context took
+// 22 ms of a 58 ms SmolLM2 step.) For each group of 4 keys the item computes the scores
+// of every query head, G queries x 4 keys per kv head (8 accumulators; each K vector
+// loaded once for G queries), prefetching K rows kPrefetch keys ahead and the group's V
+// rows into L2; a softmax over its H score rows; then P·V in tiles of 2 queries x 32
+// columns (the item's V rows, 98 KB at KVH·D = 192 fp32, stay in L2 across queries).
+// An item covering a whole row writes the output; the items of a longer row store
+// (max, sum, unnormalized acc) and whichever finishes last merges them by log-sum-exp,
+// so no second pass over the pool is needed.
 #include "cpu_attention.h"
 
 #include <algorithm>
@@ -50,34 +48,36 @@ inline int64_t load_index(const void* p, bool i64, int64_t i) {
   return i64 ? static_cast<const int64_t*>(p)[i] : static_cast<const int32_t*>(p)[i];
 }
 
-// What an item computes for its G queries over its nk keys (off[j]: element offset of key
-// j's K and V row): m[g] = max score, l[g] = Σ exp(s - m), acc[g] = Σ exp(s - m) · v.
-// s is scratch of G rows of kC floats.
+// What an item computes for its H query heads over its nk keys (off[j]: element offset of
+// key j's K and V rows, KVH·D values each; query head g reads kv head g / G at
+// off[j] + (g / G)·D): m[g] = max score, l[g] = Σ exp(s - m), acc[g] = Σ exp(s - m) · v.
+// s is scratch of H rows of kC floats.
 struct Attend {
   const void* k;
   const void* v;
   const int64_t* off;
   int64_t nk;
-  const float* q;  // [G, D], scale folded in
-  int64_t G, D;
+  const float* q;  // [H, D], scale folded in
+  int64_t H, G, KVH, D;
   float softcap;  // <= 0: none
-  float* s;       // [G, kC]
-  float* m;       // [G]
-  float* l;       // [G]
-  float* acc;     // [G, D]
+  float* s;       // [H, kC]
+  float* m;       // [H]
+  float* l;       // [H]
+  float* acc;     // [H, D]
 };
 
 // ---------------------------------------------------------------------------- portable
 
 template <bool BF16>
 void attend_scalar(const Attend& w) {
-  for (int64_t g = 0; g < w.G; ++g) {
+  for (int64_t g = 0; g < w.H; ++g) {
     const float* q = w.q + g * w.D;
     float* s = w.s + g * kC;
+    const int64_t hd = (g / w.G) * w.D;
     float mx = -INFINITY;
     for (int64_t j = 0; j < w.nk; ++j) {
       float d = 0.f;
-      for (int64_t i = 0; i < w.D; ++i) d += q[i] * load1<BF16>(w.k, w.off[j] + i);
+      for (int64_t i = 0; i < w.D; ++i) d += q[i] * load1<BF16>(w.k, w.off[j] + hd + i);
       if (w.softcap > 0.f) d = w.softcap * std::tanh(d / w.softcap);
       s[j] = d;
       mx = std::max(mx, d);
@@ -90,7 +90,7 @@ void attend_scalar(const Attend& w) {
     float* acc = w.acc + g * w.D;
     std::fill(acc, acc + w.D, 0.f);
     for (int64_t j = 0; j < w.nk; ++j)
-      for (int64_t i = 0; i < w.D; ++i) acc[i] += s[j] * load1<BF16>(w.v, w.off[j] + i);
+      for (int64_t i = 0; i < w.D; ++i) acc[i] += s[j] * load1<BF16>(w.v, w.off[j] + hd + i);
   }
 }
 
@@ -167,8 +167,10 @@ inline __m256 tanh8(__m256 x) {
   return _mm256_blendv_ps(small, big, _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_GE_OQ));
 }
 
-// Scores of NQ queries (g, g+1) x 4 keys (o): 4·NQ accumulators, each K vector loaded
-// once for the NQ queries and each q vector once for the 4 keys.
+// Scores of NQ <= 3 queries (g ..) x 4 keys (o: their K rows' offsets, the queries' kv
+// head included): 4·NQ accumulators, the NQ q vectors in registers, each K vector loaded
+// once for the NQ queries (at NQ = 3: 12 accumulators, 3 q and one K vector, the 16 ymm
+// registers; FMAs run back to back with no load of a q vector between them).
 template <bool BF16, int NQ>
 inline void scores_tile(const Attend& w, const int64_t* o, int64_t j, int64_t r, int64_t g) {
   const int64_t D8 = w.D & ~int64_t(7);
@@ -177,11 +179,11 @@ inline void scores_tile(const Attend& w, const int64_t* o, int64_t j, int64_t r,
   for (int n = 0; n < NQ; ++n)
     for (int i = 0; i < 4; ++i) a[n][i] = _mm256_setzero_ps();
   for (int64_t d = 0; d < D8; d += 8) {
-    __m256 kv[4];
-    for (int i = 0; i < 4; ++i) kv[i] = load8<BF16>(w.k, o[i] + d);
-    for (int n = 0; n < NQ; ++n) {
-      const __m256 qv = _mm256_loadu_ps(q + n * w.D + d);
-      for (int i = 0; i < 4; ++i) a[n][i] = _mm256_fmadd_ps(kv[i], qv, a[n][i]);
+    __m256 qv[NQ];
+    for (int n = 0; n < NQ; ++n) qv[n] = _mm256_loadu_ps(q + n * w.D + d);
+    for (int i = 0; i < 4; ++i) {
+      const __m256 kv = load8<BF16>(w.k, o[i] + d);
+      for (int n = 0; n < NQ; ++n) a[n][i] = _mm256_fmadd_ps(kv, qv[n], a[n][i]);
     }
   }
   for (int n = 0; n < NQ; ++n) {
@@ -195,13 +197,11 @@ inline void scores_tile(const Attend& w, const int64_t* o, int64_t j, int64_t r,
 
 template <bool BF16>
 void scores_avx2(const Attend& w) {
-  const int64_t row_bytes = w.D * (BF16 ? 2 : 4);
+  const int64_t row_bytes = w.KVH * w.D * (BF16 ? 2 : 4);  // one key's K (or V) row, every kv head
   const char* kb = static_cast<const char*>(w.k);
   const char* vb = static_cast<const char*>(w.v);
   for (int64_t j = 0; j < w.nk; j += 4) {
     const int64_t r = std::min<int64_t>(4, w.nk - j);
-    int64_t o[4];
-    for (int i = 0; i < 4; ++i) o[i] = w.off[j + std::min<int64_t>(i, r - 1)];  // pad with a live key
     // Pages scatter the rows, so the hardware prefetcher loses the stream at every page
     // boundary: fetch K rows kPrefetch keys ahead, and this group's V rows for the P·V
     // pass (which reads them from L2 then).
@@ -209,9 +209,15 @@ void scores_avx2(const Attend& w) {
       for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(kb + w.off[i] * (BF16 ? 2 : 4) + b, _MM_HINT_T0);
     for (int64_t i = j; i < j + r; ++i)
       for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(vb + w.off[i] * (BF16 ? 2 : 4) + b, _MM_HINT_T1);
-    int64_t g = 0;
-    for (; g + 2 <= w.G; g += 2) scores_tile<BF16, 2>(w, o, j, r, g);
-    if (g < w.G) scores_tile<BF16, 1>(w, o, j, r, g);
+    for (int64_t h = 0; h < w.KVH; ++h) {
+      int64_t o[4];
+      for (int i = 0; i < 4; ++i) o[i] = w.off[j + std::min<int64_t>(i, r - 1)] + h * w.D;  // pad with a live key
+      const int64_t end = (h + 1) * w.G;
+      int64_t g = h * w.G;
+      for (; g + 3 <= end; g += 3) scores_tile<BF16, 3>(w, o, j, r, g);
+      if (end - g == 2) scores_tile<BF16, 2>(w, o, j, r, g);
+      if (end - g == 1) scores_tile<BF16, 1>(w, o, j, r, g);
+    }
   }
 }
 
@@ -240,8 +246,9 @@ inline void softmax_row_avx2(float* s, int64_t nk, float softcap, float* m, floa
   *l = hsum(sum);
 }
 
-// acc[g.., d0:d0+8·NV] = Σ_j p[g.., j] · v_j[d0:d0+8·NV] for NQ queries: NQ·NV
-// accumulators in registers, each V vector loaded once for the NQ queries.
+// acc[g.., d0:d0+8·NV] = Σ_j p[g.., j] · v_j[d0:d0+8·NV] for NQ queries of one kv head
+// (d0 counts from the key's row start, that head's offset included): NQ·NV accumulators
+// in registers, each V vector loaded once for the NQ queries.
 template <bool BF16, int NQ, int NV>
 inline void pv_tile(const Attend& w, int64_t g, int64_t d0) {
   const float* p = w.s + g * kC;
@@ -257,30 +264,36 @@ inline void pv_tile(const Attend& w, int64_t g, int64_t d0) {
       for (int n = 0; n < NQ; ++n) a[n][i] = _mm256_fmadd_ps(pj[n], vv, a[n][i]);
     }
   }
+  const int64_t c0 = d0 - (g / w.G) * w.D;  // the column within the head
   for (int n = 0; n < NQ; ++n)
-    for (int i = 0; i < NV; ++i) _mm256_storeu_ps(w.acc + (g + n) * w.D + d0 + 8 * i, a[n][i]);
+    for (int i = 0; i < NV; ++i) _mm256_storeu_ps(w.acc + (g + n) * w.D + c0 + 8 * i, a[n][i]);
 }
 
+// Columns [d, d + 8·NV) of kv head h's G queries.
 template <bool BF16, int NV>
-inline void pv_block_avx2(const Attend& w, int64_t d0) {
-  int64_t g = 0;
-  for (; g + 2 <= w.G; g += 2) pv_tile<BF16, 2, NV>(w, g, d0);
-  if (g < w.G) pv_tile<BF16, 1, NV>(w, g, d0);
+inline void pv_block_avx2(const Attend& w, int64_t h, int64_t d) {
+  const int64_t d0 = h * w.D + d, end = (h + 1) * w.G;
+  int64_t g = h * w.G;
+  for (; g + 3 <= end; g += 3) pv_tile<BF16, 3, NV>(w, g, d0);
+  if (end - g == 2) pv_tile<BF16, 2, NV>(w, g, d0);
+  if (end - g == 1) pv_tile<BF16, 1, NV>(w, g, d0);
 }
 
 template <bool BF16>
 void attend_avx2(const Attend& w) {
   scores_avx2<BF16>(w);
-  for (int64_t g = 0; g < w.G; ++g) softmax_row_avx2(w.s + g * kC, w.nk, w.softcap, w.m + g, w.l + g);
-  int64_t d = 0;
-  for (; d + 32 <= w.D; d += 32) pv_block_avx2<BF16, 4>(w, d);
-  for (; d + 8 <= w.D; d += 8) pv_block_avx2<BF16, 1>(w, d);
-  for (; d < w.D; ++d)
-    for (int64_t g = 0; g < w.G; ++g) {
-      float t = 0.f;
-      for (int64_t j = 0; j < w.nk; ++j) t += w.s[g * kC + j] * load1<BF16>(w.v, w.off[j] + d);
-      w.acc[g * w.D + d] = t;
-    }
+  for (int64_t g = 0; g < w.H; ++g) softmax_row_avx2(w.s + g * kC, w.nk, w.softcap, w.m + g, w.l + g);
+  for (int64_t h = 0; h < w.KVH; ++h) {
+    int64_t d = 0;
+    for (; d + 32 <= w.D; d += 32) pv_block_avx2<BF16, 4>(w, h, d);
+    for (; d + 8 <= w.D; d += 8) pv_block_avx2<BF16, 1>(w, h, d);
+    for (; d < w.D; ++d)
+      for (int64_t g = h * w.G; g < (h + 1) * w.G; ++g) {
+        float t = 0.f;
+        for (int64_t j = 0; j < w.nk; ++j) t += w.s[g * kC + j] * load1<BF16>(w.v, w.off[j] + h * w.D + d);
+        w.acc[g * w.D + d] = t;
+      }
+  }
 }
 
 #if defined(__clang__)
@@ -295,13 +308,13 @@ void attend_avx2(const Attend&) {}
 
 // ---------------------------------------------------------------------------- driver
 
-// Keys [n0, n1) of row b for kv head h. part: its slot in the partials buffer, or -1 when
+// Keys [n0, n1) of row b, every head. part: its slot in the partials buffer, or -1 when
 // the item covers the whole row (it then writes the output itself).
 struct Item {
-  int64_t b, h, n0, n1, group, part;
+  int64_t b, n0, n1, part;
 };
 
-struct Group {              // the items of one (row, kv head) split into key ranges
+struct Group {              // the items of one row split into key ranges
   std::atomic<int> left{0};  // items not finished yet
   int64_t first_part = 0, parts = 0;
 };
@@ -310,8 +323,8 @@ struct Job {
   const PagedAttentionArgs* a;
   const Item* items;
   int64_t n_items, per_chunk, G;
-  Group* groups;
-  float* partials;  // [parts, 2G + G·D]: m[G], l[G], acc[G, D]
+  Group* groups;    // per row
+  float* partials;  // [parts, 2H + H·D]: m[H], l[H], acc[H, D]
   bool avx2;
 };
 
@@ -328,67 +341,66 @@ void store_out(const PagedAttentionArgs& a, int64_t b, int64_t head, int64_t d, 
     static_cast<float*>(a.out)[i] = v;
 }
 
-// Writes the G output heads of kv head h from n partial states (m, l, acc) at stride
-// `stride` floats: out = Σ acc_i e^(m_i - M) / Σ l_i e^(m_i - M), M = max m_i, summed in
-// part order (the merge does not depend on which thread runs it).
-void finish(const PagedAttentionArgs& a, int64_t G, int64_t b, int64_t h, const float* st, int64_t n,
-            int64_t stride) {
-  const int64_t D = a.D;
+// Writes row b's H output heads from n partial states (m, l, acc) at stride `stride`
+// floats: out = Σ acc_i e^(m_i - M) / Σ l_i e^(m_i - M), M = max m_i, summed in part order
+// (the merge does not depend on which thread runs it).
+void finish(const PagedAttentionArgs& a, int64_t b, const float* st, int64_t n, int64_t stride) {
+  const int64_t H = a.H, D = a.D;
   std::vector<float> w(n > 1 ? n : 0);
-  for (int64_t g = 0; g < G; ++g) {
+  for (int64_t g = 0; g < H; ++g) {
     if (n == 1) {
-      const float inv = st[G + g] > 0.f ? 1.f / st[G + g] : 0.f;
-      for (int64_t d = 0; d < D; ++d) store_out(a, b, h * G + g, d, st[2 * G + g * D + d] * inv);
+      const float inv = st[H + g] > 0.f ? 1.f / st[H + g] : 0.f;
+      for (int64_t d = 0; d < D; ++d) store_out(a, b, g, d, st[2 * H + g * D + d] * inv);
       continue;
     }
     float M = -INFINITY;
     for (int64_t i = 0; i < n; ++i) M = std::max(M, st[i * stride + g]);
     float L = 0.f;
-    for (int64_t i = 0; i < n; ++i) L += (w[i] = std::exp(st[i * stride + g] - M)) * st[i * stride + G + g];
+    for (int64_t i = 0; i < n; ++i) L += (w[i] = std::exp(st[i * stride + g] - M)) * st[i * stride + H + g];
     const float inv = L > 0.f ? 1.f / L : 0.f;
     for (int64_t d = 0; d < D; ++d) {
       float t = 0.f;
-      for (int64_t i = 0; i < n; ++i) t += w[i] * st[i * stride + 2 * G + g * D + d];
-      store_out(a, b, h * G + g, d, t * inv);
+      for (int64_t i = 0; i < n; ++i) t += w[i] * st[i * stride + 2 * H + g * D + d];
+      store_out(a, b, g, d, t * inv);
     }
   }
 }
 
 void run_item(const Job& job, const Item& it, Scratch& w) {
   const PagedAttentionArgs& a = *job.a;
-  const int64_t G = job.G, D = a.D, nk = it.n1 - it.n0, row = a.KVH * D;
-  w.q.resize(G * D);
-  w.s.resize(G * kC);
-  w.state.resize(2 * G + G * D);  // m, l and acc side by side: the partial-state layout
+  const int64_t H = a.H, D = a.D, nk = it.n1 - it.n0, row = a.KVH * D;
+  w.q.resize(H * D);
+  w.s.resize(H * kC);
+  w.state.resize(2 * H + H * D);  // m, l and acc side by side: the partial-state layout
   w.off.resize(kC);
-  // Element offsets of the item's keys, walked page by page (no division per key).
+  // Element offsets of the item's key rows, walked page by page (no division per key).
   for (int64_t n = it.n0, j = 0; n < it.n1;) {
     const int64_t pg = n / a.PS;
     const int64_t page = load_index(a.block_tables, a.tables_i64, it.b * a.sbt + pg);
     const int64_t end = std::min(it.n1, (pg + 1) * a.PS);
-    for (int64_t o = ((page * a.PS + (n - pg * a.PS)) * a.KVH + it.h) * D; n < end; ++n, ++j, o += row)
-      w.off[j] = o;
+    for (int64_t o = (page * a.PS + (n - pg * a.PS)) * row; n < end; ++n, ++j, o += row) w.off[j] = o;
   }
-  for (int64_t g = 0; g < G; ++g) {
-    const int64_t q0 = it.b * a.sqb + (it.h * G + g) * a.sqh;
+  for (int64_t g = 0; g < H; ++g) {
+    const int64_t q0 = it.b * a.sqb + g * a.sqh;
     for (int64_t d = 0; d < D; ++d)
       w.q[g * D + d] = a.scale * (a.io_bf16 ? load1<true>(a.q, q0 + d) : load1<false>(a.q, q0 + d));
   }
   float* st = w.state.data();
-  const Attend at{a.k, a.v, w.off.data(), nk, w.q.data(), G, D, a.softcap, w.s.data(), st, st + G, st + 2 * G};
+  const Attend at{a.k, a.v, w.off.data(), nk, w.q.data(), H, job.G, a.KVH, D, a.softcap,
+                  w.s.data(), st, st + H, st + 2 * H};
   if (job.avx2)
     a.cache_bf16 ? attend_avx2<true>(at) : attend_avx2<false>(at);
   else
     a.cache_bf16 ? attend_scalar<true>(at) : attend_scalar<false>(at);
-  const int64_t stride = 2 * G + G * D;
+  const int64_t stride = 2 * H + H * D;
   if (it.part < 0) {
-    finish(a, G, it.b, it.h, st, 1, stride);
+    finish(a, it.b, st, 1, stride);
     return;
   }
   std::memcpy(job.partials + it.part * stride, st, sizeof(float) * stride);
-  Group& grp = job.groups[it.group];
+  Group& grp = job.groups[it.b];
   if (grp.left.fetch_sub(1, std::memory_order_acq_rel) == 1)  // the last one merges
-    finish(a, G, it.b, it.h, job.partials + grp.first_part * stride, grp.parts, stride);
+    finish(a, it.b, job.partials + grp.first_part * stride, grp.parts, stride);
 }
 
 }  // namespace
@@ -398,7 +410,7 @@ void paged_decode_attention(const PagedAttentionArgs& a) {
   const int64_t G = a.H / a.KVH, cap = a.NP * a.PS;
   // Rows, serially: clamp the length, check the pages the row needs, cut it into items.
   std::vector<Item> items;
-  std::vector<int64_t> group_parts;  // per group: its item count when split, 0 otherwise
+  std::unique_ptr<Group[]> groups(new Group[a.B]);
   int64_t parts = 0;
   for (int64_t b = 0; b < a.B; ++b) {
     const int64_t L = std::clamp<int64_t>(load_index(a.lengths, a.lengths_i64, b * a.sl), 0, cap);
@@ -413,32 +425,23 @@ void paged_decode_attention(const PagedAttentionArgs& a) {
         for (int64_t d = 0; d < a.D; ++d) store_out(a, b, h, d, 0.f);
       continue;
     }
-    // Key range by key range, the kv heads of a range next to each other: a page holds
-    // [PS, KVH, D], so consecutive items (one thread's, or both threads' at once) read one
-    // contiguous stretch of it rather than strided rows of pages far apart. (On the loaded
-    // 2-core EPYC the two orders timed alike, within noise: B=8, L=1024, 1.6-3.4 ms.)
-    const int64_t n_split = (L - lo + kC - 1) / kC, group0 = int64_t(group_parts.size());
-    for (int64_t h = 0; h < a.KVH; ++h) group_parts.push_back(n_split > 1 ? n_split : 0);
+    const int64_t n_split = (L - lo + kC - 1) / kC;
+    if (n_split > 1) {
+      groups[b].left.store(int(n_split), std::memory_order_relaxed);
+      groups[b].first_part = parts;
+      groups[b].parts = n_split;
+    }
     for (int64_t i = 0; i < n_split; ++i)
-      for (int64_t h = 0; h < a.KVH; ++h)
-        items.push_back({b, h, lo + i * kC, std::min(L, lo + (i + 1) * kC), group0 + h,
-                         n_split > 1 ? parts + h * n_split + i : -1});
-    if (n_split > 1) parts += a.KVH * n_split;
+      items.push_back({b, lo + i * kC, std::min(L, lo + (i + 1) * kC), n_split > 1 ? parts + i : -1});
+    if (n_split > 1) parts += n_split;
   }
   if (items.empty()) return;
-  std::unique_ptr<Group[]> groups(new Group[group_parts.size()]);
-  for (int64_t g = 0, first = 0; g < int64_t(group_parts.size()); ++g) {
-    groups[g].left.store(int(group_parts[g]), std::memory_order_relaxed);
-    groups[g].first_part = first;
-    groups[g].parts = group_parts[g];
-    first += group_parts[g];
-  }
-  std::vector<float> partials(parts * (2 * G + G * a.D));
+  std::vector<float> partials(parts * (2 * a.H + a.H * a.D));
   const int64_t n_items = int64_t(items.size());
   // Waking a pool worker costs a few microseconds (a futex call, the worker sleeping at
   // once: work_pool.cpp): each thread past the first must get ~10 us of work, 2^18 FMAs.
   int64_t fmas = 0;
-  for (const Item& it : items) fmas += 2 * (it.n1 - it.n0) * G * a.D;
+  for (const Item& it : items) fmas += 2 * (it.n1 - it.n0) * a.H * a.D;
   const int threads = int(std::clamp<int64_t>(fmas >> 18, 1, a.threads > 0 ? a.threads : 1));
   const int64_t per = (n_items + 4095) / 4096;  // the pool takes up to 2^20 chunks; 4096 is plenty
   const Job job{&a, items.data(), n_items, per, G, groups.get(), partials.data(),
