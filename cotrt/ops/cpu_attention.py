@@ -11,8 +11,8 @@ These are the semantics of ``cotrt.ops.decode_attention.decode_attention``, the 
 A decode step of SmolLM2-135M on CPU spent ~0.2 ms per layer in torch's SDPA call, and a
 paged cache would add a gather of every row's K/V per layer per step. The C++ kernel
 (csrc/cpu_attention.cpp, module ``cotrt._cpu``) reads the pages through the block table:
-work items of (row, kv head, up to ``SPLIT`` keys) claimed from the work pool
-(csrc/work_pool.h), each reading its K/V rows once for the kv head's G queries; a longer
+work items of (row, up to ``SPLIT`` keys) claimed from the work pool (csrc/work_pool.h),
+each streaming its keys' whole K/V rows (every kv head) once for all H queries; a longer
 row is split into key ranges merged by log-sum-exp, so batch 1 uses every thread. Scores,
 softmax and P·V accumulate in fp32; the result does not depend on the thread count.
 
