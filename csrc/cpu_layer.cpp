@@ -51,13 +51,6 @@ LinearArgs proj(const DecodeLayerArgs& a, int i, const float* x, const float* w,
   return l;
 }
 
-// Linears that read the same x: one pool job when none has a valve, else one call each.
-void run(const LinearArgs* const* ls, int n) {
-  bool valve = false;
-  for (int i = 0; i < n; ++i) valve |= ls[i]->lora_a != nullptr;
-  if (!valve) return linears(ls, n);
-  for (int i = 0; i < n; ++i) linear(*ls[i]);
-}
 
 // x * cos + rotate_half(x) * sin for one head, rotate_half(x) = [-x2, x1].
 void rope(float* x, const float* c, const float* s, int64_t D) {
@@ -89,7 +82,7 @@ void decode_layer(const DecodeLayerArgs& a) {
     const LinearArgs lq = proj(a, 0, h, a.wq, a.bq, q, B, QD, H), lk = proj(a, 1, h, a.wk, a.bk, k, B, KD, H),
                      lv = proj(a, 2, h, a.wv, a.bv, v, B, KD, H);
     const LinearArgs* qkv[3] = {&lq, &lk, &lv};
-    run(qkv, 3);
+    linears(qkv, 3);
   }
   for (int64_t b = 0; b < B; ++b) {
     const float* c = a.cos + b * D;
@@ -143,7 +136,7 @@ void decode_layer(const DecodeLayerArgs& a) {
   {
     const LinearArgs lg = proj(a, 4, h, a.wg, a.bg, g, B, I, H), lu = proj(a, 5, h, a.wu, a.bu, u, B, I, H);
     const LinearArgs* gu[2] = {&lg, &lu};
-    run(gu, 2);
+    linears(gu, 2);
   }
   for (int64_t e = 0; e < B * I; ++e) g[e] = (g[e] / (1.f + std::exp(-g[e]))) * u[e];
   linear(proj(a, 6, g, a.wd, a.bd, o, B, H, I));

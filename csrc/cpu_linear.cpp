@@ -6,8 +6,10 @@
 #include "cpu_linear.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "bf16.h"
@@ -28,13 +30,32 @@ inline float load_w(const void* p, WType t, int64_t i) {
                           : bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
 }
 
-// The valve's per-row LoRA shrink, done before W is streamed: t[m] = alpha[m] · x[m] A[a_m]ᵀ
-// ([r] floats per row) and the row's offset into a B row (a_m · r), -1 for base-only rows
-// (alpha 0, adapter < 0 or >= n_adapters), which then get no LoRA term at all.
+// The valve's per-row LoRA shrink t[m] = alpha[m] · x[m] A[a_m]ᵀ ([r] floats per row) and
+// the row's offset into a B row (a_m · r), -1 for base-only rows (alpha 0, adapter < 0 or
+// >= n_adapters), which then get no LoRA term at all. The shrink runs as the first chunks
+// of the same pool job as W's rows (one chunk per valve row), so it costs no serial time
+// before the workers start; a tile adds the expand only once `left` reaches 0, which it
+// checks after streaming its W rows (by then the shrink chunks, claimed first, are done).
 struct Shrunk {
   const float* t = nullptr;  // [M, r]
   const int64_t* off = nullptr;  // [M]
+  const std::atomic<int64_t>* left = nullptr;  // shrink chunks not finished yet
 };
+
+// Waits until every shrink chunk of the linear has finished (acquire: their t is visible).
+// The chunks were claimed before any W chunk, so their owners are running them; a yield
+// lets one that the OS descheduled run.
+inline void wait_shrunk(const Shrunk& lo) {
+  for (int spins = 0; lo.left && lo.left->load(std::memory_order_acquire) > 0; ++spins) {
+    if (spins < 4096) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
 
 // The LoRA expand of row m at output n: t[m] · B[n, a_m] (r terms), 0 for base-only rows.
 inline float expand_scalar(const LinearArgs& a, const Shrunk& lo, int64_t m, int64_t n) {
@@ -59,6 +80,7 @@ inline void finish(const LinearArgs& a, int64_t m, int64_t n, float v, float d) 
 // Portable kernel: 8 partial sums per dot product, summed in the order hsum() sums the
 // AVX2 lanes (fp32 throughout; results differ from AVX2's only by FMA rounding).
 void rows_scalar(const LinearArgs& a, const Shrunk& lo, int64_t n0, int64_t n1) {
+  wait_shrunk(lo);
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t m = 0; m < a.M; ++m) {
       const float* x = a.x + m * a.ldx;
@@ -125,6 +147,7 @@ inline void tile(const LinearArgs& a, const Shrunk& lo, int64_t n, int64_t m) {
   }
   const int64_t R8 = a.r & ~int64_t(7), ldb = a.n_adapters * a.r;
   if (lo.off) {
+    wait_shrunk(lo);
     for (int j = 0; j < MR; ++j) {
       const int64_t o = lo.off[m + j];
       if (o < 0) continue;  // a base-only row: no LoRA term
@@ -150,23 +173,29 @@ inline void tile(const LinearArgs& a, const Shrunk& lo, int64_t n, int64_t m) {
 }
 
 // The valve's shrink for one x row: t[j] = alpha · x · A[j] for the r rows of its adapter's
-// A (from a0), four A rows per pass over x.
+// A (from a0), NA A rows per pass over x (NA accumulators).
+template <int NA>
+inline void shrink_rows(const float* x, const void* A, WType wt, int64_t a0, int64_t K, int64_t j, float alpha,
+                        float* t) {
+  const int64_t K8 = K & ~int64_t(7);
+  __m256 acc[NA];
+  for (int i = 0; i < NA; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K8; k += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + k);
+    for (int i = 0; i < NA; ++i) acc[i] = _mm256_fmadd_ps(load8(A, wt, a0 + (j + i) * K + k), xv, acc[i]);
+  }
+  for (int i = 0; i < NA; ++i) {
+    float v = hsum(acc[i]);
+    for (int64_t k = K8; k < K; ++k) v += x[k] * load_w(A, wt, a0 + (j + i) * K + k);
+    t[j + i] = alpha * v;
+  }
+}
+
 void shrink_avx2(const float* x, const void* A, WType wt, int64_t a0, int64_t K, int64_t r, float alpha,
                  float* t) {
-  const int64_t K8 = K & ~int64_t(7);
   int64_t j = 0;
-  for (; j + 4 <= r; j += 4) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t k = 0; k < K8; k += 8) {
-      const __m256 xv = _mm256_loadu_ps(x + k);
-      for (int i = 0; i < 4; ++i) acc[i] = _mm256_fmadd_ps(load8(A, wt, a0 + (j + i) * K + k), xv, acc[i]);
-    }
-    for (int i = 0; i < 4; ++i) {
-      float v = hsum(acc[i]);
-      for (int64_t k = K8; k < K; ++k) v += x[k] * load_w(A, wt, a0 + (j + i) * K + k);
-      t[j + i] = alpha * v;
-    }
-  }
+  for (; j + 8 <= r; j += 8) shrink_rows<8>(x, A, wt, a0, K, j, alpha, t);
+  for (; j + 4 <= r; j += 4) shrink_rows<4>(x, A, wt, a0, K, j, alpha, t);
   for (; j < r; ++j) t[j] = alpha * dot_avx2(x, A, wt, a0 + j * K, K);
 }
 
@@ -209,16 +238,37 @@ float dot_scalar(const float* x, const void* w, WType t, int64_t w0, int64_t K) 
 
 }  // namespace
 
-void linear(const LinearArgs& a) {
-  const bool avx2 = cpu_has_avx2();
-  // Valve shrink: M·r dot products of length K (r=16, K=576: 74k FMAs, ~1% of the stream
-  // of a 576x576 weight), on the calling thread before the others start.
+namespace {
+
+// One linear of a pool job: its valve rows' shrink state and its chunks. Chunks are numbered
+// across the job's linears: every shrink chunk (one per valve row) first, then every block
+// of W rows, so the pool (which hands chunks out in order) starts the shrinks first.
+struct Part {
+  const LinearArgs* a = nullptr;
+  std::vector<float> t;             // [M, r]
+  std::vector<int64_t> off;         // [M]
+  std::vector<int64_t> valve_rows;  // the rows with a LoRA term
+  std::atomic<int64_t> left{0};
   Shrunk lo;
-  std::vector<float> t;
-  std::vector<int64_t> off;
+  int64_t rows = 0;                 // W rows per chunk
+  int64_t shrink0 = 0, base0 = 0, base_chunks = 0;
+};
+
+constexpr int kMaxParts = 4;
+
+struct Job {
+  Part* parts;
+  int n;
+  int64_t shrink_end;  // chunks [0, shrink_end) are shrinks
+  bool avx2;
+};
+
+// Finds row m's adapter and alpha; valve rows get their offset and a shrink chunk.
+void prepare(Part& p, const LinearArgs& a, int threads) {
+  p.a = &a;
   if (a.lora_a) {
-    t.assign(a.M * a.r, 0.f);
-    off.assign(a.M, -1);
+    p.t.assign(a.M * a.r, 0.f);
+    p.off.assign(a.M, -1);
     for (int64_t m = 0; m < a.M; ++m) {
       const float al = a.alpha[m * a.s_alpha];
       int64_t ad = 0;
@@ -226,74 +276,78 @@ void linear(const LinearArgs& a) {
         ad = a.adapter_i64 ? static_cast<const int64_t*>(a.adapter)[m * a.s_adapter]
                            : static_cast<const int32_t*>(a.adapter)[m * a.s_adapter];
       if (al == 0.f || ad < 0 || ad >= a.n_adapters) continue;
-      off[m] = ad * a.r;
-      const float* x = a.x + m * a.ldx;
-      if (avx2) {
-        shrink_avx2(x, a.lora_a, a.wtype, ad * a.r * a.K, a.K, a.r, al, &t[m * a.r]);
-        continue;
-      }
-      for (int64_t j = 0; j < a.r; ++j) t[m * a.r + j] = al * dot_scalar(x, a.lora_a, a.wtype, (ad * a.r + j) * a.K, a.K);
+      p.off[m] = ad * a.r;
+      p.valve_rows.push_back(m);
     }
-    lo.t = t.data();
-    lo.off = off.data();
+    if (!p.valve_rows.empty()) {  // else every row is base-only: no LoRA term at all
+      p.left.store(int64_t(p.valve_rows.size()), std::memory_order_relaxed);
+      p.lo = Shrunk{p.t.data(), p.off.data(), &p.left};
+    }
   }
   // Chunks of whole 4-row blocks, about 8 per thread, claimed by whichever thread is free
   // (work_pool.h): a thread the OS deschedules delays only the chunk it holds.
-  struct Job {
-    const LinearArgs* a;
-    const Shrunk* lo;
-    int64_t rows;  // weight rows per chunk
-    bool avx2;
-  };
-  const int threads = a.threads > 0 ? a.threads : 1;
   const int64_t blocks = (a.N + kNR - 1) / kNR;
   const int64_t per = std::max<int64_t>(4, (blocks + 8 * threads - 1) / (8 * threads));
-  const Job job{&a, &lo, per * kNR, avx2};
-  parallel_chunks((blocks + per - 1) / per, threads, [](const void* ctx, int64_t c) {
-    const Job& j = *static_cast<const Job*>(ctx);
-    const int64_t n0 = c * j.rows, n1 = std::min(n0 + j.rows, j.a->N);
-    if (j.avx2)
-      rows_avx2(*j.a, *j.lo, n0, n1);
-    else
-      rows_scalar(*j.a, *j.lo, n0, n1);
-  }, &job);
+  p.rows = per * kNR;
+  p.base_chunks = (blocks + per - 1) / per;
 }
 
-void linears(const LinearArgs* const* as, int n) {
-  // The chunks of every linear in one index space: linear i owns [first[i], first[i + 1]).
-  constexpr int kMax = 4;
-  if (n > kMax) {
-    for (int i = 0; i < n; ++i) linear(*as[i]);
+void run_chunk(const void* ctx, int64_t c) {
+  const Job& j = *static_cast<const Job*>(ctx);
+  int i = 0;
+  if (c < j.shrink_end) {
+    while (c >= j.parts[i].shrink0 + int64_t(j.parts[i].valve_rows.size())) ++i;
+    Part& p = j.parts[i];
+    const LinearArgs& a = *p.a;
+    const int64_t m = p.valve_rows[c - p.shrink0];
+    const float al = a.alpha[m * a.s_alpha];
+    float* t = &p.t[m * a.r];
+    const float* x = a.x + m * a.ldx;
+    if (j.avx2) {
+      shrink_avx2(x, a.lora_a, a.wtype, p.off[m] * a.K, a.K, a.r, al, t);
+    } else {
+      for (int64_t q = 0; q < a.r; ++q) t[q] = al * dot_scalar(x, a.lora_a, a.wtype, (p.off[m] + q) * a.K, a.K);
+    }
+    p.left.fetch_sub(1, std::memory_order_release);
     return;
   }
-  struct Job {
-    const LinearArgs* const* as;
-    int64_t first[kMax + 1];
-    int64_t rows[kMax];
-    bool avx2;
-  } job{};
-  job.as = as;
-  job.avx2 = cpu_has_avx2();
+  while (c >= j.parts[i].base0 + j.parts[i].base_chunks) ++i;
+  const Part& p = j.parts[i];
+  const int64_t n0 = (c - p.base0) * p.rows, n1 = std::min(n0 + p.rows, p.a->N);
+  if (j.avx2)
+    rows_avx2(*p.a, p.lo, n0, n1);
+  else
+    rows_scalar(*p.a, p.lo, n0, n1);
+}
+
+}  // namespace
+
+void linears(const LinearArgs* const* as, int n) {
+  if (n > kMaxParts) {
+    for (int i = 0; i < n; ++i) linears(&as[i], 1);
+    return;
+  }
   int threads = 1;
   for (int i = 0; i < n; ++i) threads = std::max(threads, as[i]->threads);
+  Part parts[kMaxParts];
+  int64_t shrinks = 0;
   for (int i = 0; i < n; ++i) {
-    const int64_t blocks = (as[i]->N + kNR - 1) / kNR;
-    const int64_t per = std::max<int64_t>(4, (blocks + 8 * threads - 1) / (8 * threads));
-    job.rows[i] = per * kNR;
-    job.first[i + 1] = job.first[i] + (blocks + per - 1) / per;
+    prepare(parts[i], *as[i], threads);
+    parts[i].shrink0 = shrinks;
+    shrinks += int64_t(parts[i].valve_rows.size());
   }
-  static const Shrunk kNoValve{};
-  parallel_chunks(job.first[n], threads, [](const void* ctx, int64_t c) {
-    const Job& j = *static_cast<const Job*>(ctx);
-    int i = 0;
-    while (c >= j.first[i + 1]) ++i;
-    const LinearArgs& a = *j.as[i];
-    const int64_t n0 = (c - j.first[i]) * j.rows[i], n1 = std::min(n0 + j.rows[i], a.N);
-    if (j.avx2)
-      rows_avx2(a, kNoValve, n0, n1);
-    else
-      rows_scalar(a, kNoValve, n0, n1);
-  }, &job);
+  int64_t chunks = shrinks;
+  for (int i = 0; i < n; ++i) {
+    parts[i].base0 = chunks;
+    chunks += parts[i].base_chunks;
+  }
+  const Job job{parts, n, shrinks, cpu_has_avx2()};
+  parallel_chunks(chunks, threads, run_chunk, &job);
+}
+
+void linear(const LinearArgs& a) {
+  const LinearArgs* one = &a;
+  linears(&one, 1);
 }
 
 const char* isa() { return cpu_has_avx2() ? "avx2" : "scalar"; }

@@ -34,8 +34,8 @@ struct LinearArgs {
 // Runs the AVX2+FMA kernel when the CPU has it, the portable one otherwise.
 void linear(const LinearArgs& a);
 
-// Several linears without a valve (lora_a null), as one job for the thread pool: one
-// wake-up of the workers instead of one each (a decode layer's q/k/v and gate/up).
+// Several linears (valves included), as one job for the thread pool: one wake-up of the
+// workers instead of one each (a decode layer's q/k/v and gate/up). At most 4 share a job.
 void linears(const LinearArgs* const* as, int n);
 
 // Which kernel linear() runs on this CPU: "avx2" or "scalar"; and the pool's worker threads
