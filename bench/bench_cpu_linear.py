@@ -16,7 +16,9 @@ The model sweep then runs every linear of the model once, in order, at M=1 (F.li
 cpu_linear, read): a batch-1 decode step's weight traffic, weights cold as in a real step.
 
 Each figure is the median [p20, p80] of --repeats interleaved samples, a sample being as
-many back-to-back calls as fill ~5 ms. GB/s counts W (plus A and B for valve rows) once.
+many back-to-back calls as fill ~5 ms; the two ratio columns are the median [p20, p80] of
+the per-round ratios (cpu_linear and valve run next to each other in every round, so
+the machine's load, which moved single figures by 20% here, lands on both). GB/s counts W (plus A and B for valve rows) once.
 Runtime: ~2 min for both dtypes on a 2-core machine.
 """
 from __future__ import annotations
@@ -144,9 +146,12 @@ def shapes(args, order):
                         m, lo, hi = quantiles(per[p])
                         moved = bw + (bl if p in ("valve", "valve_lora") else 0)
                         cells.append(f"{m * 1e6:.0f} [{lo * 1e6:.0f}, {hi * 1e6:.0f}] ({moved / m / 1e9:.1f})")
-                    med = {k: quantiles(v)[0] for k, v in per.items()}
+                    # Ratios round by round (both calls of a pair adjacent in time, so load that
+                    # comes and goes lands on both), then their median [p20, p80].
+                    ratio = {k: quantiles([a / b for a, b in zip(per[k], per["cpu_linear"])])
+                             for k in ("F.linear", "valve")}
                     print(f"| {dt} | {name} {N}x{K} | {M} | " + " | ".join(cells)
-                          + f" | {med['F.linear'] / med['cpu_linear']:.2f}x | {med['valve'] / med['cpu_linear']:.2f}x |",
+                          + "".join(f" | {m:.2f}x [{lo:.2f}, {hi:.2f}]" for m, lo, hi in ratio.values()) + " |",
                           flush=True)
 
 

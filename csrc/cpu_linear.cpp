@@ -241,18 +241,29 @@ float dot_scalar(const float* x, const void* w, WType t, int64_t w0, int64_t K) 
 namespace {
 
 // One linear of a pool job: its valve rows' shrink state and its chunks. Chunks are numbered
-// across the job's linears: every shrink chunk (one per valve row) first, then every block
-// of W rows, so the pool (which hands chunks out in order) starts the shrinks first.
+// across the job's linears: every shrink chunk first, then every block of W rows, so the
+// pool (which hands chunks out in order) starts the shrinks first.
+//
+// The shrink: when every valve row uses one adapter (the usual case), its r A rows are a
+// small weight [r, K] for all M rows at once, run by the W kernel itself in chunks of 8 A
+// rows (x loaded once for 4 A rows and 2 x rows, where one row at a time loads an A vector
+// per FMA); the chunk that finishes last scales each row by its alpha, then releases the
+// expand. Rows of several adapters shrink one chunk per row instead.
 struct Part {
   const LinearArgs* a = nullptr;
   std::vector<float> t;             // [M, r]
   std::vector<int64_t> off;         // [M]
   std::vector<int64_t> valve_rows;  // the rows with a LoRA term
-  std::atomic<int64_t> left{0};
+  std::atomic<int64_t> left{0};     // shrink chunks not finished (+1 for the scaling)
+  bool as_weight = false;           // the shrink runs as a weight [r, K] (one adapter)
+  LinearArgs shrink{};              // that weight's arguments
+  int64_t shrink_chunks = 0;
   Shrunk lo;
   int64_t rows = 0;                 // W rows per chunk
   int64_t shrink0 = 0, base0 = 0, base_chunks = 0;
 };
+
+constexpr int64_t kShrinkRows = 8;  // A rows per chunk when the shrink runs as a weight
 
 constexpr int kMaxParts = 4;
 
@@ -280,7 +291,27 @@ void prepare(Part& p, const LinearArgs& a, int threads) {
       p.valve_rows.push_back(m);
     }
     if (!p.valve_rows.empty()) {  // else every row is base-only: no LoRA term at all
-      p.left.store(int64_t(p.valve_rows.size()), std::memory_order_relaxed);
+      p.as_weight = p.valve_rows.size() >= 2;
+      for (int64_t m : p.valve_rows) p.as_weight &= p.off[m] == p.off[p.valve_rows[0]];
+      if (p.as_weight) {
+        LinearArgs& w = p.shrink;
+        const int64_t a0 = p.off[p.valve_rows[0]] * a.K;  // the adapter's first A element
+        w.x = a.x;
+        w.w = a.wtype == WType::kF32 ? static_cast<const void*>(static_cast<const float*>(a.lora_a) + a0)
+                                     : static_cast<const void*>(static_cast<const uint16_t*>(a.lora_a) + a0);
+        w.y = p.t.data();
+        w.M = a.M;
+        w.N = a.r;
+        w.K = a.K;
+        w.ldx = a.ldx;
+        w.ldy = a.r;
+        w.wtype = a.wtype;
+        p.shrink_chunks = (a.r + kShrinkRows - 1) / kShrinkRows;
+        p.left.store(p.shrink_chunks + 1, std::memory_order_relaxed);
+      } else {
+        p.shrink_chunks = int64_t(p.valve_rows.size());
+        p.left.store(p.shrink_chunks, std::memory_order_relaxed);
+      }
       p.lo = Shrunk{p.t.data(), p.off.data(), &p.left};
     }
   }
@@ -296,9 +327,21 @@ void run_chunk(const void* ctx, int64_t c) {
   const Job& j = *static_cast<const Job*>(ctx);
   int i = 0;
   if (c < j.shrink_end) {
-    while (c >= j.parts[i].shrink0 + int64_t(j.parts[i].valve_rows.size())) ++i;
+    while (c >= j.parts[i].shrink0 + j.parts[i].shrink_chunks) ++i;
     Part& p = j.parts[i];
     const LinearArgs& a = *p.a;
+    if (p.as_weight) {
+      const int64_t n0 = (c - p.shrink0) * kShrinkRows, n1 = std::min(n0 + kShrinkRows, a.r);
+      if (j.avx2)
+        rows_avx2(p.shrink, Shrunk{}, n0, n1);
+      else
+        rows_scalar(p.shrink, Shrunk{}, n0, n1);
+      if (p.left.fetch_sub(1, std::memory_order_acq_rel) != 2) return;
+      for (int64_t m : p.valve_rows)  // the last chunk: every row's alpha, then the release
+        for (int64_t q = 0; q < a.r; ++q) p.t[m * a.r + q] *= a.alpha[m * a.s_alpha];
+      p.left.fetch_sub(1, std::memory_order_release);
+      return;
+    }
     const int64_t m = p.valve_rows[c - p.shrink0];
     const float al = a.alpha[m * a.s_alpha];
     float* t = &p.t[m * a.r];
@@ -334,7 +377,7 @@ void linears(const LinearArgs* const* as, int n) {
   for (int i = 0; i < n; ++i) {
     prepare(parts[i], *as[i], threads);
     parts[i].shrink0 = shrinks;
-    shrinks += int64_t(parts[i].valve_rows.size());
+    shrinks += parts[i].shrink_chunks;
   }
   int64_t chunks = shrinks;
   for (int i = 0; i < n; ++i) {

@@ -289,3 +289,17 @@ def test_wrap_refuses_a_bad_cpu_kernels_value(smol_model):
     model, tok = smol_model
     with pytest.raises(ValueError, match="cpu_kernels"):
         cotrt.wrap(model, tok, cpu_kernels="yes")
+
+
+@pytest.mark.parametrize("r", [16, 13, 3])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_valve_shrink_paths(r, threads):
+    """Both ways the kernel shrinks: every valve row on one adapter (the shrink runs as a
+    weight [r, K] for all rows, then each row is scaled by its alpha), and rows on two
+    adapters (one shrink per row); base-only rows (alpha 0, adapter -1) among them."""
+    one = make(8, 576, 200, seed=r, bias=True, lora=(2, r))
+    one["alpha"] = torch.tensor([0.5, 0.0, -1.25, 1.0, 2.0, 0.75, 0.0, 1.5])
+    one["adapter_idx"] = torch.tensor([1, 1, 1, -1, 1, 1, 1, 1])
+    two = dict(one, adapter_idx=torch.tensor([0, 1, 0, 1, 0, 1, -1, 1]))
+    for c, name in ((one, "one adapter"), (two, "two adapters")):
+        assert_close(cpu_linear(**c, threads=threads), cpu_linear_ref(**c), msg=f"{name}, r={r}, threads={threads}")
