@@ -154,3 +154,47 @@ def test_native_layer_equals_the_module_path(arch, smol_tokenizer):
                                          lean._native_layers(), taps=(0,))
     assert_close(got, ref)
     assert_close(got_taps[0], ref_taps[0])
+
+
+def test_native_pointers_follow_model_changes(smol_tokenizer, tmp_path):
+    """The native layers' pointers are kept between steps while the model is unchanged
+    (LeanDecode._native_layers); each kind of change is seen: a weight's storage swapped
+    (``.data =``), a Parameter replaced, a valve loaded after the first steps, a valve
+    turned on and off by the requests. After each, the native path gives the tokens of the
+    HF path of the same runtime, and the weight changes do change the tokens."""
+    pytest.importorskip("peft")
+    from _peft import make_adapter
+
+    vocab = len(smol_tokenizer)
+    base = tiny_model("llama", vocab, seed=31)
+    make_adapter(base, tmp_path / "v", seed=3, std=0.4, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    rt = cotrt.wrap(base, smol_tokenizer, max_batch=2, max_len=64)
+    lean, prompts = rt.runner.lean, _prompts(vocab, n=2, seed=4)
+    assert lean.native
+
+    def both(params):
+        got = [o.token_ids for o in rt.generate(prompts, params)]
+        rt.runner.lean = None
+        try:
+            want = [o.token_ids for o in rt.generate(prompts, params)]
+        finally:
+            rt.runner.lean = lean
+        assert got == want
+        return got
+
+    plain = cotrt.Params(max_new_tokens=12, ignore_eos=True)
+    before = both(plain)
+    cached = lean._native_cache
+    assert cached is not None and lean._native_layers() is cached[4]  # unchanged: reused
+    q = base.model.layers[0].self_attn.q_proj
+    q.weight.data = torch.randn_like(q.weight) * 0.5  # new storage, same Parameter
+    swapped = both(plain)
+    assert swapped != before and lean._native_cache is not cached
+    down = base.model.layers[1].mlp.down_proj
+    down.weight = torch.nn.Parameter(torch.randn_like(down.weight) * 0.5)  # a new Parameter
+    replaced = both(plain)
+    assert replaced != swapped
+    rt.load_valve(str(tmp_path / "v"), name="v")
+    on = both([cotrt.Params(max_new_tokens=12, ignore_eos=True, valve={"v": a}) for a in (1.0, 2.0)])
+    assert on != replaced
+    assert both(plain) == replaced  # the valve off again

@@ -57,6 +57,7 @@ class LeanDecode:
         # weights (a valve's banks ride along); the wrap-time check runs this path too.
         self.native = runner.dtype == torch.float32 and _native_built() and all(
             _plain(m) for layer in dec.layers for m in layer.modules() if m is not layer)
+        self._native_cache = None  # _native_layers' result and what it was read from
 
     def applies(self, meta: StepMeta) -> bool:
         return self.why_not is None and meta.decode and meta.lengths is not None and meta.k_buffers is not None
@@ -104,15 +105,52 @@ class LeanDecode:
         """Per layer, the pointers ``_cpu.decode_layer`` reads (weights, norms, valve banks)
         and the eps values; None when a layer cannot run there (a module replaced by
         another kind, a valve bank it cannot read). Also sets ``self._valve``: the step's
-        per-row alpha and adapter when a valve is in use."""
+        per-row alpha and adapter when a valve is in use.
+
+        Collecting them walks ~270 modules through ``nn.Module.__getattr__`` (2-4 ms of a
+        35 ms SmolLM2 step), so the result is kept with what it was read from, and reused
+        while all of it is unchanged: every module and tensor still the object in its
+        parent's slot (``_modules``/``_parameters``/``_buffers``), every tensor's storage
+        where it was (``.data`` swaps), and every valve state on or off as it was."""
+        c = self._native_cache
+        if c is not None and _unchanged(c):
+            self._valve = c[3]
+            return c[4]
+        slots, tensors, states = [], [], []
+        layers = self._collect_native_layers(slots, tensors, states)
+        self._native_cache = None if layers is None else \
+            (tuple(slots), tuple(tensors), tuple(states), self._valve, layers)
+        return layers
+
+    def _collect_native_layers(self, slots, tensors, states) -> list | None:
+        """``_native_layers``' walk; appends to ``slots`` (container, key, object),
+        ``tensors`` (tensor, data_ptr) and ``states`` (valve state, alpha is None)."""
         from ..layers.valve_lora import ValveLinear
 
-        out, self._valve = [], None
+        def track(m, *names):
+            for name in names:
+                for d in (m._parameters, m._buffers, m.__dict__):
+                    if name in d:
+                        slots.append((d, name, d[name]))
+                        if isinstance(d[name], torch.Tensor):
+                            tensors.append((d[name], d[name].data_ptr()))
+                        break
+
+        out, self._valve, seen = [], None, set()
         for layer, attn, mlp, _, _ in self.layers:
             mods = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            for parent, names in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                  (mlp, ("gate_proj", "up_proj", "down_proj")),
+                                  (layer, ("input_layernorm", "post_attention_layernorm"))):
+                slots.extend((parent._modules, n, parent._modules[n]) for n in names)
             banks = [None] * 7
             for i, m in enumerate(mods):
+                track(m, "weight", "bias")
                 if isinstance(m, ValveLinear):
+                    track(m, "lora_a", "lora_b", "state")
+                    if id(m.state) not in seen:
+                        seen.add(id(m.state))
+                        states.append((m.state, m.state.alpha is None))
                     if m.state.alpha is not None and m.lora_a.shape[0] > 0:
                         if m.transposed or m.lora_a.dtype != torch.float32 or not m.lora_a.is_contiguous() \
                                 or not m.lora_b.permute(1, 0, 2).is_contiguous():
@@ -123,6 +161,11 @@ class LeanDecode:
                     return None
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
             qk = (attn.q_norm, attn.k_norm) if self.qk_norm else (None, None)
+            if self.qk_norm:
+                slots.extend((attn._modules, n, attn._modules[n]) for n in ("q_norm", "k_norm"))
+            for n in norms + qk:
+                if n is not None:
+                    track(n, "weight")
             ptrs = [n.weight.data_ptr() for n in norms] + [m.weight.data_ptr() for m in mods] + \
                 [0 if m.bias is None else m.bias.data_ptr() for m in mods] + \
                 [0 if n is None else n.weight.data_ptr() for n in qk]
@@ -164,6 +207,13 @@ class LeanDecode:
             if i in taps:
                 tapped[i] = x[:, None].clone()
         return self.decoder.norm(x)[:, None], tapped
+
+
+def _unchanged(cache) -> bool:
+    """Whether what ``LeanDecode._native_layers`` read is all still in place (its docstring)."""
+    slots, tensors, states = cache[:3]
+    return all(d.get(k) is o for d, k, o in slots) and all(t.data_ptr() == p for t, p in tensors) and \
+        all((st.alpha is None) is none for st, none in states)
 
 
 def _eps(norm) -> float:
