@@ -1,18 +1,18 @@
 """The latent testbed's task: follow k edges of a shuffled permutation graph.
 
-A problem lists every edge ``X>Y`` of a random permutation of N node names (single
-letters), shuffled, then names a start node and a hop count k (3 to 5)::
+A problem lists every edge ``XY`` (X goes to Y) of a random permutation of N = 12 node
+names (single letters), shuffled, then names a start node and a hop count k (3 to 5)::
 
-    K>B,C>N,...,A>G
+    KB CJ ... AG
     start C, hops 3
     <think>
-    C to N
-    N to F
+    C to J
+    J to F
     F to K
     </think>
     Answer: K
 
-The chain (CoT) writes one line per hop, the edge followed, ``C to N`` (6 tokens with the
+The chain (CoT) writes one line per hop, the edge followed, ``C to J`` (6 tokens with the
 newline; a sentence per hop, as ProsQA's chains have). Each line is one
 lookup in the list, easy for a model that writes it down; answering at once (no-CoT)
 needs k lookups composed inside one forward, which a small model does poorly. A latent
@@ -29,7 +29,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-NODES = "ABCDEFGHIJKLMNOP"  # N = 16 node names, one token each
+NODES = "ABCDEFGHIJKL"  # N = 12 node names, one token each
 MIN_HOPS, MAX_HOPS = 3, 5
 THINK, END = "<think>", "</think>"
 EOS, PAD, UNK = "<eos>", "<pad>", "<unk>"
@@ -53,7 +53,7 @@ class HopProblem:
 
     @property
     def question(self) -> str:
-        return ",".join(f"{a}>{b}" for a, b in self.edges) + f"\nstart {self.start}, hops {self.hops}"
+        return " ".join(f"{a}{b}" for a, b in self.edges) + f"\nstart {self.start}, hops {self.hops}"
 
     @property
     def prompt(self) -> str:
@@ -156,7 +156,7 @@ _WORDS = ("Answer", "start", "hops", "to")
 
 
 def vocabulary() -> list[str]:
-    chars = list(NODES) + list("0123456789") + list(">,:. \n")
+    chars = list(NODES) + list("0123456789") + list(",:. \n")
     return [UNK, PAD, EOS, *_WORDS, *chars]
 
 

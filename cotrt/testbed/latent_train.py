@@ -41,14 +41,14 @@ from . import hops
 from .coconut import coconut_state_dict, latent_loss
 from .optim import optimizer
 
-FULL = {"hidden": 128, "layers": 4, "heads": 4, "inter": 384, "batch": 32, "lr": 2e-3,
-        "base_steps": 700, "no_cot_frac": 0.25,
+FULL = {"hidden": 128, "layers": 4, "heads": 4, "inter": 384, "batch": 32, "lr": 3e-3,
+        "base_steps": 900, "no_cot_frac": 0.25,
         "c": 1, "stage_steps": 60, "final_stage_steps": 120, "coconut_lr": 1e-3,
-        "feedback": 2, "lora_r": 16, "ccot_steps": 400, "answer_steps": 200, "ccot_lr": 2e-3}
+        "feedback": 2, "lora_r": 16, "latent_batch": 16, "ccot_steps": 300, "answer_steps": 200, "ccot_lr": 2e-3}
 QUICK = {"hidden": 32, "layers": 2, "heads": 2, "inter": 64, "batch": 8, "lr": 3e-3,
          "base_steps": 6, "no_cot_frac": 0.25,
          "c": 1, "stage_steps": 2, "final_stage_steps": 2, "coconut_lr": 1e-3,
-         "feedback": 0, "lora_r": 4, "ccot_steps": 3, "answer_steps": 2, "ccot_lr": 2e-3}
+         "feedback": 0, "lora_r": 4, "latent_batch": 4, "ccot_steps": 3, "answer_steps": 2, "ccot_lr": 2e-3}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -171,7 +171,7 @@ def train_coconut(out: Path, seed: int, cfg: dict, banned: set) -> dict:
     model = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
     start, end = tok.convert_tokens_to_ids(list(hops.LATENT_TOKENS[:2]))
     (out / "coconut").mkdir(parents=True, exist_ok=True)
-    batches = _hop_batches(seed + 2, cfg["batch"], banned)
+    batches = _hop_batches(seed + 2, cfg["latent_batch"], banned)
     c, log = cfg["c"], {"c": cfg["c"], "losses": {}, "cpu_seconds": {}}
     model.train()
     params = list(model.parameters())
@@ -289,7 +289,7 @@ def train_ccot(out: Path, seed: int, cfg: dict, banned: set) -> dict:
     params = _only(peft, "contemplate") + list(head.parameters())
     steps = cfg["ccot_steps"]
     opt, sched = optimizer(params, cfg["ccot_lr"], steps)
-    batches = _hop_batches(seed + 3, cfg["batch"], banned)
+    batches = _hop_batches(seed + 3, cfg["latent_batch"], banned)
     peft.train()
     losses, t0 = [], time.process_time()
     for step in range(steps):
