@@ -1,25 +1,29 @@
-"""The latent testbed's task: follow k edges of a shuffled permutation graph.
+"""The latent testbed's task: apply k fixed permutations in turn (k = 3 to 5 hops).
 
-A problem lists every edge ``XY`` (X goes to Y) of a random permutation of N = 12 node
-names (single letters), shuffled, then names a start node and a hop count k (3 to 5)::
+The task's world has N = 16 nodes (letters A-P) and NUM_OPS = 4 fixed permutations of them
+(drawn once from a constant seed: the same for every problem and every training seed, the
+model's "knowledge"). A problem names a start node and a sequence of k ops, padded with
+"." to MAX_HOPS; the answer is the node reached::
 
-    KB CJ ... AG
-    start C, hops 3
+    start J, ops 241..
     <think>
-    C to J
-    J to F
-    F to K
-    </think>
-    Answer: K
+    EHC</think>
+    Answer: C
 
-The chain (CoT) writes one line per hop, the edge followed, ``C to J`` (6 tokens with the
-newline; a sentence per hop, as ProsQA's chains have). Each line is one
-lookup in the list, easy for a model that writes it down; answering at once (no-CoT)
-needs k lookups composed inside one forward, which a small model does poorly. A latent
-step can carry the node reached so far: Coconut and CCoT replace the lines by one
-continuous thought per hop (the ProsQA-style setting where the Coconut paper reports its
-clearest gain). The answer is uniform over the N nodes (a permutation has no favoured
-targets), so guessing scores 1/N.
+The chain (CoT) writes the node reached after each hop, one token a hop, then
+``</think>`` and the answer. Each chain token is one lookup the model knows by heart (op i
+applied to the token before it; op i sits at a fixed distance back in the prompt, since
+the ops are padded to MAX_HOPS), so a 1M-parameter model learns CoT in a few hundred steps
+on a CPU. Answering at once (no-CoT) needs the k permutations composed inside one forward:
+16 * 4^k op sequences per hop count (16,384 at k = 5), too many to memorise, and composing
+permutations is the word problem of a non-solvable group, which a fixed-depth transformer
+cannot do in general without a chain. A latent step can carry the node reached so far:
+Coconut and CCoT replace the chain's tokens by one continuous thought per hop.
+
+Two earlier designs failed to train on this CPU budget (kept here as facts, not code):
+edges of a per-problem graph listed in the prompt (``A>F,...``, lines ``A to F``, or one
+token per edge) need an in-context lookup (an induction circuit); a 0.8M-parameter Llama
+had not learned it after 600-700 steps at batch 32 (CoT accuracy 0.06-0.085, chance 0.0625).
 
 Problems come from a seeded ``random.Random``; the held-out test and validation splits are
 drawn from their own streams and excluded from training.
@@ -29,23 +33,41 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-NODES = "ABCDEFGHIJKL"  # N = 12 node names, one token each
+NODES = "ABCDEFGHIJKLMNOP"  # N = 16 node names, one token each
+NUM_OPS = 4  # ops "1".."4"
 MIN_HOPS, MAX_HOPS = 3, 5
 THINK, END = "<think>", "</think>"
 EOS, PAD, UNK = "<eos>", "<pad>", "<unk>"
 LATENT_TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")  # Coconut's, in its order
 TEST_SIZE, VAL_SIZE = 200, 200
 _TEST_SALT, _VAL_SALT = 0x40B5, 0x7A11
+_WORLD_SEED = 0xF00D
+
+
+def _world() -> dict:
+    rng = random.Random(_WORLD_SEED)
+    ops = {}
+    for i in range(1, NUM_OPS + 1):
+        targets = list(NODES)
+        rng.shuffle(targets)
+        ops[str(i)] = dict(zip(NODES, targets))
+    return ops
+
+
+OPS = _world()  # op name -> {node: node}
 
 
 @dataclass(frozen=True)
 class HopProblem:
-    """edges: ((src, dst), ...) in the order listed; path: the k + 1 nodes visited."""
+    """ops: the k op names applied in turn; path: the k + 1 nodes visited."""
 
-    edges: tuple
     start: str
-    hops: int
+    ops: tuple
     path: tuple
+
+    @property
+    def hops(self) -> int:
+        return len(self.ops)
 
     @property
     def answer(self) -> str:
@@ -53,7 +75,7 @@ class HopProblem:
 
     @property
     def question(self) -> str:
-        return " ".join(f"{a}{b}" for a, b in self.edges) + f"\nstart {self.start}, hops {self.hops}"
+        return f"start {self.start}, ops {''.join(self.ops)}{'.' * (MAX_HOPS - self.hops)}"
 
     @property
     def prompt(self) -> str:
@@ -66,8 +88,8 @@ class HopProblem:
         return f"{self.question}\n{THINK}\n{END}\nAnswer:"
 
     def lines(self) -> list[str]:
-        """The chain: one line per hop, the edge followed."""
-        return [f"{a} to {b}\n" for a, b in zip(self.path, self.path[1:])]
+        """The chain's steps: the node reached at each hop (one token each)."""
+        return list(self.path[1:])
 
     def think(self) -> str:
         return "".join(self.lines())
@@ -78,21 +100,22 @@ class HopProblem:
         return f"{self.think() if cot else ''}{END}\nAnswer: {self.answer}\n"
 
 
+def solve(start: str, ops) -> tuple:
+    """The path from ``start`` through ``ops``."""
+    path = [start]
+    for o in ops:
+        path.append(OPS[o][path[-1]])
+    return tuple(path)
+
+
 def sample_problem(rng: random.Random, hops: int | None = None) -> HopProblem:
     if hops is None:
         hops = rng.randint(MIN_HOPS, MAX_HOPS)
     if not MIN_HOPS <= hops <= MAX_HOPS:
         raise ValueError(f"hops must be in [{MIN_HOPS}, {MAX_HOPS}], got {hops}")
-    targets = list(NODES)
-    rng.shuffle(targets)
-    f = dict(zip(NODES, targets))
-    edges = list(f.items())
-    rng.shuffle(edges)
     start = rng.choice(NODES)
-    path = [start]
-    for _ in range(hops):
-        path.append(f[path[-1]])
-    return HopProblem(tuple(edges), start, hops, tuple(path))
+    ops = tuple(rng.choice(sorted(OPS)) for _ in range(hops))
+    return HopProblem(start, ops, solve(start, ops))
 
 
 def _split(seed: int, salt: int, n: int, exclude=frozenset()) -> list[HopProblem]:
@@ -152,7 +175,7 @@ def parse_answer(text: str) -> str | None:
 # words and "Answer" are single tokens. Spaces and newlines are pieces of their own (cotrt
 # reads each token's bytes from its piece).
 _SPLIT = r"Answer|[a-z]+|[A-Z]|\d|\s|[^\sA-Za-z\d]"
-_WORDS = ("Answer", "start", "hops", "to")
+_WORDS = ("Answer", "start", "ops")
 
 
 def vocabulary() -> list[str]:
@@ -188,6 +211,6 @@ def check_tokenizer(tok) -> None:
             raise ValueError(f"hops tokenizer: {marker} is not a single token")
 
 
-__all__ = ["END", "EOS", "LATENT_TOKENS", "MAX_HOPS", "MIN_HOPS", "NODES", "TEST_SIZE", "THINK", "VAL_SIZE",
-           "HopProblem", "build_tokenizer", "check_tokenizer", "excluded", "held_out", "parse_answer",
-           "sample_problem", "train_stream", "validation"]
+__all__ = ["END", "EOS", "LATENT_TOKENS", "MAX_HOPS", "MIN_HOPS", "NODES", "NUM_OPS", "OPS", "TEST_SIZE", "THINK",
+           "VAL_SIZE", "HopProblem", "build_tokenizer", "check_tokenizer", "excluded", "held_out", "parse_answer",
+           "sample_problem", "solve", "train_stream", "validation"]

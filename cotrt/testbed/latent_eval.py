@@ -34,20 +34,20 @@ from cotrt.models import quiet_loading
 
 from . import hops
 
-MAX_NEW = 64  # a chain is 6 tokens a hop (at most 31 think tokens) plus "\nAnswer: X\n"
+MAX_NEW = 32  # a chain is one token a hop (at most 6 think tokens) plus "\nAnswer: X\n"
 
 
-def _answer_text(o) -> str:
-    """The text after thinking; the whole text when the model never closed it (then there is
-    no "Answer:" after it to grade, unless it wrote one)."""
-    text = o.text or ""
+def _answer_text(o, prompt: str) -> str:
+    """The text after thinking (the prompt's tail included when the prompt closed thinking
+    itself, as no-CoT's does); empty when thinking never closed."""
+    text = prompt + (o.text or "")
     i = text.rfind(hops.END)
-    return text[i + len(hops.END):] if i >= 0 else (o.answer or "")
+    return text[i + len(hops.END):] if i >= 0 else ""
 
 
-def score(outs, problems, control: str, setting: str, wall: float) -> dict:
+def score(outs, problems, prompts, control: str, setting: str, wall: float) -> dict:
     n = len(problems)
-    correct = [hops.parse_answer(_answer_text(o)) == p.answer for o, p in zip(outs, problems)]
+    correct = [hops.parse_answer(_answer_text(o, q)) == p.answer for o, p, q in zip(outs, problems, prompts)]
     think = [o.stats.get("think_tokens", 0) for o in outs]
     latent = [o.stats.get("latent_steps", 0) for o in outs]
     answer = [o.stats.get("answer_tokens", 0) for o in outs]
@@ -61,7 +61,7 @@ def score(outs, problems, control: str, setting: str, wall: float) -> dict:
 def _run(rt, prompts, params, problems, control, setting, log) -> dict:
     t0 = time.perf_counter()
     outs = rt.generate(prompts, params)
-    r = score(outs, problems, control, setting, time.perf_counter() - t0)
+    r = score(outs, problems, prompts, control, setting, time.perf_counter() - t0)
     if log:
         print(f"{control:>8} {setting:<22} acc {r['accuracy']:.3f}  think {r['think_tokens']:5.1f}"
               f"  latent {r['latent_steps']:4.1f}  {r['wall_s']:5.1f}s", file=sys.stderr, flush=True)

@@ -8,15 +8,15 @@ Writes
                   form (thinking closed at once, then the answer), so the no-CoT baseline is a
                   trained mode of the same model, not an untrained prompt;
     DIR/coconut/stage_{s}.pt  Coconut (Hao et al. 2024, arXiv 2412.06769) after curriculum
-                  stage s: the first s hop lines replaced by c=1 continuous thought each (the
+                  stage s: the first s chain steps (edge tokens) replaced by c=1 continuous thought each (the
                   final-norm state fed back as the next input embedding), the optimizer reset
                   at each stage, the loss on the remaining tokens; Coconut's checkpoint format
                   for ``cotrt.loaders.load_coconut``;
     DIR/ccot/     a CCoT bundle (Cheng & Van Durme 2024, arXiv 2412.13171) for
                   ``cotrt.loaders.load_ccot_bundle``: a contemplation LoRA whose states (the
                   residual after decoder layer ``feedback``, fed back as the next input) are
-                  trained to reproduce the base model's layer-l states at the node each hop
-                  line reaches (one contemplation state per hop, rolled out on its own states),
+                  trained to reproduce the base model's layer-l states at each hop's edge
+                  token (one contemplation state per hop, rolled out on its own states),
                   an END head (final-norm state -> logit) trained to fire once the question's
                   hops are done, and an answer LoRA trained to answer from the contemplation;
     DIR/train_log.json  settings, losses, CPU seconds per model.
@@ -42,8 +42,8 @@ from .coconut import coconut_state_dict, latent_loss
 from .optim import optimizer
 
 FULL = {"hidden": 128, "layers": 4, "heads": 4, "inter": 384, "batch": 32, "lr": 3e-3,
-        "base_steps": 900, "no_cot_frac": 0.25,
-        "c": 1, "stage_steps": 60, "final_stage_steps": 120, "coconut_lr": 1e-3,
+        "base_steps": 600, "no_cot_frac": 0.25,
+        "c": 1, "stage_steps": 200, "final_stage_steps": 400, "coconut_lr": 2e-3,
         "feedback": 2, "lora_r": 16, "latent_batch": 16, "ccot_steps": 300, "answer_steps": 200, "ccot_lr": 2e-3}
 QUICK = {"hidden": 32, "layers": 2, "heads": 2, "inter": 64, "batch": 8, "lr": 3e-3,
          "base_steps": 6, "no_cot_frac": 0.25,
@@ -201,14 +201,12 @@ def train_coconut(out: Path, seed: int, cfg: dict, banned: set) -> dict:
 # ------------------------------------------------------------------------------------ CCoT
 
 def node_positions(tok, p: hops.HopProblem) -> list[int]:
-    """Positions (in prompt + chain tokens) of the node each hop line reaches."""
+    """Positions (in prompt + chain tokens) of each hop's edge token (whose input embedding
+    names the node that hop reaches)."""
     P = len(_enc(tok, p.prompt))
-    out, at = [], P
-    for line in p.lines():
-        n = len(_enc(tok, line))
-        out.append(at + n - 2)  # "X to Y\n": Y is the last token before the newline
-        at += n
-    return out
+    if [len(_enc(tok, line)) for line in p.lines()] != [1] * p.hops:
+        raise ValueError("node_positions: every chain step must be one token")
+    return [P + i for i in range(p.hops)]
 
 
 @torch.no_grad()
