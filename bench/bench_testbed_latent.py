@@ -61,7 +61,8 @@ def markdown(agg: list[dict], meta: dict) -> str:
     lines = [
         "# Latent testbed: Coconut and CCoT trained here, through cotrt",
         "",
-        (f"Task: hops.py (follow 3-5 edges of a shuffled 16-node permutation; CoT = one 6-token line per hop). "
+        (f"Task: cotrt/testbed/hops.py (apply 3-5 of 4 fixed permutations of 16 nodes in turn; CoT: one token "
+         f"a hop, then `</think>`; chance 1/16). "
          f"{meta['n']} held-out test problems per seed, seeds {meta['seeds']}; greedy, batch {meta['max_batch']}; "
          f"{meta['device']}; torch {torch.__version__}."),
         f"Models: {meta['model']}.",

@@ -150,22 +150,24 @@ def test_coconut_through_cotrt_matches_naive(quick):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cotrt.loaders import load_coconut
-    from cotrt.testbed.latent_train import coconut_prompt, stage_thoughts
+    from cotrt.testbed.latent_train import coconut_latent, stage_thoughts
 
     out, _ = quick
     stage = hops.MAX_HOPS
     model = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(out / "base")
-    model, tok, latent = load_coconut(model, tok, str(out / "coconut" / f"stage_{stage}.pt"), steps=0)
+    model, tok, _ = load_coconut(model, tok, str(out / "coconut" / f"stage_{stage}.pt"), steps=0)
     rt = cotrt.wrap(model, tok, max_batch=4)
     probs = hops.validation(3, 4)
     ks = [stage_thoughts(stage, p.hops, 1) for p in probs]
     n = 4
-    outs = rt.generate([coconut_prompt(p, k) for p, k in zip(probs, ks)],
-                       cotrt.Params(max_new_tokens=n, ignore_eos=True, latent=latent))
-    start, end, _ = tok.convert_tokens_to_ids(list(hops.LATENT_TOKENS))
+    outs = rt.generate([p.prompt for p in probs],
+                       [cotrt.Params(max_new_tokens=n, ignore_eos=True, latent=coconut_latent(k)) for k in ks])
+    end, lat = tok.convert_tokens_to_ids(list(hops.LATENT_TOKENS[1:]))
     for p, k, o in zip(probs, ks, outs):
-        ids = tok.encode(p.prompt, add_special_tokens=False) + [start]
+        ids = tok.encode(p.prompt, add_special_tokens=False)
+        assert o.prompt_token_ids == ids  # no begin token
+        assert o.token_ids[:k + 1] == [lat] * k + [end]
         ref, fed = _naive(model, ids, steps=k, end_id=end, n_answer=n)
         assert o.stats["latent_steps"] == k == len(fed)
         assert o.token_ids[k + 1:] == ref

@@ -20,10 +20,14 @@ permutations is the word problem of a non-solvable group, which a fixed-depth tr
 cannot do in general without a chain. A latent step can carry the node reached so far:
 Coconut and CCoT replace the chain's tokens by one continuous thought per hop.
 
-Two earlier designs failed to train on this CPU budget (kept here as facts, not code):
-edges of a per-problem graph listed in the prompt (``A>F,...``, lines ``A to F``, or one
-token per edge) need an in-context lookup (an induction circuit); a 0.8M-parameter Llama
-had not learned it after 600-700 steps at batch 32 (CoT accuracy 0.06-0.085, chance 0.0625).
+Designs that failed on this CPU budget (facts, not code): edges of a per-problem graph
+listed in the prompt (``A>F,...`` with lines ``A to F``, or one token per edge) need an
+in-context lookup (an induction circuit), which a 0.8M-parameter Llama had not learned
+after 500-700 steps at batch 32 (CoT accuracy 0.06-0.085, chance 0.0625); one fixed
+successor map over 256 nodes (a problem is only a start and k: 768 problems) was learned,
+but the models memorised the 368 training problems (Coconut stage 5: 1.00 on training
+problems, 0.125 held out); 16 keyed permutations (a 256-entry table) were not learned in
+600 steps.
 
 Problems come from a seeded ``random.Random``; the held-out test and validation splits are
 drawn from their own streams and excluded from training.

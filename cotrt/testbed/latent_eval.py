@@ -9,8 +9,8 @@ validation split) greedily through ``cotrt.wrap``:
 - no-CoT: the same model with thinking closed in the prompt (a trained mode: a quarter of
   its training examples answer at once);
 - Coconut stage s: the stage-s checkpoint loaded with ``cotrt.loaders.load_coconut``, each
-  question in Coconut's layout with its own k = c * min(s, hops) placeholders, read by the
-  engine as k latent steps (``Latent(steps=...)``, final-norm feedback);
+  question with its own k = c * min(s, hops) latent steps (``Latent(steps=k)``, final-norm
+  feedback, no begin token: latent_train.coconut_latent);
 - CCoT: the bundle loaded with ``cotrt.loaders.load_ccot_bundle``; the END head decides
   when contemplation stops (layer-l feedback, contemplation LoRA during, answer LoRA after).
 
@@ -80,7 +80,7 @@ def evaluate(models: Path, problems, max_batch: int = 64, stages=None, log=True)
     """Plain CoT, no-CoT, Coconut per stage, CCoT on ``problems``; returns result rows."""
     from cotrt.loaders import load_ccot_bundle, load_coconut
 
-    from .latent_train import coconut_prompt, stage_thoughts
+    from .latent_train import coconut_latent, stage_thoughts
 
     models = Path(models)
     model, tok = _load_base(models)
@@ -96,12 +96,12 @@ def evaluate(models: Path, problems, max_batch: int = 64, stages=None, log=True)
         if not ckpt.exists():
             continue
         model, tok = _load_base(models)
-        model, tok, latent = load_coconut(model, tok, str(ckpt), steps=0)
+        model, tok, _ = load_coconut(model, tok, str(ckpt), steps=0)
         rt = cotrt.wrap(model, tok, max_batch=max_batch)
-        # Each question with its own k placeholders (Coconut's eval layout).
-        prompts = [coconut_prompt(p, stage_thoughts(s, p.hops, c)) for p in problems]
-        rows.append(_run(rt, prompts, cotrt.Params(max_new_tokens=MAX_NEW, latent=latent), problems,
-                         "Coconut", f"stage {s} (c={c})", log))
+        # k = c * min(s, hops) thoughts: one request batch per k, results in problem order.
+        ks = [stage_thoughts(s, p.hops, c) for p in problems]
+        params = [cotrt.Params(max_new_tokens=MAX_NEW, latent=coconut_latent(k)) for k in ks]
+        rows.append(_run(rt, [p.prompt for p in problems], params, problems, "Coconut", f"stage {s} (c={c})", log))
     if (models / "ccot").exists():
         model, tok, latent = load_ccot_bundle(models / "ccot")
         rt = cotrt.wrap(model.eval(), tok, max_batch=max_batch)

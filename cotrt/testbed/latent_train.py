@@ -11,7 +11,10 @@ Writes
                   stage s: the first s chain steps (edge tokens) replaced by c=1 continuous thought each (the
                   final-norm state fed back as the next input embedding), the optimizer reset
                   at each stage, the loss on the remaining tokens; Coconut's checkpoint format
-                  for ``cotrt.loaders.load_coconut``;
+                  for ``cotrt.loaders.load_coconut``. One departure: no ``<|start-latent|>``
+                  (the prompt's ``<think>\\n`` opens the thoughts, see coconut_latent): with
+                  it every thought sat one position after the chain token it replaces, and
+                  stage 5 fell to chance (0.085 on validation, 200 steps a stage);
     DIR/ccot/     a CCoT bundle (Cheng & Van Durme 2024, arXiv 2412.13171) for
                   ``cotrt.loaders.load_ccot_bundle``: a contemplation LoRA whose states (the
                   residual after decoder layer ``feedback``, fed back as the next input) are
@@ -145,11 +148,14 @@ def train_base(out: Path, seed: int, cfg: dict, banned: set) -> dict:
 
 # --------------------------------------------------------------------------------- Coconut
 
-def coconut_prompt(p: hops.HopProblem, k: int) -> str:
-    """Coconut's layout of a question with ``k`` thoughts (what its eval loop feeds
-    ``generate``; cotrt reads the placeholders as k latent steps)."""
-    s, e, l = hops.LATENT_TOKENS
-    return p.prompt + s + l * k + e
+def coconut_latent(k: int):
+    """The runtime spec of this testbed's Coconut with ``k`` thoughts: no begin token (the
+    prompt's ``<think>\\n`` opens the latent phase, so thought i sits where chain token i
+    sits in plain CoT and reads the prompt at the same distances), ``<|end-latent|>``
+    forced after the thoughts, as in Coconut."""
+    import cotrt
+
+    return cotrt.Latent(steps=k, begin_token=None, insert_begin=False)
 
 
 def coconut_suffix(p: hops.HopProblem, k: int, c: int) -> str:
@@ -169,7 +175,7 @@ def train_coconut(out: Path, seed: int, cfg: dict, banned: set) -> dict:
     torch.manual_seed(seed + 2)
     tok = AutoTokenizer.from_pretrained(out / "base")
     model = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
-    start, end = tok.convert_tokens_to_ids(list(hops.LATENT_TOKENS[:2]))
+    end = tok.convert_tokens_to_ids(hops.LATENT_TOKENS[1])
     (out / "coconut").mkdir(parents=True, exist_ok=True)
     batches = _hop_batches(seed + 2, cfg["latent_batch"], banned)
     c, log = cfg["c"], {"c": cfg["c"], "losses": {}, "cpu_seconds": {}}
@@ -182,7 +188,9 @@ def train_coconut(out: Path, seed: int, cfg: dict, banned: set) -> dict:
         for step in range(steps):
             h, probs = next(batches)
             k = stage_thoughts(stage, h, c)
-            prefix = torch.tensor([_enc(tok, p.prompt) + [start] for p in probs])
+            # No begin token: the thoughts follow the prompt's "<think>\n" directly
+            # (coconut_latent), so they sit where the chain's tokens sit.
+            prefix = torch.tensor([_enc(tok, p.prompt) for p in probs])
             suffix = [[end] + _enc(tok, coconut_suffix(p, k, c)) + [tok.eos_token_id] for p in probs]
             suf = torch.tensor(suffix)  # one hop count per batch: equal lengths
             labels = torch.full_like(suf, -100)
