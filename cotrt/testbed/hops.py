@@ -15,9 +15,7 @@ The chain (CoT) writes the node reached after each hop, one token a hop, then
 applied to the token before it; op i sits at a fixed distance back in the prompt, since
 the ops are padded to MAX_HOPS), so a 1M-parameter model learns CoT in a few hundred steps
 on a CPU. Answering at once (no-CoT) needs the k permutations composed inside one forward:
-16 * 4^k op sequences per hop count (16,384 at k = 5), too many to memorise, and composing
-permutations is the word problem of a non-solvable group, which a fixed-depth transformer
-cannot do in general without a chain. A latent step can carry the node reached so far:
+16 * 4^k problems per hop count (16,384 at k = 5), too many to memorise. A latent step can carry the node reached so far:
 Coconut and CCoT replace the chain's tokens by one continuous thought per hop.
 
 Designs that failed on this CPU budget (facts, not code): edges of a per-problem graph
