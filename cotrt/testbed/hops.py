@@ -1,0 +1,218 @@
+"""The latent testbed's task: apply k fixed permutations in turn (k = 3 to 5 hops).
+
+The task's world has N = 16 nodes (letters A-P) and NUM_OPS = 4 fixed permutations of them
+(drawn once from a constant seed: the same for every problem and every training seed, the
+model's "knowledge"). A problem names a start node and a sequence of k ops, padded with
+"." to MAX_HOPS; the answer is the node reached::
+
+    start J, ops 241..
+    <think>
+    EHC</think>
+    Answer: C
+
+The chain (CoT) writes the node reached after each hop, one token a hop, then
+``</think>`` and the answer. Each chain token is one lookup the model knows by heart (op i
+applied to the token before it; op i sits at a fixed distance back in the prompt, since
+the ops are padded to MAX_HOPS), so a 1M-parameter model learns CoT in a few hundred steps
+on a CPU. Answering at once (no-CoT) needs the k permutations composed inside one forward:
+16 * 4^k problems per hop count (16,384 at k = 5), too many to memorise. A latent step can carry the node reached so far:
+Coconut and CCoT replace the chain's tokens by one continuous thought per hop.
+
+Designs that failed on this CPU budget (facts, not code): edges of a per-problem graph
+listed in the prompt (``A>F,...`` with lines ``A to F``, or one token per edge) need an
+in-context lookup (an induction circuit), which a 0.8M-parameter Llama had not learned
+after 500-700 steps at batch 32 (CoT accuracy 0.06-0.085, chance 0.0625); one fixed
+successor map over 256 nodes (a problem is only a start and k: 768 problems) was learned,
+but the models memorised the 368 training problems (Coconut stage 5: 1.00 on training
+problems, 0.125 held out); 16 keyed permutations (a 256-entry table) were not learned in
+600 steps.
+
+Problems come from a seeded ``random.Random``; the held-out test and validation splits are
+drawn from their own streams and excluded from training.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+NODES = "ABCDEFGHIJKLMNOP"  # N = 16 node names, one token each
+NUM_OPS = 4  # ops "1".."4"
+MIN_HOPS, MAX_HOPS = 3, 5
+THINK, END = "<think>", "</think>"
+EOS, PAD, UNK = "<eos>", "<pad>", "<unk>"
+LATENT_TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")  # Coconut's, in its order
+TEST_SIZE, VAL_SIZE = 200, 200
+_TEST_SALT, _VAL_SALT = 0x40B5, 0x7A11
+_WORLD_SEED = 0xF00D
+
+
+def _world() -> dict:
+    rng = random.Random(_WORLD_SEED)
+    ops = {}
+    for i in range(1, NUM_OPS + 1):
+        targets = list(NODES)
+        rng.shuffle(targets)
+        ops[str(i)] = dict(zip(NODES, targets))
+    return ops
+
+
+OPS = _world()  # op name -> {node: node}
+
+
+@dataclass(frozen=True)
+class HopProblem:
+    """ops: the k op names applied in turn; path: the k + 1 nodes visited."""
+
+    start: str
+    ops: tuple
+    path: tuple
+
+    @property
+    def hops(self) -> int:
+        return len(self.ops)
+
+    @property
+    def answer(self) -> str:
+        return self.path[-1]
+
+    @property
+    def question(self) -> str:
+        return f"start {self.start}, ops {''.join(self.ops)}{'.' * (MAX_HOPS - self.hops)}"
+
+    @property
+    def prompt(self) -> str:
+        """The raw-text prompt: the question, then thinking opened."""
+        return f"{self.question}\n{THINK}\n"
+
+    @property
+    def no_cot_prompt(self) -> str:
+        """The prompt with thinking closed at once (the no-CoT mode)."""
+        return f"{self.question}\n{THINK}\n{END}\nAnswer:"
+
+    def lines(self) -> list[str]:
+        """The chain's steps: the node reached at each hop (one token each)."""
+        return list(self.path[1:])
+
+    def think(self) -> str:
+        return "".join(self.lines())
+
+    def completion(self, cot: bool = True) -> str:
+        """What the model writes after ``prompt`` (eos added by the trainer); ``cot=False``:
+        the no-CoT completion (thinking closed at once)."""
+        return f"{self.think() if cot else ''}{END}\nAnswer: {self.answer}\n"
+
+
+def solve(start: str, ops) -> tuple:
+    """The path from ``start`` through ``ops``."""
+    path = [start]
+    for o in ops:
+        path.append(OPS[o][path[-1]])
+    return tuple(path)
+
+
+def sample_problem(rng: random.Random, hops: int | None = None) -> HopProblem:
+    if hops is None:
+        hops = rng.randint(MIN_HOPS, MAX_HOPS)
+    if not MIN_HOPS <= hops <= MAX_HOPS:
+        raise ValueError(f"hops must be in [{MIN_HOPS}, {MAX_HOPS}], got {hops}")
+    start = rng.choice(NODES)
+    ops = tuple(rng.choice(sorted(OPS)) for _ in range(hops))
+    return HopProblem(start, ops, solve(start, ops))
+
+
+def _split(seed: int, salt: int, n: int, exclude=frozenset()) -> list[HopProblem]:
+    rng = random.Random(seed ^ salt)
+    out, seen = [], set(exclude)
+    while len(out) < n:
+        p = sample_problem(rng)
+        if p.question not in seen:
+            seen.add(p.question)
+            out.append(p)
+    return out
+
+
+def held_out(seed: int, n: int = TEST_SIZE) -> list[HopProblem]:
+    """``n`` distinct test problems from their own stream of ``seed``."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return _split(seed, _TEST_SALT, n)
+
+
+def validation(seed: int, n: int = VAL_SIZE) -> list[HopProblem]:
+    """``n`` distinct validation problems, none of them a test problem."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return _split(seed, _VAL_SALT, n, exclude={p.question for p in held_out(seed, TEST_SIZE)})
+
+
+def train_stream(seed: int, exclude=(), hops: int | None = None):
+    """An endless stream of training problems (all of ``hops`` hops when given), none of
+    whose questions is in ``exclude``."""
+    rng = random.Random(seed)
+    banned = {p.question if isinstance(p, HopProblem) else p for p in exclude}
+    while True:
+        p = sample_problem(rng, hops)
+        if p.question not in banned:
+            yield p
+
+
+def excluded(seed: int) -> set:
+    """The questions training must never see: the test and validation splits."""
+    return {p.question for p in held_out(seed, TEST_SIZE)} | {p.question for p in validation(seed, VAL_SIZE)}
+
+
+def parse_answer(text: str) -> str | None:
+    """The node after the first "Answer:" in ``text``; None if there is none."""
+    text = text or ""
+    i = text.find("Answer:")
+    if i < 0:
+        return None
+    rest = text[i + len("Answer:"):].lstrip(" ")
+    return rest[0] if rest and rest[0] in NODES else None
+
+
+# ------------------------------------------------------------------------------- tokenizer
+
+# Each node letter, digit, punctuation mark, space and newline is one token; lowercase
+# words and "Answer" are single tokens. Spaces and newlines are pieces of their own (cotrt
+# reads each token's bytes from its piece).
+_SPLIT = r"Answer|[a-z]+|[A-Z]|\d|\s|[^\sA-Za-z\d]"
+_WORDS = ("Answer", "start", "ops")
+
+
+def vocabulary() -> list[str]:
+    chars = list(NODES) + list("0123456789") + list(",:. \n")
+    return [UNK, PAD, EOS, *_WORDS, *chars]
+
+
+def build_tokenizer():
+    """A ``PreTrainedTokenizerFast`` over the task's vocabulary, with ``<think>``,
+    ``</think>`` and Coconut's three latent tokens as single added tokens (so the base
+    model, Coconut and CCoT share one vocabulary)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(vocabulary())}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(_SPLIT), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token=UNK, pad_token=PAD, eos_token=EOS)
+    tok.add_tokens([THINK, END, *LATENT_TOKENS], special_tokens=False)
+    return tok
+
+
+def check_tokenizer(tok) -> None:
+    """Round-trip a chain; raise if the text or a marker does not survive."""
+    p = sample_problem(random.Random(0))
+    text = p.prompt + p.completion()
+    ids = tok.encode(text, add_special_tokens=False)
+    if tok.decode(ids) != text or UNK in tok.convert_ids_to_tokens(ids):
+        raise ValueError("hops tokenizer does not round-trip its own chains")
+    for marker in (THINK, END, *LATENT_TOKENS):
+        if len(tok.encode(marker, add_special_tokens=False)) != 1:
+            raise ValueError(f"hops tokenizer: {marker} is not a single token")
+
+
+__all__ = ["END", "EOS", "LATENT_TOKENS", "MAX_HOPS", "MIN_HOPS", "NODES", "NUM_OPS", "OPS", "TEST_SIZE", "THINK",
+           "VAL_SIZE", "HopProblem", "build_tokenizer", "check_tokenizer", "excluded", "held_out", "parse_answer",
+           "sample_problem", "solve", "train_stream", "validation"]

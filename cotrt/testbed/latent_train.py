@@ -1,0 +1,401 @@
+"""Train the latent testbed's models (hops.py's task) on this CPU, from a seed.
+
+    python -m cotrt.testbed.latent_train --out DIR --seed S [--quick]
+
+Writes
+    DIR/base/     an HF checkpoint (config, safetensors, tokenizer.json): a small Llama trained
+                  on full chains (one line per hop), with a quarter of its examples in no-CoT
+                  form (thinking closed at once, then the answer), so the no-CoT baseline is a
+                  trained mode of the same model, not an untrained prompt;
+    DIR/coconut/stage_{s}.pt  Coconut (Hao et al. 2024, arXiv 2412.06769) after curriculum
+                  stage s: the first s chain steps (edge tokens) replaced by c=1 continuous thought each (the
+                  final-norm state fed back as the next input embedding), the optimizer reset
+                  at each stage, the loss on the remaining tokens; Coconut's checkpoint format
+                  for ``cotrt.loaders.load_coconut``. One departure: no ``<|start-latent|>``
+                  (the prompt's ``<think>\\n`` opens the thoughts, see coconut_latent): with
+                  it every thought sat one position after the chain token it replaces, and
+                  stage 5 fell to chance (0.085 on validation, 200 steps a stage);
+    DIR/ccot/     a CCoT bundle (Cheng & Van Durme 2024, arXiv 2412.13171) for
+                  ``cotrt.loaders.load_ccot_bundle``: a contemplation LoRA whose states (the
+                  residual after decoder layer ``feedback``, fed back as the next input) are
+                  trained to reproduce the base model's layer-l states at each hop's edge
+                  token (one contemplation state per hop, rolled out on its own states),
+                  an END head (final-norm state -> logit) trained to fire once the question's
+                  hops are done, and an answer LoRA trained to answer from the contemplation;
+    DIR/train_log.json  settings, losses, CPU seconds per model.
+
+Training is deterministic on one machine: one thread, ``torch.use_deterministic_algorithms``,
+seeded initialisation and seeded data order. Times are ``time.process_time()`` (CPU seconds
+of this one-thread process), not wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import hops
+from .coconut import coconut_state_dict, latent_loss
+from .optim import optimizer
+
+FULL = {"hidden": 128, "layers": 4, "heads": 4, "inter": 384, "batch": 32, "lr": 3e-3,
+        "base_steps": 600, "no_cot_frac": 0.25,
+        "c": 1, "stage_steps": 200, "final_stage_steps": 400, "coconut_lr": 2e-3,
+        "feedback": 2, "lora_r": 16, "latent_batch": 16, "ccot_steps": 300, "answer_steps": 200, "ccot_lr": 2e-3}
+QUICK = {"hidden": 32, "layers": 2, "heads": 2, "inter": 64, "batch": 8, "lr": 3e-3,
+         "base_steps": 6, "no_cot_frac": 0.25,
+         "c": 1, "stage_steps": 2, "final_stage_steps": 2, "coconut_lr": 1e-3,
+         "feedback": 0, "lora_r": 4, "latent_batch": 4, "ccot_steps": 3, "answer_steps": 2, "ccot_lr": 2e-3}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def model_config(tok, cfg: dict):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tok), hidden_size=cfg["hidden"], intermediate_size=cfg["inter"],
+                       num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
+                       num_key_value_heads=cfg["heads"], max_position_embeddings=256, rope_theta=10000.0,
+                       tie_word_embeddings=True, bos_token_id=None, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+
+
+def _enc(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
+
+
+def _pad(rows: list[list[int]], starts: list[int], pad: int):
+    """ids / labels ``[B, T]`` right-padded; labels -100 before ``starts[i]`` and on padding."""
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    for i, (r, s) in enumerate(zip(rows, starts)):
+        ids[i, : len(r)] = torch.tensor(r)
+        labels[i, s: len(r)] = torch.tensor(r[s:])
+    return ids, labels
+
+
+def _lm_loss(logits, labels):
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def _step(opt, sched, params, loss) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
+def _log(label: str, step: int, steps: int, loss: float, t0: float, every: int = 50) -> None:
+    if step % every == 0 or step == steps - 1:
+        print(f"[{label}] step {step:5d}  loss {loss:.4f}  {time.process_time() - t0:6.1f} cpu-s",
+              file=sys.stderr, flush=True)
+
+
+def _hop_batches(seed: int, batch: int, banned: set):
+    """Endless batches of ``batch`` problems sharing a hop count (so every row has the same
+    token lengths), the hop count of each batch drawn from ``random.Random(seed)``."""
+    rng = random.Random(seed)
+    streams = {h: hops.train_stream(seed * 1000 + h, exclude=banned, hops=h)
+               for h in range(hops.MIN_HOPS, hops.MAX_HOPS + 1)}
+    while True:
+        h = rng.randint(hops.MIN_HOPS, hops.MAX_HOPS)
+        yield h, [next(streams[h]) for _ in range(batch)]
+
+
+# ------------------------------------------------------------------------------ base (CoT)
+
+def train_base(out: Path, seed: int, cfg: dict, banned: set) -> dict:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = hops.build_tokenizer()
+    hops.check_tokenizer(tok)
+    model = LlamaForCausalLM(model_config(tok, cfg))
+    stream = hops.train_stream(seed, exclude=banned)
+    rng = random.Random(seed ^ 0x5EED)
+    params = list(model.parameters())
+    opt, sched = optimizer(params, cfg["lr"], cfg["base_steps"])
+    model.train()
+    losses, t0 = [], time.process_time()
+    for step in range(cfg["base_steps"]):
+        rows, starts = [], []
+        for _ in range(cfg["batch"]):
+            p = next(stream)
+            prompt = _enc(tok, p.prompt)
+            comp = _enc(tok, p.completion(cot=rng.random() >= cfg["no_cot_frac"])) + [tok.eos_token_id]
+            rows.append(prompt + comp)
+            starts.append(len(prompt))
+        ids, labels = _pad(rows, starts, tok.pad_token_id)
+        loss = _lm_loss(model(input_ids=ids).logits, labels)  # right padding: no mask needed
+        _step(opt, sched, params, loss)
+        losses.append(loss.item())
+        _log("base", step, cfg["base_steps"], losses[-1], t0)
+    secs = time.process_time() - t0
+    model.eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out / "base")
+    tok.save_pretrained(str(out / "base"))
+    return {"losses": losses, "cpu_seconds": secs, "params": sum(p.numel() for p in model.parameters())}
+
+
+# --------------------------------------------------------------------------------- Coconut
+
+def coconut_latent(k: int):
+    """The runtime spec of this testbed's Coconut with ``k`` thoughts: no begin token (the
+    prompt's ``<think>\\n`` opens the latent phase, so thought i sits where chain token i
+    sits in plain CoT and reads the prompt at the same distances), ``<|end-latent|>``
+    forced after the thoughts, as in Coconut."""
+    import cotrt
+
+    return cotrt.Latent(steps=k, begin_token=None, insert_begin=False)
+
+
+def coconut_suffix(p: hops.HopProblem, k: int, c: int) -> str:
+    """What follows ``<|end-latent|>`` when ``k`` thoughts replace the first ``k // c`` lines."""
+    return "".join(p.lines()[k // c:]) + f"{hops.END}\nAnswer: {p.answer}\n"
+
+
+def stage_thoughts(stage: int, n_hops: int, c: int) -> int:
+    """Thoughts at ``stage`` for a problem of ``n_hops`` lines: c per replaced line (a problem
+    with fewer lines than the stage loses all of them, as in Coconut)."""
+    return c * min(stage, n_hops)
+
+
+def train_coconut(out: Path, seed: int, cfg: dict, banned: set) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed + 2)
+    tok = AutoTokenizer.from_pretrained(out / "base")
+    model = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
+    end = tok.convert_tokens_to_ids(hops.LATENT_TOKENS[1])
+    (out / "coconut").mkdir(parents=True, exist_ok=True)
+    batches = _hop_batches(seed + 2, cfg["latent_batch"], banned)
+    c, log = cfg["c"], {"c": cfg["c"], "losses": {}, "cpu_seconds": {}}
+    model.train()
+    params = list(model.parameters())
+    for stage in range(hops.MAX_HOPS + 1):
+        steps = cfg["final_stage_steps"] if stage == hops.MAX_HOPS else cfg["stage_steps"]
+        opt, sched = optimizer(params, cfg["coconut_lr"], steps)  # reset at each stage, as Coconut does
+        losses, t0 = [], time.process_time()
+        for step in range(steps):
+            h, probs = next(batches)
+            k = stage_thoughts(stage, h, c)
+            # No begin token: the thoughts follow the prompt's "<think>\n" directly
+            # (coconut_latent), so they sit where the chain's tokens sit.
+            prefix = torch.tensor([_enc(tok, p.prompt) for p in probs])
+            suffix = [[end] + _enc(tok, coconut_suffix(p, k, c)) + [tok.eos_token_id] for p in probs]
+            suf = torch.tensor(suffix)  # one hop count per batch: equal lengths
+            labels = torch.full_like(suf, -100)
+            labels[:, :-1] = suf[:, 1:]
+            loss = latent_loss(model, prefix, suf, labels, k)
+            _step(opt, sched, params, loss)
+            losses.append(loss.item())
+            _log(f"coconut {stage}", step, steps, losses[-1], t0)
+        model.eval()
+        torch.save(coconut_state_dict(model), out / "coconut" / f"stage_{stage}.pt")
+        model.train()
+        log["losses"][stage], log["cpu_seconds"][stage] = losses, time.process_time() - t0
+    return log
+
+
+# ------------------------------------------------------------------------------------ CCoT
+
+def node_positions(tok, p: hops.HopProblem) -> list[int]:
+    """Positions (in prompt + chain tokens) of each hop's edge token (whose input embedding
+    names the node that hop reaches)."""
+    P = len(_enc(tok, p.prompt))
+    if [len(_enc(tok, line)) for line in p.lines()] != [1] * p.hops:
+        raise ValueError("node_positions: every chain step must be one token")
+    return [P + i for i in range(p.hops)]
+
+
+@torch.no_grad()
+def teacher_states(base, tok, probs, layer: int) -> torch.Tensor:
+    """``[B, k, H]``: the base model's residual after decoder layer ``layer`` at the node each
+    hop line reaches, reading the full chain (the CCoT targets, one per hop)."""
+    ids = torch.tensor([_enc(tok, p.prompt + p.think()) for p in probs])
+    hs = base.model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1]
+    pos = torch.tensor([node_positions(tok, p) for p in probs])  # [B, k]
+    return hs.gather(1, pos[..., None].expand(-1, -1, hs.shape[-1]))
+
+
+def _cache_kw(decoder) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def contemplate_rollout(model, prompt_ids, k: int, layer: int):
+    """Run the prompt, then ``k`` contemplation steps, each feeding the residual after decoder
+    layer ``layer`` at the last position back as the next input. Returns (fed states
+    ``[B, k, H]``, final-norm states ``[B, k + 1, H]`` after the prompt and after each step,
+    the cache)."""
+    dec = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+    kw = _cache_kw(dec)
+    out = dec(input_ids=prompt_ids, use_cache=True, output_hidden_states=True)
+    fed, finals = [], [out.last_hidden_state[:, -1]]
+    past = out[1]
+    for _ in range(k):
+        x = out.hidden_states[layer + 1][:, -1:]
+        fed.append(x[:, 0])
+        out = dec(inputs_embeds=x, use_cache=True, output_hidden_states=True, **{kw: past})
+        past = out[1]
+        finals.append(out.last_hidden_state[:, -1])
+    return (torch.stack(fed, 1) if fed else prompt_ids.new_zeros(0)), torch.stack(finals, 1), past
+
+
+def _lora(model, cfg: dict):
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=cfg["lora_r"], lora_alpha=2 * cfg["lora_r"], lora_dropout=0.0, target_modules=LORA_TARGETS,
+                      bias="none", task_type="CAUSAL_LM")
+    peft = get_peft_model(model, lcfg, adapter_name="contemplate")
+    peft.add_adapter("answer", lcfg)
+    return peft
+
+
+def _only(peft, name: str) -> list:
+    """Make only adapter ``name``'s LoRA weights trainable; returns them."""
+    out = []
+    for n, p in peft.named_parameters():
+        p.requires_grad_(f".{name}." in n)
+        if p.requires_grad:
+            out.append(p)
+    return out
+
+
+def train_ccot(out: Path, seed: int, cfg: dict, banned: set) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cotrt.loaders import save_ccot_bundle
+
+    torch.manual_seed(seed + 3)
+    tok = AutoTokenizer.from_pretrained(out / "base")
+    teacher = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
+    layer, H = cfg["feedback"], student.config.hidden_size
+    peft = _lora(student, cfg)
+    head = torch.nn.Linear(H, 1)
+    end_id = tok.convert_tokens_to_ids(hops.END)
+    log = {"feedback": layer, "losses": {}, "cpu_seconds": {}}
+
+    # 1. Contemplation LoRA + END head: roll out k steps on the student's own states; each
+    # fed state regresses onto the teacher's layer-l state at hop i's node (MSE over the
+    # teacher states' mean square), and the END head, on the final-norm states, learns to
+    # fire after step k and not before (binary cross-entropy).
+    peft.set_adapter("contemplate")
+    params = _only(peft, "contemplate") + list(head.parameters())
+    steps = cfg["ccot_steps"]
+    opt, sched = optimizer(params, cfg["ccot_lr"], steps)
+    batches = _hop_batches(seed + 3, cfg["latent_batch"], banned)
+    peft.train()
+    losses, t0 = [], time.process_time()
+    for step in range(steps):
+        h, probs = next(batches)
+        target = teacher_states(teacher, tok, probs, layer)  # [B, h, H]
+        prompt = torch.tensor([_enc(tok, p.prompt) for p in probs])
+        fed, finals, _ = contemplate_rollout(peft, prompt, h, layer)
+        mse = ((fed - target) ** 2).mean() / (target ** 2).mean()
+        logit = head(finals)[..., 0]  # [B, h + 1]
+        want = torch.zeros_like(logit)
+        want[:, -1] = 1.0
+        bce = F.binary_cross_entropy_with_logits(logit, want)
+        loss = mse + bce
+        _step(opt, sched, params, loss)
+        losses.append([mse.item(), bce.item()])
+        _log("ccot contemplate", step, steps, loss.item(), t0)
+    log["losses"]["contemplate"], log["cpu_seconds"]["contemplate"] = losses, time.process_time() - t0
+
+    # 2. Answer LoRA: the contemplation (k steps under the contemplation LoRA, no gradient)
+    # fills the cache; under the answer LoRA, from the forced "</think>" on, the answer's
+    # tokens are the loss (what the runtime runs: valve_during, then valve_after).
+    params = _only(peft, "answer")
+    steps = cfg["answer_steps"]
+    opt, sched = optimizer(params, cfg["ccot_lr"], steps)
+    dec = peft.get_base_model()
+    kw = _cache_kw(dec.model)
+    losses, t0 = [], time.process_time()
+    for step in range(steps):
+        h, probs = next(batches)
+        prompt = torch.tensor([_enc(tok, p.prompt) for p in probs])
+        peft.set_adapter("contemplate")
+        with torch.no_grad():
+            _, _, past = contemplate_rollout(peft, prompt, h, layer)
+        peft.set_adapter("answer")
+        _only(peft, "answer")
+        suf = torch.tensor([[end_id] + _enc(tok, f"\nAnswer: {p.answer}\n") + [tok.eos_token_id] for p in probs])
+        logits = dec(input_ids=suf, use_cache=True, **{kw: past}).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), suf[:, 1:].flatten())
+        _step(opt, sched, params, loss)
+        losses.append(loss.item())
+        _log("ccot answer", step, steps, losses[-1], t0)
+    log["losses"]["answer"], log["cpu_seconds"]["answer"] = losses, time.process_time() - t0
+    peft.eval()
+
+    tmp = out / "ccot_adapters"
+    for name in ("contemplate", "answer"):
+        peft.save_pretrained(str(tmp), selected_adapters=[name])
+    save_ccot_bundle(out / "ccot", contemplate=tmp / "contemplate", answer=tmp / "answer", end_head=head,
+                     feedback_layer=layer, max_steps=2 * hops.MAX_HOPS, base="../base",
+                     tokens={"begin": None, "end": hops.END, "latent": None}, name="hops-ccot", overwrite=True)
+    import shutil
+
+    shutil.rmtree(tmp)
+    return log
+
+
+# ------------------------------------------------------------------------------------ main
+
+def run(out: Path, seed: int, cfg: dict, only=None) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(seed)
+    banned = hops.excluded(seed)
+    log_path = out / "train_log.json"
+    log = json.loads(log_path.read_text()) if log_path.exists() and only else {}
+    log.update({"seed": seed, "config": cfg, "torch": torch.__version__, "threads": torch.get_num_threads()})
+    todo = only or ("base", "coconut", "ccot")
+    if "base" in todo:
+        log["base"] = train_base(out, seed, cfg, banned)
+    if "coconut" in todo:
+        log["coconut"] = train_coconut(out, seed, cfg, banned)
+    if "ccot" in todo:
+        log["ccot"] = train_ccot(out, seed, cfg, banned)
+    log_path.write_text(json.dumps(log))
+    return log
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m cotrt.testbed.latent_train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="a tiny model and a few steps (pipeline tests)")
+    ap.add_argument("--only", nargs="*", choices=("base", "coconut", "ccot"), default=None,
+                    help="train only these (the others must already be in --out)")
+    ap.add_argument("--set", nargs="*", default=(), metavar="KEY=VALUE", help="override a config entry")
+    args = ap.parse_args(argv)
+    cfg = dict(QUICK if args.quick else FULL)
+    for kv in args.set:
+        key, _, val = kv.partition("=")
+        if key not in cfg:
+            raise ValueError(f"--set: unknown key {key!r} (known: {', '.join(cfg)})")
+        cfg[key] = type(cfg[key])(val)
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:  # process-wide settings: give them back (main() also runs inside tests)
+        return run(args.out, args.seed, cfg, args.only)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det)
+
+
+if __name__ == "__main__":
+    main()
