@@ -89,7 +89,7 @@ def exit_grid() -> list[Setting]:
     holds intervals that fit these chains, and DEER's thresholds around its 0.95."""
     return ([deer(t) for t in (0.9, 0.95, 0.99)]
             + [dynasor(e, k) for e in (8, 16, 32) for k in (2, 3)]
-            + [eat(e) for e in (4, 8, 16)] + [eat(8, 1e-2)])
+            + [eat(e) for e in (4, 8, 16)] + [eat(e, 1e-2) for e in (4, 8)])
 
 
 def choose(rows: list[dict], tolerance: float = 0.01) -> dict:
