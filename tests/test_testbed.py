@@ -291,3 +291,24 @@ def test_choose_takes_the_cheapest_setting_that_holds_accuracy():
         choose([r for r in rows if r["control"] != "plain"])
     with pytest.raises(ValueError, match="tolerance"):
         choose(rows, tolerance=-0.1)
+
+
+def test_make_meta_pads_a_short_row_past_the_longest_end(runtime):
+    """A 1-token row at the latest position beside a multi-token row (a DEER probe start
+    grouped with another row's step) pads past every row's end; its padded positions must
+    not index pages beyond the table (this raised "index out of bounds" and ended DEER rows
+    with finish_reason "error" on the testbed)."""
+    runner = runtime.runner
+    ps = runner.page_size
+    tables = [[1, 2, 3, 4], [5, 6]]
+    meta = runner.make_meta(tables, [1, 4], starts=[4 * ps - 1, ps])  # row 0 pads to 4 * ps + 2
+    assert meta is not None
+    p = task.held_out(0, 8)
+    outs = runtime.generate([q.prompt for q in p], cotrt.Params(max_new_tokens=80, exit=evaluate_deer()))
+    assert all(o.error is None for o in outs), [o.error for o in outs]
+
+
+def evaluate_deer():
+    from cotrt.testbed.evaluate import deer
+
+    return deer(0.5).params.exit
