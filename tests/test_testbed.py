@@ -194,3 +194,121 @@ def test_svg_plot_draws_one_curve_per_control(tmp_path):
     assert len(lines) == 3 and len(root.findall(f"{ns}circle")) == 4
     texts = [t.text for t in root.iter(f"{ns}text")]
     assert {"plain", "budget", "valve", "accuracy"} <= set(texts)
+
+
+# -- issue 18: determinism, splits, truncated chains, MixChain styles, choosing and pooling ---------------
+
+
+def test_training_is_deterministic(tmp_path):
+    """Two runs from one seed give equal weights (base and valve); another seed does not."""
+    from safetensors.torch import load_file
+
+    from cotrt.testbed import train
+
+    def weights(seed, name):
+        out = tmp_path / name
+        train.main(["--out", str(out), "--quick", "--steps", "6", "--valve-steps", "3", "--no-coconut",
+                    "--seed", str(seed)])
+        return (load_file(out / "base" / "model.safetensors"),
+                load_file(out / "valve" / "adapter_model.safetensors"))
+
+    a, b, c = weights(5, "a"), weights(5, "b"), weights(6, "c")
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert not all(torch.equal(a[0][k], c[0][k]) for k in a[0])
+
+
+def test_splits_are_disjoint_and_excluded_from_training():
+    test, val = task.held_out(0, task.TEST_SIZE), task.validation(0, task.VAL_SIZE)
+    assert len({p.question for p in val}) == task.VAL_SIZE
+    assert not {p.question for p in test} & {p.question for p in val}
+    banned = {p.question for p in task.excluded(0)}
+    assert banned == {p.question for p in test + val}
+    stream = task.train_stream(7, exclude=task.excluded(0))
+    assert not any(next(stream).question in banned for _ in range(3000))
+
+
+def test_mixchain_styles_shorten_in_order():
+    tok = task.build_tokenizer()
+    for p in task.held_out(0, 30):
+        n = [len(tok.encode(p.think(s), add_special_tokens=False)) for s in task.STYLES]
+        assert n == sorted(n, reverse=True) and len(set(n)) == 4, n
+        for s in task.STYLES:
+            assert task.parse_answer(p.completion(s).split(task.END)[1]) == p.answer
+    assert set(task.VALVE_LEVELS) == set(task.STYLES[1:]) and max(task.VALVE_LEVELS.values()) == 1.0
+    with pytest.raises(ValueError, match="style"):
+        p.think("medium")
+
+
+def test_truncated_chains_mask_the_forced_end():
+    from cotrt.testbed.train import make_batch
+
+    tok = task.build_tokenizer()
+    p = task.held_out(0, 1)[0]
+    n_think = len(tok.encode(p.think("long"), add_special_tokens=False))
+    ids, at = p.truncated_completion(7, tok)
+    assert tok.decode(ids) == tok.decode(tok.encode(p.think("long"), add_special_tokens=False)[:7]) + \
+        f"{task.END}\nAnswer: {p.answer}\n"
+    assert tok.convert_ids_to_tokens(ids[at]) == task.END
+    with pytest.raises(ValueError, match="cut"):
+        p.truncated_completion(n_think + 1, tok)
+    x, labels, attn = make_batch([p, p], tok, "long", cuts=[None, 7])
+    n_prompt = len(tok.encode(p.prompt, add_special_tokens=False))
+    end_id = tok.convert_tokens_to_ids(task.END)
+    assert x[1, n_prompt + 7] == end_id and labels[1, n_prompt + 7] == -100  # forced: no target
+    assert labels[1, n_prompt + 8] == x[1, n_prompt + 8]  # the answer after it is one
+    assert (labels[0] == end_id).sum() == 1  # a whole chain's own end marker is learned
+    assert labels[1, n_prompt - 1] == -100 and int(attn[1].sum()) == n_prompt + len(ids) + 1
+
+
+def _row(control, setting, acc, think, n=200):
+    return {"control": control, "setting": setting, "n": n, "accuracy": acc, "think_tokens": think,
+            "probe_tokens": 0.0, "answer_tokens": 8.0, "latent_steps": 0.0, "wall_s": 1.0}
+
+
+def test_aggregate_pools_seeds_with_spread_and_binomial_error():
+    from cotrt.testbed.evaluate import aggregate
+
+    (r,) = aggregate([_row("plain", "-", a, t) for a, t in ((0.9, 100), (0.8, 110), (1.0, 120))])
+    assert r["accuracy"] == pytest.approx(0.9) and r["think_tokens"] == pytest.approx(110)
+    assert r["accuracy_sd"] == pytest.approx(0.1) and r["think_sd"] == pytest.approx(10)
+    assert r["binomial_se"] == pytest.approx(math.sqrt(0.9 * 0.1 / 200)) and r["per_seed"] == [0.9, 0.8, 1.0]
+    with pytest.raises(ValueError, match="sizes"):
+        aggregate([_row("plain", "-", 0.9, 100), _row("plain", "-", 0.9, 100, n=50)])
+
+
+def test_choose_takes_the_cheapest_setting_that_holds_accuracy():
+    from cotrt.testbed.evaluate import choose
+
+    rows = []
+    for seed_acc in (0.99, 0.97):  # plain: mean 0.98
+        rows += [_row("plain", "-", seed_acc, 120), _row("DEER", "t 0.9", seed_acc - 0.05, 40),
+                 _row("DEER", "t 0.95", seed_acc - 0.005, 50), _row("DEER", "t 0.99", seed_acc, 80),
+                 _row("EAT", "e 4", 0.5, 30), _row("EAT", "e 8", 0.6, 60)]
+    assert choose(rows) == {"DEER": "t 0.95", "EAT": "e 8"}  # EAT: none holds, the most accurate
+    assert choose(rows, tolerance=0.06)["DEER"] == "t 0.9"
+    with pytest.raises(ValueError, match="plain"):
+        choose([r for r in rows if r["control"] != "plain"])
+    with pytest.raises(ValueError, match="tolerance"):
+        choose(rows, tolerance=-0.1)
+
+
+def test_make_meta_pads_a_short_row_past_the_longest_end(runtime):
+    """A 1-token row at the latest position beside a multi-token row (a DEER probe start
+    grouped with another row's step) pads past every row's end; its padded positions must
+    not index pages beyond the table (this raised "index out of bounds" and ended DEER rows
+    with finish_reason "error" on the testbed)."""
+    runner = runtime.runner
+    ps = runner.page_size
+    tables = [[1, 2, 3, 4], [5, 6]]
+    meta = runner.make_meta(tables, [1, 4], starts=[4 * ps - 1, ps])  # row 0 pads to 4 * ps + 2
+    assert meta is not None
+    p = task.held_out(0, 8)
+    outs = runtime.generate([q.prompt for q in p], cotrt.Params(max_new_tokens=80, exit=evaluate_deer()))
+    assert all(o.error is None for o in outs), [o.error for o in outs]
+
+
+def evaluate_deer():
+    from cotrt.testbed.evaluate import deer
+
+    return deer(0.5).params.exit

@@ -153,7 +153,10 @@ class ModelRunner:
         positions = starts_t[:, None] + t_idx[None, :]  # [B, T]
         k_idx = self._arange[:kv_len]
         causal = k_idx.view(1, 1, -1) <= positions[:, :, None]  # [B, T, L]
-        pos_pages = torch.gather(tables_t, 1, positions // ps)  # [B, T]
+        # A row shorter than T (a 1-token step beside a 4-token probe start) has padded
+        # positions past its end, possibly past kv_len's pages: their page index is clamped
+        # (they write to scratch below and attend to nothing real).
+        pos_pages = torch.gather(tables_t, 1, (positions // ps).clamp(max=n_pages - 1))  # [B, T]
         if T > 1:
             q_lens_t = torch.tensor(q_lens, dtype=torch.long, device=dev)
             ends = starts_t + q_lens_t

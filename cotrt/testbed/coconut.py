@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .optim import optimizer
-from .task import END, TEST_SIZE, THINK, held_out, train_stream
+from .task import END, THINK, excluded, train_stream
 
 LATENT_TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")  # Coconut's order
 
@@ -112,7 +112,7 @@ def train_coconut(out: Path, seed: int, stages: int, stage_steps: int, batch: in
     model = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
     ids = add_latent_tokens(model, tok)
     (out / "coconut").mkdir(parents=True, exist_ok=True)
-    batches = same_length_batches(train_stream(seed + 2, exclude=held_out(seed, TEST_SIZE)), batch)
+    batches = same_length_batches(train_stream(seed + 2, exclude=excluded(0)), batch)
     log = {"stages": stages, "stage_steps": stage_steps, "losses": {}, "seconds": {}}
     model.train()
     for stage in range(stages + 1):

@@ -1,9 +1,9 @@
 """Drive the testbed models through cotrt: accuracy vs think tokens for each control.
 
-    python -m cotrt.testbed.evaluate --models DIR [--n 200] [--out bench/testbed_results.md]
+    python -m cotrt.testbed.evaluate --models DIR [--n 200] [--split test|validation] [--out FILE.md]
 
-Every setting runs the same held-out problems (``task.held_out(seed, n)``, never trained
-on) greedily through ``cotrt.wrap``; a row is correct when the number after ``</think>``
+Every setting runs the same held-out problems (``task.held_out(0, n)``, or the validation
+split ``task.validation(0, n)`` on which settings are chosen; neither is trained on) greedily through ``cotrt.wrap``; a row is correct when the number after ``</think>``
 equals the exact answer (no answer after ``</think>``, e.g. thinking never closed, is
 wrong). Reported per setting: accuracy, mean think tokens (the tokens the model chose
 while thinking, its own end marker included; a forced marker is counted apart, as
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -28,11 +29,14 @@ from cotrt.control.profiles import ModelProfile
 from cotrt.control.think import ThinkFormat
 from cotrt.models import quiet_loading
 
-from .task import END, INDUCER, THINK, held_out, parse_answer
+from .task import END, INDUCER, THINK, held_out, parse_answer, validation
 
 MAX_NEW = 256  # a LONG chain is ~60-140 think tokens; 256 leaves room for a runaway one
-BUDGETS = (16, 32, 48, 64, 96)
-ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
+BUDGETS = (8, 16, 32, 48, 64, 96)
+ANSWER_BUDGET = 8  # "\nAnswer: NN\n" + eos is 7-8 tokens
+# The valve's trained levels are 0, 1/3, 2/3 and 1 (task.VALVE_LEVELS); the points between
+# them and 1.25 show what alpha does off the trained scales.
+ALPHAS = (0.0, 1 / 6, 1 / 3, 0.5, 2 / 3, 5 / 6, 1.0, 1.25)
 LATENT_KS = (0, 2, 4, 6)
 
 # The exit policies' model knowledge for this task. Probes close thinking and ask for the
@@ -52,30 +56,78 @@ class Setting:
     needs_valve: bool = False
 
 
-def settings(budgets=BUDGETS, alphas=ALPHAS) -> list[Setting]:
-    """The evaluated controls. Exit policies run at their published defaults (threshold,
-    every, k, alpha), with this task's inducer and cue; Dynasor and EAT also with a probe
-    interval that fits these short chains: at their defaults Dynasor (every 64, k=3) cannot
-    exit before 192 think tokens and EAT (every 32, 4 probes) before 128, while a LONG
-    chain here has ~80-140."""
-    P = lambda **kw: cotrt.Params(max_new_tokens=MAX_NEW, **kw)
-    out = [Setting("plain", "-", P()), Setting("no-CoT", "think closed in prompt", P(), no_cot=True)]
-    out += [Setting("think_budget", str(b), P(think_budget=b)) for b in budgets]
-    # A forced "</think>" mid-chain is never seen in training: the base model goes on
-    # computing after it (the answer tokens show it). Capping the answer phase as well
-    # measures the budget with that escape closed ("\nAnswer: NN\n" + eos is 7-8 tokens).
-    out += [Setting("think_budget + answer_budget 8", str(b), P(think_budget=b, answer_budget=8))
-            for b in budgets[1::2]]
-    out += [Setting("DEER", "threshold 0.95, cue Wait", P(exit=DEER(profile=PROFILE, cues=("Wait",))))]
+def deer(threshold: float = 0.95) -> Setting:
+    return Setting("DEER", f"threshold {threshold:g}, cue Wait",
+                   _P(exit=DEER(threshold=threshold, profile=PROFILE, cues=("Wait",))))
+
+
+def dynasor(every: int, k: int = 3) -> Setting:
     # "regenerate": end thinking and let the model write "Answer: N" itself. The template
     # ending would inject the inducer, whose "</think>" follows the forced one.
-    out += [Setting("Dynasor", f"every {e}, k 3", P(exit=Dynasor(every=e, k=3, max_tokens=6, profile=PROFILE,
-                                                                   ending="regenerate")))
-            for e in (64, 16)]
+    return Setting("Dynasor", f"every {every}, k {k}",
+                   _P(exit=Dynasor(every=every, k=k, max_tokens=6, profile=PROFILE, ending="regenerate")))
+
+
+def eat(every: int, threshold: float = 1e-3) -> Setting:
     # EAT reads the entropy of the token after its end text: after "Answer: " that is the
     # answer's first digit (after "Answer:" it would be the space, always ~0 nats).
-    out += [Setting("EAT", f"every {e}", P(exit=EAT(every=e, end_text=INDUCER + " "))) for e in (32, 8)]
-    out += [Setting("valve", f"alpha {a:g}", P(valve={"short": a}), needs_valve=True) for a in alphas]
+    return Setting("EAT", f"every {every}, threshold {threshold:g}",
+                   _P(exit=EAT(every=every, threshold=threshold, end_text=INDUCER + " ")))
+
+
+def _P(**kw) -> cotrt.Params:
+    return cotrt.Params(max_new_tokens=MAX_NEW, **kw)
+
+
+EXIT_CONTROLS = ("DEER", "Dynasor", "EAT")
+
+
+def exit_grid() -> list[Setting]:
+    """The exit settings tried on the validation split (``choose`` picks one per policy).
+    At their published defaults Dynasor (every 64, k 3) cannot exit before 192 think tokens
+    and EAT (every 32, 4 probes) before 128, while a LONG chain here has ~80-140: the grid
+    holds intervals that fit these chains, and DEER's thresholds around its 0.95."""
+    return ([deer(t) for t in (0.9, 0.95, 0.99)]
+            + [dynasor(e, k) for e in (8, 16, 32) for k in (2, 3)]
+            + [eat(e) for e in (4, 8, 16)] + [eat(e, 1e-2) for e in (4, 8)])
+
+
+def choose(rows: list[dict], tolerance: float = 0.01) -> dict:
+    """Per exit control, the setting chosen on validation rows (several training seeds'
+    rows pooled by their mean): the fewest mean think tokens among settings whose mean
+    accuracy is within ``tolerance`` of plain decoding's; the most accurate when none is.
+    Returns {control: setting label}."""
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
+    agg = aggregate(rows)
+    plain = next((r for r in agg if r["control"] == "plain"), None)
+    if plain is None:
+        raise ValueError("rows: choose needs the plain rows (the accuracy to hold)")
+    out = {}
+    for control in EXIT_CONTROLS:
+        cands = [r for r in agg if r["control"] == control]
+        if not cands:
+            continue
+        ok = [r for r in cands if r["accuracy"] >= plain["accuracy"] - tolerance]
+        best = (min(ok, key=lambda r: (r["think_tokens"], -r["accuracy"])) if ok
+                else max(cands, key=lambda r: (r["accuracy"], -r["think_tokens"])))
+        out[control] = best["setting"]
+    return out
+
+
+def settings(budgets=BUDGETS, alphas=ALPHAS, exits=None) -> list[Setting]:
+    """The evaluated controls. ``exits``: the exit-policy settings to run (default: DEER at
+    its published threshold, Dynasor every 16, EAT every 8); bench_testbed.py passes those
+    chosen on the validation split."""
+    out = [Setting("plain", "-", _P()), Setting("no-CoT", "think closed in prompt", _P(), no_cot=True)]
+    # The budget forces "</think>" after b think tokens; the model (trained on truncated
+    # chains) then writes "\nAnswer: N". Alone, nothing stops a model that reasons on in
+    # its answer; with the answer phase capped as well, the budget bounds the whole output.
+    out += [Setting("think_budget", str(b), _P(think_budget=b)) for b in budgets]
+    out += [Setting(f"think_budget + answer_budget {ANSWER_BUDGET}", str(b),
+                    _P(think_budget=b, answer_budget=ANSWER_BUDGET)) for b in budgets]
+    out += exits if exits is not None else [deer(), dynasor(16), eat(8)]
+    out += [Setting("valve", f"alpha {a:.2g}", _P(valve={"short": a}), needs_valve=True) for a in alphas]
     return out
 
 
@@ -140,9 +192,19 @@ def evaluate_latent(models: Path, problems, ks=LATENT_KS, max_batch: int = 32, l
     return rows
 
 
-def evaluate(models: Path, n: int = 200, seed: int = 0, max_batch: int = 32, only=None, log=True) -> list[dict]:
-    """Run every setting (or those whose control is in ``only``; "latent" for the Coconut
-    model); returns result rows."""
+def split_problems(split: str, n: int, seed: int = 0):
+    if split == "test":
+        return held_out(seed, n)
+    if split == "validation":
+        return validation(seed, n)
+    raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
+
+
+def evaluate(models: Path, n: int = 200, seed: int = 0, max_batch: int = 32, only=None, log=True,
+             split: str = "test", todo=None) -> list[dict]:
+    """Run every setting of ``todo`` (default ``settings()``; or those whose control is in
+    ``only``; "latent" for the Coconut model) on ``n`` problems of ``split`` (of the split
+    seed ``seed``); returns result rows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = Path(models) / "base"
@@ -150,8 +212,8 @@ def evaluate(models: Path, n: int = 200, seed: int = 0, max_batch: int = 32, onl
     with quiet_loading():
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     rt = cotrt.wrap(model, tok, max_batch=max_batch, max_len=512)
-    problems = held_out(seed, n)
-    todo = [s for s in settings() if only is None or s.control in only]
+    problems = split_problems(split, n, seed)
+    todo = [s for s in (settings() if todo is None else todo) if only is None or s.control in only]
     # Settings without a valve run first, before the LoRA is loaded: loading swaps the
     # target linears for ValveLinear, and their timings should be the base model's.
     todo.sort(key=lambda s: s.needs_valve)
@@ -167,49 +229,70 @@ def evaluate(models: Path, n: int = 200, seed: int = 0, max_batch: int = 32, onl
     return rows
 
 
+_MEANED = ("accuracy", "think_tokens", "answer_tokens", "probe_tokens", "latent_steps", "wall_s")
+
+
+def _sd(xs) -> float:
+    if len(xs) < 2:
+        return 0.0
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Rows of one (control, setting) from several training seeds, pooled: the mean of each
+    figure, the sample standard deviation over seeds of accuracy and think tokens (0 for one
+    seed), the per-seed accuracies, and the binomial standard error of the mean accuracy on
+    the split, sqrt(p (1 - p) / n). Order: first appearance."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["control"], r["setting"]), []).append(r)
+    out = []
+    for (control, setting), rs in groups.items():
+        ns = {r["n"] for r in rs}
+        if len(ns) != 1:
+            raise ValueError(f"rows: {control} {setting} pools splits of different sizes {sorted(ns)}")
+        n = ns.pop()
+        agg = {"control": control, "setting": setting, "n": n, "seeds": len(rs)}
+        for k in _MEANED:
+            agg[k] = sum(r.get(k, 0) for r in rs) / len(rs)
+        agg["accuracy_sd"] = _sd([r["accuracy"] for r in rs])
+        agg["think_sd"] = _sd([r["think_tokens"] for r in rs])
+        agg["per_seed"] = [round(r["accuracy"], 4) for r in rs]
+        p = agg["accuracy"]
+        agg["binomial_se"] = math.sqrt(p * (1 - p) / n)
+        agg["errors"] = sum(r.get("errors", 0) for r in rs)
+        out.append(agg)
+    return out
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
+    """The table of ``aggregate(rows)``-style rows (plain rows from one seed work too)."""
     plain = next((r for r in rows if r["control"] == "plain"), None)
     lines = [
         "# Testbed: accuracy vs think tokens through cotrt",
         "",
-        (f"{meta.get('n')} held-out problems (seed {meta.get('seed')}), greedy, batch {meta.get('max_batch')}; "
+        (f"{meta.get('n')} held-out problems (split seed {meta.get('seed')}), greedy, batch {meta.get('max_batch')}; "
          f"{meta.get('device')}; torch {torch.__version__}; model: {meta.get('model')}."),
-        ("Think tokens: tokens of the think phase per problem (the end marker included); saved: "
-         "against plain decoding; answer tokens: after the end marker (a model cut off mid-chain may "
-         "go on reasoning there, which the answer tokens show); probe "
+        ("Each figure is the mean over the training seeds; ± is the standard deviation over seeds; "
+         "SE is the binomial standard error of the mean accuracy on the split, sqrt(p(1-p)/n). "
+         "Think tokens: tokens of the think phase per problem (the end marker included); saved: "
+         "against plain decoding; answer tokens: after the end marker; probe "
          "tokens: decoded by exit-policy probes, then rolled back."),
         "",
-        "| control | setting | accuracy | think tokens | saved | answer tokens | probe tokens | latent steps | wall s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| control | setting | accuracy | per seed | SE | think tokens | saved | answer tokens | probe tokens "
+        "| latent steps | wall s |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         saved = "" if not plain or not plain["think_tokens"] else f"{1 - r['think_tokens'] / plain['think_tokens']:+.0%}"
-        lines.append(f"| {r['control']} | {r['setting']} | {r['accuracy']:.3f} | {r['think_tokens']:.1f} | {saved} "
+        per = " ".join(f"{a:.3f}" for a in r.get("per_seed", [r["accuracy"]]))
+        se = r.get("binomial_se", math.sqrt(r["accuracy"] * (1 - r["accuracy"]) / r["n"]))
+        lines.append(f"| {r['control']} | {r['setting']} | {r['accuracy']:.3f} ± {r.get('accuracy_sd', 0):.3f} | {per} "
+                     f"| {se:.3f} | {r['think_tokens']:.1f} ± {r.get('think_sd', 0):.1f} | {saved} "
                      f"| {r.get('answer_tokens', 0):.1f} | {r['probe_tokens']:.1f} | {r.get('latent_steps', 0):.1f} "
                      f"| {r['wall_s']:.1f} |")
     return "\n".join(lines) + "\n"
-
-
-def plot(rows: list[dict], path: Path) -> bool:
-    """Accuracy vs think tokens, one curve per control; False when matplotlib is missing
-    (it is not a dependency)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for control in dict.fromkeys(r["control"] for r in rows):
-        pts = sorted((r["think_tokens"], r["accuracy"]) for r in rows if r["control"] == control)
-        ax.plot(*zip(*pts), marker="o", label=control)
-    ax.set_xlabel("mean think tokens")
-    ax.set_ylabel("accuracy")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return True
 
 
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -218,7 +301,7 @@ _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 def svg_plot(rows: list[dict], path: Path, width: int = 640, height: int = 420) -> None:
     """Accuracy vs mean think tokens, one polyline per control, as a self-contained SVG
-    (no plotting dependency)."""
+    (no plotting dependency); a vertical bar marks ``accuracy_sd`` where a row has one."""
     left, right, top, bottom = 56, 190, 20, 44
     xmax = max(1.0, max(r["think_tokens"] for r in rows)) * 1.05
     X = lambda v: left + (width - left - right) * v / xmax
@@ -242,6 +325,11 @@ def svg_plot(rows: list[dict], path: Path, width: int = 640, height: int = 420) 
         xy = " ".join(f"{X(t):.1f},{Y(a):.1f}" for t, a in pts)
         out.append(f'<polyline points="{xy}" fill="none" stroke="{color}" stroke-width="1.5"/>')
         out += [f'<circle cx="{X(t):.1f}" cy="{Y(a):.1f}" r="3" fill="{color}"/>' for t, a in pts]
+        for r in rows:  # the spread over seeds (standard deviation), where there is one
+            if r["control"] == control and r.get("accuracy_sd"):
+                t, a, d = r["think_tokens"], r["accuracy"], r["accuracy_sd"]
+                out.append(f'<line x1="{X(t):.1f}" x2="{X(t):.1f}" y1="{Y(min(1, a + d)):.1f}" '
+                           f'y2="{Y(max(0, a - d)):.1f}" stroke="{color}"/>')
         ly = top + 14 * i + 6
         out.append(f'<rect x="{width - right + 12}" y="{ly - 8}" width="10" height="10" fill="{color}"/>'
                    f'<text x="{width - right + 26}" y="{ly + 1}">{control}</text>')
@@ -253,37 +341,41 @@ def device_line() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def model_line(models: Path) -> str:
+    log_path = Path(models) / "train_log.json"
+    if not log_path.exists():
+        return "?"
+    c = json.loads(log_path.read_text())
+    b, v = c["base"], c["valve"]
+    cpu = lambda d: d.get("cpu_seconds", d["seconds"])
+    return (f"Llama {c['config']['layers']}x{c['config']['hidden']}, {b['params'] / 1e6:.2f}M params, "
+            f"{c['config']['steps']} steps ({cpu(b):.0f} CPU s); valve LoRA r=8, "
+            f"{c['config']['valve_steps']} steps ({cpu(v):.0f} CPU s)")
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(prog="python -m cotrt.testbed.evaluate")
     ap.add_argument("--models", required=True, type=Path, help="the --out of cotrt.testbed.train")
     ap.add_argument("--n", type=int, default=200)
-    ap.add_argument("--seed", type=int, default=0, help="the seed the models were trained with")
+    ap.add_argument("--split", default="test", choices=("test", "validation"))
+    ap.add_argument("--seed", type=int, default=0, help="the split seed (training excludes seed 0's splits)")
     ap.add_argument("--max-batch", type=int, default=32)
-    ap.add_argument("--out", type=Path, default=None, help="markdown table (a .png plot beside it)")
+    ap.add_argument("--out", type=Path, default=None, help="markdown table (an .svg plot beside it)")
     ap.add_argument("--only", nargs="*", default=None, help="controls to run (default: all)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default); "
                     "1 because a ~1M-parameter model's decode steps are Python-bound, see train.py")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = evaluate(args.models, args.n, args.seed, args.max_batch, only=args.only)
-    log_path = args.models / "train_log.json"
-    model = "?"
-    if log_path.exists():
-        c = json.loads(log_path.read_text())
-        b = c["base"]
-        model = (f"Llama {c['config']['layers']}x{c['config']['hidden']}, {b['params'] / 1e6:.2f}M params, "
-                 f"{c['config']['steps']} steps ({b['seconds']:.0f} s); valve LoRA r=8, "
-                 f"{c['config']['valve_steps']} steps ({c['valve']['seconds']:.0f} s)")
-    meta = {"n": args.n, "seed": args.seed, "max_batch": args.max_batch, "device": device_line(), "model": model}
+    rows = evaluate(args.models, args.n, args.seed, args.max_batch, only=args.only, split=args.split)
+    meta = {"n": args.n, "seed": args.seed, "split": args.split, "max_batch": args.max_batch,
+            "device": device_line(), "model": model_line(args.models)}
     text = markdown(rows, meta)
     print(text)
-    (args.models / "eval_results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (args.models / f"eval_{args.split}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     if args.out:
         args.out.write_text(text)
         svg_plot(rows, args.out.with_suffix(".svg"))
-        if not plot(rows, args.out.with_suffix(".png")):
-            print("matplotlib is not installed: the plot is the SVG only", file=sys.stderr)
     return rows
 
 

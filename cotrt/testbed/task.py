@@ -19,12 +19,23 @@ LONG (what the base model learns; like a reasoning model it keeps re-checking)::
     </think>
     Answer: 7
 
-SHORT (what the CoT-Valve LoRA learns): the first pass, then ``</think>``. The two
-re-checks are ~60% of a LONG chain's think tokens, all redundant: the room a compression
-method has to cut without losing accuracy.
+The two re-checks are ~60% of a LONG chain's think tokens, all redundant: the room a
+compression method has to cut without losing accuracy. Shorter styles of the same chain
+(CoT-Valve's MixChain: one problem, chains of several lengths) are what the valve LoRA
+learns, each at its own LoRA scale (``VALVE_LEVELS``):
 
-Problems come from a seeded ``random.Random``; the held-out split is drawn from its own seed
-and excluded from training, so test problems are never seen.
+- RECHECK1: the first pass and the first re-check only;
+- SHORT: the first pass only;
+- COMPACT: the first pass written as a re-check (``b=3*4=12``, no variable on the right).
+
+A TRUNCATED chain (``truncated_completion``) is a LONG chain cut at a token, then
+``</think>\nAnswer: N``: what a budget or an early exit leaves the model with. The base
+model trains on some (the forced ``</think>`` itself is not a training target), so that a
+chain ended early is answered, not re-reasoned, as budget forcing assumes of its models.
+
+Problems come from a seeded ``random.Random``. The held-out test split and the validation
+split (used only to choose settings) are drawn from their own seeds and excluded from
+training, so neither is ever seen.
 """
 from __future__ import annotations
 
@@ -44,6 +55,11 @@ RECHECKS = ("Wait, let me verify.", "Wait, let me check again.")
 # skips as formatting; the digits after it are what it measures.
 INDUCER = END + "\nAnswer:"
 _TEST_SALT = 0x7E57
+_VAL_SALT = 0x5A11D
+STYLES = ("long", "recheck1", "short", "compact")
+# The valve LoRA's scale for each style (CoT-Valve++: a chain of normalized length beta is
+# trained at theta + beta * delta, so alpha interpolates length). LONG is the base (0).
+VALVE_LEVELS = {"recheck1": 1 / 3, "short": 2 / 3, "compact": 1.0}
 
 
 @dataclass(frozen=True)
@@ -82,17 +98,31 @@ class Problem:
         return "\n".join(lines) + "\n"
 
     def think(self, style: str) -> str:
-        """The think text (between the markers) in ``style`` "long" or "short"."""
+        """The think text (between the markers) in ``style``, one of ``STYLES``."""
         if style == "short":
             return self.first_pass()
         if style == "long":
             return self.first_pass() + "".join(self.recheck(h) for h in RECHECKS)
-        raise ValueError(f"style must be 'long' or 'short', got {style!r}")
+        if style == "recheck1":
+            return self.first_pass() + self.recheck(RECHECKS[0])
+        if style == "compact":
+            return self.recheck(f"a={self.start}")
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
 
     def completion(self, style: str) -> str:
         """What the model is trained to write after ``prompt`` (the eos token is added by
         the trainer)."""
         return f"{self.think(style)}{END}\nAnswer: {self.answer}\n"
+
+    def truncated_completion(self, cut: int, tok) -> tuple[list, int]:
+        """A LONG chain cut after its first ``cut`` think tokens, then ``</think>\nAnswer: N``
+        (token ids, eos not added) and the index of the ``</think>`` in them: the text a
+        think budget of ``cut`` leaves (``0 <= cut <=`` the LONG chain's think tokens)."""
+        think = tok.encode(self.think("long"), add_special_tokens=False)
+        if not 0 <= cut <= len(think):
+            raise ValueError(f"cut must be in [0, {len(think)}], got {cut}")
+        tail = tok.encode(f"{END}\nAnswer: {self.answer}\n", add_special_tokens=False)
+        return think[:cut] + tail, cut
 
 
 def _apply(x: int, op: str, k: int) -> int:
@@ -129,6 +159,27 @@ def held_out(seed: int, n: int) -> list[Problem]:
             seen.add(p.question)
             out.append(p)
     return out
+
+
+VAL_SIZE = 200  # validation problems: settings are chosen on these, never on the test split
+
+
+def validation(seed: int, n: int) -> list[Problem]:
+    """``n`` distinct validation problems (their own stream of ``seed``), none of them in
+    ``held_out(seed, TEST_SIZE)``."""
+    rng = random.Random(seed ^ _VAL_SALT)
+    out, seen = [], {p.question for p in held_out(seed, TEST_SIZE)}
+    while len(out) < n:
+        p = sample_problem(rng)
+        if p.question not in seen:
+            seen.add(p.question)
+            out.append(p)
+    return out
+
+
+def excluded(split_seed: int = 0) -> list[Problem]:
+    """What training never sees: the test and validation splits of ``split_seed``."""
+    return held_out(split_seed, TEST_SIZE) + validation(split_seed, VAL_SIZE)
 
 
 def train_stream(seed: int, exclude=()):
@@ -200,13 +251,18 @@ __all__ = [
     "INDUCER",
     "MAX_VALUE",
     "PAD",
+    "STYLES",
     "TEST_SIZE",
+    "VALVE_LEVELS",
+    "VAL_SIZE",
     "THINK",
     "Problem",
     "build_tokenizer",
     "check_tokenizer",
+    "excluded",
     "held_out",
     "parse_answer",
     "sample_problem",
     "train_stream",
+    "validation",
 ]
