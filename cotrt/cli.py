@@ -210,25 +210,26 @@ def _demo_testbed(n: int) -> None:
     """The same controls on the testbed's trained reasoning model, when it is built."""
     from .models import cache_dir
 
-    models = cache_dir() / "testbed"
+    models = cache_dir() / "testbed" / "seed0"  # bench_testbed.py trains seeds 0..2 side by side
     if not (models / "base" / "config.json").exists():
         print("\nTestbed (a tiny model trained here to reason in long, re-checking chains): not built; "
-              "`python3 bench/bench_testbed.py` trains it (~12 min on 2 cores) and evaluates every control.")
+              "`python3 bench/bench_testbed.py` trains it (~9 CPU min a training seed) and evaluates every control.")
         return
-    from .testbed.evaluate import evaluate
+    from .testbed.evaluate import evaluate, settings
 
     quick = _testbed_is_quick(models)
     print(f"\nTestbed model ({models}), {n} held-out arithmetic problems, greedy:")
     if quick:
         print("(a --quick build: a reduced model trained for <1 min to test the pipeline, not to reason; "
               "its accuracy means nothing. `python3 -m cotrt.testbed.train --out "
-              f"{models}` trains the real one, ~12 min on 2 cores.)")
+              f"{models}` trains the real one, ~9 CPU min.)")
     print()
-    print(f"[cotrt] testbed: evaluating 6 settings on {n} problems (one line each when done)", file=sys.stderr,
-          flush=True)
-    rows = evaluate(models, n=n, only=["plain", "no-CoT", "think_budget", "DEER", "valve"], log=True)
     keep = {("plain", "-"), ("no-CoT", "think closed in prompt"), ("think_budget", "64"),
             ("DEER", "threshold 0.95, cue Wait"), ("valve", "alpha 0.5"), ("valve", "alpha 1")}
+    todo = [s for s in settings() if (s.control, s.setting) in keep]
+    print(f"[cotrt] testbed: evaluating {len(todo)} settings on {n} problems (one line each when done)",
+          file=sys.stderr, flush=True)
+    rows = evaluate(models, n=n, only=sorted({c for c, _ in keep}), todo=todo, log=True)
     head = f"{'control':<14} {'setting':<26} {'accuracy':>8} {'think tok':>9} {'time s':>7}"
     print(head)
     print("-" * len(head))

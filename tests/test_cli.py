@@ -170,13 +170,14 @@ def test_demo_marks_a_quick_testbed(capsys, monkeypatch, tmp_path):
 
     import cotrt.testbed.evaluate as ev
 
-    (tmp_path / "testbed" / "base").mkdir(parents=True)
-    (tmp_path / "testbed" / "base" / "config.json").write_text("{}")
+    seed0 = tmp_path / "testbed" / "seed0"  # bench_testbed.py's layout: one folder a training seed
+    (seed0 / "base").mkdir(parents=True)
+    (seed0 / "base" / "config.json").write_text("{}")
     monkeypatch.setenv("COTRT_CACHE", str(tmp_path))
     row = {"control": "plain", "setting": "-", "accuracy": 0.0, "think_tokens": 3.0, "wall_s": 0.1}
     monkeypatch.setattr(ev, "evaluate", lambda *a, **k: [row])
     for quick in (True, False):
-        (tmp_path / "testbed" / "train_log.json").write_text(json.dumps({"quick": quick}))
+        (seed0 / "train_log.json").write_text(json.dumps({"quick": quick}))
         cli._demo_testbed(5)
         out = capsys.readouterr().out
         assert ("a --quick build" in out) == quick and "plain" in out
