@@ -149,16 +149,20 @@ def sample_problem(rng: random.Random) -> Problem:
 TEST_SIZE = 200  # held-out problems excluded from training (evaluate.py uses a prefix)
 
 
-def held_out(seed: int, n: int) -> list[Problem]:
-    """``n`` distinct held-out problems, drawn from their own stream of ``seed``."""
-    rng = random.Random(seed ^ _TEST_SALT)
-    out, seen = [], set()
+def _distinct(rng: random.Random, n: int, seen: set) -> list[Problem]:
+    """``n`` problems from ``rng`` whose questions are new (``seen`` grows with them)."""
+    out = []
     while len(out) < n:
         p = sample_problem(rng)
         if p.question not in seen:
             seen.add(p.question)
             out.append(p)
     return out
+
+
+def held_out(seed: int, n: int) -> list[Problem]:
+    """``n`` distinct held-out problems, drawn from their own stream of ``seed``."""
+    return _distinct(random.Random(seed ^ _TEST_SALT), n, set())
 
 
 VAL_SIZE = 200  # validation problems: settings are chosen on these, never on the test split
@@ -167,14 +171,7 @@ VAL_SIZE = 200  # validation problems: settings are chosen on these, never on th
 def validation(seed: int, n: int) -> list[Problem]:
     """``n`` distinct validation problems (their own stream of ``seed``), none of them in
     ``held_out(seed, TEST_SIZE)``."""
-    rng = random.Random(seed ^ _VAL_SALT)
-    out, seen = [], {p.question for p in held_out(seed, TEST_SIZE)}
-    while len(out) < n:
-        p = sample_problem(rng)
-        if p.question not in seen:
-            seen.add(p.question)
-            out.append(p)
-    return out
+    return _distinct(random.Random(seed ^ _VAL_SALT), n, {p.question for p in held_out(seed, TEST_SIZE)})
 
 
 def excluded(split_seed: int = 0) -> list[Problem]:
