@@ -41,10 +41,14 @@ class LatentRun:
         if done:
             self.active = False
             self.pending = None
-            if b.valve_after is not None:
-                row.set_valve(dict(b.valve_after))
-            elif b.valve_during is not None:
-                row.set_valve({})
+            if b.end_id is None and row.cache_len in self.inputs:
+                # No end token to feed: the first answer token comes from the forward of the
+                # last thought. The row feeds that thought once more (its KV slot rewritten
+                # with the same values, under the same valve) and samples from it; the valve
+                # switches after that forward (``refed``).
+                self.pending = self.inputs[row.cache_len]
+                return
+            self._switch_valve(row)
             if b.end_id is not None:
                 row.uncounted += 1  # part of the latent phase, like Coconut's prompt-side end token
                 row.forced.append(b.end_id)
@@ -59,6 +63,19 @@ class LatentRun:
         self.steps += 1
         row.accept_latent(b.latent_id if b.latent_id is not None else 0)
         self.inputs[row.cache_len] = x  # the placeholder's position
+
+    def refed(self, row) -> None:
+        """After the forward that fed the last thought again (a phase without an end
+        token): the row decodes tokens from now on."""
+        self.pending = None
+        self._switch_valve(row)
+
+    def _switch_valve(self, row) -> None:
+        b = self.bound
+        if b.valve_after is not None:
+            row.set_valve(dict(b.valve_after))
+        elif b.valve_during is not None:
+            row.set_valve({})
 
     def forget_from(self, position: int) -> None:
         """Drop the inputs at ``position`` and after (the row rolled back past them)."""
