@@ -116,15 +116,6 @@ inline float hsum(__m256 v) {  // ((0+4)+(2+6)) + ((1+5)+(3+7))
   return _mm_cvtss_f32(s);
 }
 
-float dot_avx2(const float* x, const void* w, WType t, int64_t w0, int64_t K) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(load8(w, t, w0 + k), _mm256_loadu_ps(x + k), acc);
-  float v = hsum(acc);
-  for (; k < K; ++k) v += x[k] * load_w(w, t, w0 + k);
-  return v;
-}
-
 // NR weight rows (n..n+NR) times MR x rows (m..m+MR). A valve row's LoRA expand
 // t[m] · B[n, a_m] is r more terms of the same dot product, [x, t] · [W[n], B[n, a_m]]: its
 // first r & ~7 terms go into the row's accumulator before the one horizontal sum, the
@@ -172,33 +163,6 @@ inline void tile(const LinearArgs& a, const Shrunk& lo, int64_t n, int64_t m) {
     }
 }
 
-// The valve's shrink for one x row: t[j] = alpha · x · A[j] for the r rows of its adapter's
-// A (from a0), NA A rows per pass over x (NA accumulators).
-template <int NA>
-inline void shrink_rows(const float* x, const void* A, WType wt, int64_t a0, int64_t K, int64_t j, float alpha,
-                        float* t) {
-  const int64_t K8 = K & ~int64_t(7);
-  __m256 acc[NA];
-  for (int i = 0; i < NA; ++i) acc[i] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K8; k += 8) {
-    const __m256 xv = _mm256_loadu_ps(x + k);
-    for (int i = 0; i < NA; ++i) acc[i] = _mm256_fmadd_ps(load8(A, wt, a0 + (j + i) * K + k), xv, acc[i]);
-  }
-  for (int i = 0; i < NA; ++i) {
-    float v = hsum(acc[i]);
-    for (int64_t k = K8; k < K; ++k) v += x[k] * load_w(A, wt, a0 + (j + i) * K + k);
-    t[j + i] = alpha * v;
-  }
-}
-
-void shrink_avx2(const float* x, const void* A, WType wt, int64_t a0, int64_t K, int64_t r, float alpha,
-                 float* t) {
-  int64_t j = 0;
-  for (; j + 8 <= r; j += 8) shrink_rows<8>(x, A, wt, a0, K, j, alpha, t);
-  for (; j + 4 <= r; j += 4) shrink_rows<4>(x, A, wt, a0, K, j, alpha, t);
-  for (; j < r; ++j) t[j] = alpha * dot_avx2(x, A, wt, a0 + j * K, K);
-}
-
 template <int NR>
 inline void block(const LinearArgs& a, const Shrunk& lo, int64_t n) {
   int64_t m = 0;
@@ -227,14 +191,8 @@ bool cpu_has_avx2() {
 #else
 bool cpu_has_avx2() { return false; }
 void rows_avx2(const LinearArgs&, const Shrunk&, int64_t, int64_t) {}
-void shrink_avx2(const float*, const void*, WType, int64_t, int64_t, int64_t, float, float*) {}
 #endif
 
-float dot_scalar(const float* x, const void* w, WType t, int64_t w0, int64_t K) {
-  float v = 0.f;
-  for (int64_t k = 0; k < K; ++k) v += x[k] * load_w(w, t, w0 + k);
-  return v;
-}
 
 }  // namespace
 
@@ -244,19 +202,19 @@ namespace {
 // across the job's linears: every shrink chunk first, then every block of W rows, so the
 // pool (which hands chunks out in order) starts the shrinks first.
 //
-// The shrink: when every valve row uses one adapter (the usual case), its r A rows are a
-// small weight [r, K] for all M rows at once, run by the W kernel itself in chunks of 8 A
-// rows (x loaded once for 4 A rows and 2 x rows, where one row at a time loads an A vector
-// per FMA); the chunk that finishes last scales each row by its alpha, then releases the
-// expand. Rows of several adapters shrink one chunk per row instead.
+// The shrink runs through the W kernel itself, the adapter's r A rows as a small weight
+// [r, K]: when every valve row uses one adapter (the usual case), for all M rows at once in
+// chunks of 8 A rows (x loaded once for 4 A rows and 2 x rows), the chunk that finishes
+// last scaling each row by its alpha before it releases the expand; with several adapters,
+// one chunk per valve row, which scales its own row.
 struct Part {
   const LinearArgs* a = nullptr;
   std::vector<float> t;             // [M, r]
   std::vector<int64_t> off;         // [M]
   std::vector<int64_t> valve_rows;  // the rows with a LoRA term
   std::atomic<int64_t> left{0};     // shrink chunks not finished (+1 for the scaling)
-  bool as_weight = false;           // the shrink runs as a weight [r, K] (one adapter)
-  LinearArgs shrink{};              // that weight's arguments
+  bool as_weight = false;           // one adapter: one shrink of all M rows
+  std::vector<LinearArgs> shrinks;  // [1] all rows (as_weight), else one per valve row
   int64_t shrink_chunks = 0;
   Shrunk lo;
   int64_t rows = 0;                 // W rows per chunk
@@ -273,6 +231,31 @@ struct Job {
   int64_t shrink_end;  // chunks [0, shrink_end) are shrinks
   bool avx2;
 };
+
+// The shrink of x rows [m0, m0 + M) as a linear: A rows of the adapter at offset `off`
+// (a_m · r) times x, into y [M, r].
+LinearArgs shrink_args(const LinearArgs& a, int64_t m0, int64_t M, int64_t off, float* y) {
+  LinearArgs w{};
+  const int64_t a0 = off * a.K;  // the adapter's first A element
+  w.x = a.x + m0 * a.ldx;
+  w.w = a.wtype == WType::kF32 ? static_cast<const void*>(static_cast<const float*>(a.lora_a) + a0)
+                               : static_cast<const void*>(static_cast<const uint16_t*>(a.lora_a) + a0);
+  w.y = y;
+  w.M = M;
+  w.N = a.r;
+  w.K = a.K;
+  w.ldx = a.ldx;
+  w.ldy = a.r;
+  w.wtype = a.wtype;
+  return w;
+}
+
+void rows_of(const LinearArgs& a, const Shrunk& lo, int64_t n0, int64_t n1, bool avx2) {
+  if (avx2)
+    rows_avx2(a, lo, n0, n1);
+  else
+    rows_scalar(a, lo, n0, n1);
+}
 
 // Finds row m's adapter and alpha; valve rows get their offset and a shrink chunk.
 void prepare(Part& p, const LinearArgs& a, int threads) {
@@ -294,21 +277,11 @@ void prepare(Part& p, const LinearArgs& a, int threads) {
       p.as_weight = p.valve_rows.size() >= 2;
       for (int64_t m : p.valve_rows) p.as_weight &= p.off[m] == p.off[p.valve_rows[0]];
       if (p.as_weight) {
-        LinearArgs& w = p.shrink;
-        const int64_t a0 = p.off[p.valve_rows[0]] * a.K;  // the adapter's first A element
-        w.x = a.x;
-        w.w = a.wtype == WType::kF32 ? static_cast<const void*>(static_cast<const float*>(a.lora_a) + a0)
-                                     : static_cast<const void*>(static_cast<const uint16_t*>(a.lora_a) + a0);
-        w.y = p.t.data();
-        w.M = a.M;
-        w.N = a.r;
-        w.K = a.K;
-        w.ldx = a.ldx;
-        w.ldy = a.r;
-        w.wtype = a.wtype;
+        p.shrinks.push_back(shrink_args(a, 0, a.M, p.off[p.valve_rows[0]], p.t.data()));
         p.shrink_chunks = (a.r + kShrinkRows - 1) / kShrinkRows;
         p.left.store(p.shrink_chunks + 1, std::memory_order_relaxed);
       } else {
+        for (int64_t m : p.valve_rows) p.shrinks.push_back(shrink_args(a, m, 1, p.off[m], &p.t[m * a.r]));
         p.shrink_chunks = int64_t(p.valve_rows.size());
         p.left.store(p.shrink_chunks, std::memory_order_relaxed);
       }
@@ -331,11 +304,8 @@ void run_chunk(const void* ctx, int64_t c) {
     Part& p = j.parts[i];
     const LinearArgs& a = *p.a;
     if (p.as_weight) {
-      const int64_t n0 = (c - p.shrink0) * kShrinkRows, n1 = std::min(n0 + kShrinkRows, a.r);
-      if (j.avx2)
-        rows_avx2(p.shrink, Shrunk{}, n0, n1);
-      else
-        rows_scalar(p.shrink, Shrunk{}, n0, n1);
+      const int64_t n0 = (c - p.shrink0) * kShrinkRows;
+      rows_of(p.shrinks[0], Shrunk{}, n0, std::min(n0 + kShrinkRows, a.r), j.avx2);
       if (p.left.fetch_sub(1, std::memory_order_acq_rel) != 2) return;
       for (int64_t m : p.valve_rows)  // the last chunk: every row's alpha, then the release
         for (int64_t q = 0; q < a.r; ++q) p.t[m * a.r + q] *= a.alpha[m * a.s_alpha];
@@ -343,24 +313,15 @@ void run_chunk(const void* ctx, int64_t c) {
       return;
     }
     const int64_t m = p.valve_rows[c - p.shrink0];
-    const float al = a.alpha[m * a.s_alpha];
-    float* t = &p.t[m * a.r];
-    const float* x = a.x + m * a.ldx;
-    if (j.avx2) {
-      shrink_avx2(x, a.lora_a, a.wtype, p.off[m] * a.K, a.K, a.r, al, t);
-    } else {
-      for (int64_t q = 0; q < a.r; ++q) t[q] = al * dot_scalar(x, a.lora_a, a.wtype, (p.off[m] + q) * a.K, a.K);
-    }
+    rows_of(p.shrinks[c - p.shrink0], Shrunk{}, 0, a.r, j.avx2);
+    for (int64_t q = 0; q < a.r; ++q) p.t[m * a.r + q] *= a.alpha[m * a.s_alpha];
     p.left.fetch_sub(1, std::memory_order_release);
     return;
   }
   while (c >= j.parts[i].base0 + j.parts[i].base_chunks) ++i;
   const Part& p = j.parts[i];
-  const int64_t n0 = (c - p.base0) * p.rows, n1 = std::min(n0 + p.rows, p.a->N);
-  if (j.avx2)
-    rows_avx2(*p.a, p.lo, n0, n1);
-  else
-    rows_scalar(*p.a, p.lo, n0, n1);
+  const int64_t n0 = (c - p.base0) * p.rows;
+  rows_of(*p.a, p.lo, n0, std::min(n0 + p.rows, p.a->N), j.avx2);
 }
 
 }  // namespace
