@@ -377,9 +377,6 @@ class Engine:
             r = rows[i]
             r.guard(lambda r=r, j=j: r.exits.consume(r, logits[probe_at + j]))
         emb = self.runner.embed.weight
-        for i, r in enumerate(rows):  # fed their last thought again: they sample from now on
-            if r.latent is not None and not r.latent.active and r.latent.pending is not None and i not in b.latent:
-                r.guard(lambda r=r: r.latent.refed(r))
         for i in b.latent:
             r = rows[i]
             tap = tapped.get(r.latent.tap)[i] if r.latent.tap is not None else None
@@ -388,6 +385,8 @@ class Engine:
         for i, r in enumerate(rows):
             if r.finished or i in skip:
                 continue
+            if r.latent is not None and r.latent.pending is not None:  # fed its last thought again
+                r.guard(lambda r=r: r.latent.refed(r))
             if i in toks:
                 r.guard(lambda r=r, t=toks[i]: _accept_sampled(r, t))
             else:
