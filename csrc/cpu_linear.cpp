@@ -44,9 +44,10 @@ struct Shrunk {
 
 // Waits until every shrink chunk of the linear has finished (acquire: their t is visible).
 // The chunks were claimed before any W chunk, so their owners are running them; a yield
-// lets one that the OS descheduled run.
-inline void wait_shrunk(const Shrunk& lo) {
-  for (int spins = 0; lo.left && lo.left->load(std::memory_order_acquire) > 0; ++spins) {
+// lets one that the OS descheduled run. The loop sits out of line (it holds a call, around
+// which a tile would have to keep its accumulators in memory); the tile inlines one check.
+__attribute__((noinline, cold)) void wait_shrunk_slow(const Shrunk& lo) {
+  for (int spins = 0; lo.left->load(std::memory_order_acquire) > 0; ++spins) {
     if (spins < 4096) {
 #if defined(__x86_64__) || defined(__i386__)
       __builtin_ia32_pause();
@@ -55,6 +56,10 @@ inline void wait_shrunk(const Shrunk& lo) {
       std::this_thread::yield();
     }
   }
+}
+
+inline void wait_shrunk(const Shrunk& lo) {
+  if (lo.left && lo.left->load(std::memory_order_acquire) > 0) wait_shrunk_slow(lo);
 }
 
 // The LoRA expand of row m at output n: t[m] · B[n, a_m] (r terms), 0 for base-only rows.
@@ -116,6 +121,24 @@ inline float hsum(__m256 v) {  // ((0+4)+(2+6)) + ((1+5)+(3+7))
   return _mm_cvtss_f32(s);
 }
 
+// The horizontal sums of 4 accumulators at once, each in hsum()'s order: lanes (a, b, c, d).
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 b4 = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
+  const __m128 c4 = _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
+  const __m128 d4 = _mm_add_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps(d, 1));
+  // [a0+a2, b0+b2, a1+a3, b1+b3] and the same for c, d; then (x0+x2) + (x1+x3) for each.
+  const __m128 ab = _mm_add_ps(_mm_unpacklo_ps(a4, b4), _mm_unpackhi_ps(a4, b4));
+  const __m128 cd = _mm_add_ps(_mm_unpacklo_ps(c4, d4), _mm_unpackhi_ps(c4, d4));
+  return _mm_add_ps(_mm_movelh_ps(ab, cd), _mm_movehl_ps(cd, ab));
+}
+
+inline __m128 load4(const void* w, WType t, int64_t i) {
+  if (t == WType::kF32) return _mm_loadu_ps(static_cast<const float*>(w) + i);
+  const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i));
+  return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
+}
+
 // NR weight rows (n..n+NR) times MR x rows (m..m+MR). A valve row's LoRA expand
 // t[m] · B[n, a_m] is r more terms of the same dot product, [x, t] · [W[n], B[n, a_m]]: its
 // first r & ~7 terms go into the row's accumulator before the one horizontal sum, the
@@ -139,27 +162,63 @@ inline void tile(const LinearArgs& a, const Shrunk& lo, int64_t n, int64_t m) {
   const int64_t R8 = a.r & ~int64_t(7), ldb = a.n_adapters * a.r;
   if (lo.off) {
     wait_shrunk(lo);
+    // Every accumulator index is a constant once the loops unroll, so the accumulators
+    // are not turned into a stack array. Rows on one adapter (the usual tile) share each B
+    // load; a base-only row (offset < 0) takes no term.
+    const float* t[MR];
+    int64_t off[MR];
+    bool same = true;
     for (int j = 0; j < MR; ++j) {
-      const int64_t o = lo.off[m + j];
-      if (o < 0) continue;  // a base-only row: no LoRA term
-      const float* t = lo.t + (m + j) * a.r;
+      off[j] = lo.off[m + j];
+      t[j] = lo.t + (m + j) * a.r;
+      same &= off[j] == off[0] && off[j] >= 0;
+    }
+    if (same) {
       for (int64_t q = 0; q < R8; q += 8) {
-        const __m256 tv = _mm256_loadu_ps(t + q);
-        for (int i = 0; i < NR; ++i)
-          acc[i][j] = _mm256_fmadd_ps(load8(a.lora_b, a.wtype, (n + i) * ldb + o + q), tv, acc[i][j]);
+        __m256 tv[MR];
+        for (int j = 0; j < MR; ++j) tv[j] = _mm256_loadu_ps(t[j] + q);
+        for (int i = 0; i < NR; ++i) {
+          const __m256 bv = load8(a.lora_b, a.wtype, (n + i) * ldb + off[0] + q);
+          for (int j = 0; j < MR; ++j) acc[i][j] = _mm256_fmadd_ps(bv, tv[j], acc[i][j]);
+        }
       }
+    } else {
+      for (int64_t q = 0; q < R8; q += 8)
+        for (int j = 0; j < MR; ++j) {
+          if (off[j] < 0) continue;
+          const __m256 tv = _mm256_loadu_ps(t[j] + q);
+          for (int i = 0; i < NR; ++i)
+            acc[i][j] = _mm256_fmadd_ps(load8(a.lora_b, a.wtype, (n + i) * ldb + off[j] + q), tv, acc[i][j]);
+        }
     }
   }
+  // The usual block (4 rows, no K % 8 or r % 8 tail, fp32 out): the 4 outputs of a row are
+  // adjacent in y, so they are summed, biased and stored as one vector (an output at a time,
+  // this epilogue took a fifth of a compute-bound call).
+  if constexpr (NR == 4) {
+    if (a.K == K8 && a.r == R8 && !a.y_bf16) {
+      for (int j = 0; j < MR; ++j) {
+        __m128 s = hsum4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]);
+        if (a.bias) s = _mm_add_ps(s, load4(a.bias, a.wtype, n));
+        _mm_storeu_ps(static_cast<float*>(a.y) + (m + j) * a.ldy + n, s);
+      }
+      return;
+    }
+  }
+  // Horizontal sums first, with constant indices (a loop over i and j with the K % 8 tail
+  // inside was not unrolled, which kept every accumulator in memory), then the tails.
+  float v[NR][MR];
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < MR; ++j) v[i][j] = hsum(acc[i][j]);
   for (int i = 0; i < NR; ++i)
     for (int j = 0; j < MR; ++j) {
-      float v = hsum(acc[i][j]);
-      for (int64_t k = K8; k < a.K; ++k) v += x[j][k] * load_w(a.w, a.wtype, (n + i) * a.K + k);
+      for (int64_t k = K8; k < a.K; ++k) v[i][j] += x[j][k] * load_w(a.w, a.wtype, (n + i) * a.K + k);
       float d = 0.f;
       if (lo.off && lo.off[m + j] >= 0) {
         const float* t = lo.t + (m + j) * a.r;
         for (int64_t q = R8; q < a.r; ++q) d += t[q] * load_w(a.lora_b, a.wtype, (n + i) * ldb + lo.off[m + j] + q);
       }
-      finish(a, m + j, n + i, v, d);
+      finish(a, m + j, n + i, v[i][j], d);
     }
 }
 

@@ -303,3 +303,20 @@ def test_valve_shrink_paths(r, threads):
     two = dict(one, adapter_idx=torch.tensor([0, 1, 0, 1, 0, 1, -1, 1]))
     for c, name in ((one, "one adapter"), (two, "two adapters")):
         assert_close(cpu_linear(**c, threads=threads), cpu_linear_ref(**c), msg=f"{name}, r={r}, threads={threads}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lora", [None, (1, 16), (2, 8)])
+def test_block_epilogue_matches_single_rows(dtype, lora):
+    """A block of 4 weight rows sums, biases and stores its outputs as one vector (K and r
+    multiples of 8, fp32 out; bf16 out takes the per-output path on both sides); a lone row
+    does it an output at a time. The two must agree bit for bit: the vector sum keeps the
+    scalar one's order."""
+    M, N, K = 5, 12, 64
+    c = make(M, K, N, dtype=dtype, seed=3, bias=True, lora=lora)
+    full = cpu_linear(**c)
+    for n in range(N):
+        one = dict(c, weight=c["weight"][n:n + 1], bias=c["bias"][n:n + 1])
+        if lora is not None:
+            one["lora_b"] = c["lora_b"][:, n:n + 1]
+        assert torch.equal(cpu_linear(**one)[:, 0], full[:, n]), f"row {n}"
