@@ -9,6 +9,11 @@ Providers, on SmolLM2-135M's weight shapes (N x K; the same x, W, bias for all):
   cpu_linear      cotrt.ops.cpu_linear's kernel (csrc/cpu_linear.cpp), called as the model's
                   modules call it (arguments checked once, not per call)
   valve           cpu_linear with a valve: r=16, one adapter, per-row alphas (0.5..1.7)
+  kernel, kernel+valve
+                  the same two calls repeated back to back inside C++ (``_cpu.linear_repeat``):
+                  the kernel as the native decoder layer (cpu_layer.cpp) calls it, without
+                  the ~10 us of Python a call from Python pays on both sides; the valve's
+                  cost is the ratio of these two (the acceptance figure of issue 12)
   valve_lora      cotrt.ops.valve_lora's torch path (what a valve cost before): F.linear + 2 GEMMs
   read            torch.sum over W (all threads): the measured read-bandwidth floor
 
@@ -17,14 +22,15 @@ cpu_linear, read): a batch-1 decode step's weight traffic, weights cold as in a 
 
 Each figure is the median [p20, p80] of --repeats interleaved samples, a sample being as
 many back-to-back calls as fill ~5 ms; the two ratio columns are the median [p20, p80] of
-the per-round ratios (cpu_linear and valve run next to each other in every round, so
-the machine's load, which moved single figures by 20% here, lands on both). GB/s counts W (plus A and B for valve rows) once.
+the per-round ratios (the two sides run next to each other in every round, so the
+machine's load, which moved single figures by 20% here, lands on both). GB/s counts W (plus A and B for valve rows) once.
 Runtime: ~2 min for both dtypes on a 2-core machine.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -34,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _harness import batched, header, interleave, quantiles  # noqa: E402
+from cotrt.ops import cpu_linear as _cl  # noqa: E402
 from cotrt.ops.cpu_linear import _launch  # noqa: E402
 from cotrt.ops.valve_lora import valve_lora  # noqa: E402
 
@@ -63,6 +70,8 @@ def providers(M, N, K, dtype):
         "valve_lora": lambda: valve_lora(x, w, a, lb, alpha, None, b),
         "read": lambda: w.sum(),
     }
+    for name, lora in (("kernel", (None, None, None)), ("kernel+valve", (a, lb, alpha))):
+        out[name] = repeated(x, w, b, *lora)
     try:
         from torch.utils import mkldnn
 
@@ -76,6 +85,22 @@ def providers(M, N, K, dtype):
     bytes_w = N * K * w.element_size()
     bytes_lora = (R * K + N * R) * w.element_size()
     return out, bytes_w, bytes_lora
+
+
+class repeated:
+    """Calls of the kernel repeated inside C++: ``run()`` makes ``n`` of them (n fills
+    ~5 ms, timed once up front); ``batched`` passes it through unchanged."""
+
+    def __init__(self, x, w, b, a, lb, alpha, target_s=0.005):
+        self.y, self.xf, self.args = _cl._kernel_args(x, w, b, a, lb, alpha, None, None, 0)
+        self.n = 16
+        self()
+        t0 = time.perf_counter()
+        self()
+        self.n = max(16, int(16 * target_s / max(time.perf_counter() - t0, 1e-7)))
+
+    def __call__(self):
+        _cl._cpu.linear_repeat(*self.args, self.n)
 
 
 def model_sweep(args):
@@ -116,7 +141,7 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    order = ["F.linear", "mkldnn", "cpu_linear", "valve", "valve_lora", "read"]
+    order = ["F.linear", "mkldnn", "cpu_linear", "valve", "kernel", "kernel+valve", "valve_lora", "read"]
     print(header(note=f"median [p20, p80] of {args.repeats} interleaved samples"))
     if args.sweep != "model":
         shapes(args, order)
@@ -127,15 +152,15 @@ def main():
 
 def shapes(args, order):
     print("| dtype | weight (N x K) | M | " + " | ".join(f"{p} us (GB/s)" for p in order)
-          + " | F.linear / cpu_linear | valve / cpu_linear |")
-    print("|---|---|---:|" + "---:|" * (len(order) + 2))
+          + " | F.linear / cpu_linear | valve / cpu_linear | kernel+valve / kernel |")
+    print("|---|---|---:|" + "---:|" * (len(order) + 3))
     with torch.inference_mode():
         for dt in args.dtypes.split(","):
             dtype = getattr(torch, dt)
             for name, N, K in SHAPES:
                 for M in map(int, args.rows.split(",")):
                     fns, bw, bl = providers(M, N, K, dtype)
-                    runs = {k: batched(f) for k, f in fns.items()}
+                    runs = {k: (f, f.n) if isinstance(f, repeated) else batched(f) for k, f in fns.items()}
                     times = interleave({k: r for k, (r, _) in runs.items()}, args.repeats, warmup=1)
                     per = {k: [t / runs[k][1] for t in ts] for k, ts in times.items()}
                     cells = []
@@ -144,12 +169,13 @@ def shapes(args, order):
                             cells.append("n/a")
                             continue
                         m, lo, hi = quantiles(per[p])
-                        moved = bw + (bl if p in ("valve", "valve_lora") else 0)
+                        moved = bw + (bl if p in ("valve", "kernel+valve", "valve_lora") else 0)
                         cells.append(f"{m * 1e6:.0f} [{lo * 1e6:.0f}, {hi * 1e6:.0f}] ({moved / m / 1e9:.1f})")
                     # Ratios round by round (both calls of a pair adjacent in time, so load that
                     # comes and goes lands on both), then their median [p20, p80].
-                    ratio = {k: quantiles([a / b for a, b in zip(per[k], per["cpu_linear"])])
-                             for k in ("F.linear", "valve")}
+                    ratio = {k: quantiles([a / b for a, b in zip(per[k], per[base])])
+                             for k, base in (("F.linear", "cpu_linear"), ("valve", "cpu_linear"),
+                                             ("kernel+valve", "kernel"))}
                     print(f"| {dt} | {name} {N}x{K} | {M} | " + " | ".join(cells)
                           + "".join(f" | {m:.2f}x [{lo:.2f}, {hi:.2f}]" for m, lo, hi in ratio.values()) + " |",
                           flush=True)

@@ -21,10 +21,11 @@ const T* ptr(uintptr_t p) {
   return reinterpret_cast<const T*>(p);
 }
 
-void linear(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t lora_a, uintptr_t lora_b,
-            uintptr_t alpha, uintptr_t adapter, uintptr_t y, int64_t M, int64_t N, int64_t K,
-            int64_t n_adapters, int64_t r, int64_t ldx, int64_t ldy, int64_t s_alpha,
-            int64_t s_adapter, bool w_bf16, bool adapter_i64, bool y_bf16, int threads) {
+void linear_repeat(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t lora_a, uintptr_t lora_b,
+                   uintptr_t alpha, uintptr_t adapter, uintptr_t y, int64_t M, int64_t N, int64_t K,
+                   int64_t n_adapters, int64_t r, int64_t ldx, int64_t ldy, int64_t s_alpha,
+                   int64_t s_adapter, bool w_bf16, bool adapter_i64, bool y_bf16, int threads,
+                   int64_t repeats) {
   cotrt::LinearArgs a{};
   a.x = ptr<float>(x);
   a.w = ptr<void>(w);
@@ -48,7 +49,15 @@ void linear(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t lora_a, uintptr_
   a.y_bf16 = y_bf16;
   a.threads = threads;
   py::gil_scoped_release nogil;
-  cotrt::linear(a);
+  for (int64_t i = 0; i < repeats; ++i) cotrt::linear(a);
+}
+
+void linear(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t lora_a, uintptr_t lora_b,
+            uintptr_t alpha, uintptr_t adapter, uintptr_t y, int64_t M, int64_t N, int64_t K,
+            int64_t n_adapters, int64_t r, int64_t ldx, int64_t ldy, int64_t s_alpha,
+            int64_t s_adapter, bool w_bf16, bool adapter_i64, bool y_bf16, int threads) {
+  linear_repeat(x, w, bias, lora_a, lora_b, alpha, adapter, y, M, N, K, n_adapters, r, ldx, ldy, s_alpha,
+                s_adapter, w_bf16, adapter_i64, y_bf16, threads, 1);
 }
 
 void paged_decode_attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t block_tables,
@@ -163,6 +172,10 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("linear", &linear,
         "y = x Wᵀ (+ bias) (+ alpha-scaled LoRA); arguments: pointers (0 = absent), sizes, "
         "strides, flags, threads (the caller's included; <= 0: 1)");
+  m.def("linear_repeat", &linear_repeat,
+        "linear()'s arguments, then repeats: the same call that many times back to back, with "
+        "no Python in between (how bench/bench_cpu_linear.py times the kernel as the native "
+        "decoder layer calls it)");
   m.def("paged_decode_attention", &paged_decode_attention,
         "one query per row over a paged KV cache; arguments: pointers, sizes, strides, "
         "scale, softcap (<= 0: none), window (<= 0: none), flags, threads");

@@ -117,6 +117,15 @@ def cpu_linear(x, weight, bias=None, lora_a=None, lora_b=None, alpha=None, adapt
 
 def _launch(x, weight, bias, lora_a, lora_b, alpha, adapter_idx, out, threads):
     """The call without validation (callers that checked their fixed tensors once)."""
+    y, _xf, args = _kernel_args(x, weight, bias, lora_a, lora_b, alpha, adapter_idx, out, threads)
+    _cpu.linear(*args)  # _xf: the fp32 x the pointers point into, alive until here
+    return y
+
+
+def _kernel_args(x, weight, bias, lora_a, lora_b, alpha, adapter_idx, out, threads):
+    """(y, xf, the argument tuple of ``_cpu.linear``) for unchecked tensors. xf is the fp32
+    x the tuple points into (x itself, or a copy made here): keep it alive while the tuple
+    is used."""
     threads = threads if threads > 0 else torch.get_num_threads()
     xf = x if x.dtype == torch.float32 and x.stride(1) == 1 else x.float().contiguous()
     M, K = xf.shape
@@ -124,18 +133,16 @@ def _launch(x, weight, bias, lora_a, lora_b, alpha, adapter_idx, out, threads):
     bf16 = weight.dtype == torch.bfloat16
     y = torch.empty((M, N), dtype=x.dtype) if out is None else out
     if lora_a is None:
-        _cpu.linear(xf.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                    0, 0, 0, 0, y.data_ptr(), M, N, K, 0, 0, xf.stride(0), y.stride(0), 0, 0,
-                    bf16, False, bf16, threads)
-        return y
+        return y, xf, (xf.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                       0, 0, 0, 0, y.data_ptr(), M, N, K, 0, 0, xf.stride(0), y.stride(0), 0, 0,
+                       bf16, False, bf16, threads)
     n, r = lora_a.shape[:2]
-    _cpu.linear(xf.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                lora_a.data_ptr(), lora_b.data_ptr(), alpha.data_ptr(),
-                0 if adapter_idx is None else adapter_idx.data_ptr(), y.data_ptr(),
-                M, N, K, n, r, xf.stride(0), y.stride(0), alpha.stride(0),
-                0 if adapter_idx is None else adapter_idx.stride(0),
-                bf16, adapter_idx is not None and adapter_idx.dtype == torch.int64, bf16, threads)
-    return y
+    return y, xf, (xf.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                   lora_a.data_ptr(), lora_b.data_ptr(), alpha.data_ptr(),
+                   0 if adapter_idx is None else adapter_idx.data_ptr(), y.data_ptr(),
+                   M, N, K, n, r, xf.stride(0), y.stride(0), alpha.stride(0),
+                   0 if adapter_idx is None else adapter_idx.stride(0),
+                   bf16, adapter_idx is not None and adapter_idx.dtype == torch.int64, bf16, threads)
 
 
 def cpu_linear_ref(x, weight, bias=None, lora_a=None, lora_b=None, alpha=None, adapter_idx=None):

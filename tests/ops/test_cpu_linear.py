@@ -320,3 +320,18 @@ def test_block_epilogue_matches_single_rows(dtype, lora):
         if lora is not None:
             one["lora_b"] = c["lora_b"][:, n:n + 1]
         assert torch.equal(cpu_linear(**one)[:, 0], full[:, n]), f"row {n}"
+
+
+def test_linear_repeat_is_the_same_call():
+    """_cpu.linear_repeat (how bench_cpu_linear times the kernel without Python between
+    calls) makes exactly linear()'s call, `repeats` times: same output; 0 repeats write nothing."""
+    from cotrt.ops import cpu_linear as cl
+
+    c = make(3, 64, 20, seed=5, bias=True, lora=(1, 16))
+    want = cpu_linear(**c)
+    y, xf, args = cl._kernel_args(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["alpha"],
+                                  c["adapter_idx"], torch.full((3, 20), 7.0), 0)
+    cl._cpu.linear_repeat(*args, 0)
+    assert torch.equal(y, torch.full((3, 20), 7.0))
+    cl._cpu.linear_repeat(*args, 3)
+    assert torch.equal(y, want)
