@@ -33,7 +33,7 @@ inline float load_w(const void* p, WType t, int64_t i) {
 // The valve's per-row LoRA shrink t[m] = alpha[m] · x[m] A[a_m]ᵀ ([r] floats per row) and
 // the row's offset into a B row (a_m · r), -1 for base-only rows (alpha 0, adapter < 0 or
 // >= n_adapters), which then get no LoRA term at all. The shrink runs as the first chunks
-// of the same pool job as W's rows (one chunk per valve row), so it costs no serial time
+// of the same pool job as W's rows (see Part), so it costs no serial time
 // before the workers start; a tile adds the expand only once `left` reaches 0, which it
 // checks after streaming its W rows (by then the shrink chunks, claimed first, are done).
 struct Shrunk {
@@ -262,22 +262,31 @@ namespace {
 // pool (which hands chunks out in order) starts the shrinks first.
 //
 // The shrink runs through the W kernel itself, the adapter's r A rows as a small weight
-// [r, K]: when every valve row uses one adapter (the usual case), for all M rows at once in
-// chunks of 8 A rows (x loaded once for 4 A rows and 2 x rows), the chunk that finishes
+// [r, K]: when every valve row uses one adapter (the usual case, a single row included),
+// for all M rows at once in chunks of 8 A rows (x loaded once for 4 A rows and 2 x rows), the chunk that finishes
 // last scaling each row by its alpha before it releases the expand; with several adapters,
 // one chunk per valve row, which scales its own row.
 struct Part {
   const LinearArgs* a = nullptr;
-  std::vector<float> t;             // [M, r]
-  std::vector<int64_t> off;         // [M]
-  std::vector<int64_t> valve_rows;  // the rows with a LoRA term
+  float* t = nullptr;               // [M, r]
+  int64_t* off = nullptr;           // [M]
+  int64_t* valve_rows = nullptr;    // the rows with a LoRA term
+  int64_t n_valve = 0;
   std::atomic<int64_t> left{0};     // shrink chunks not finished (+1 for the scaling)
   bool as_weight = false;           // one adapter: one shrink of all M rows
-  std::vector<LinearArgs> shrinks;  // [1] all rows (as_weight), else one per valve row
+  LinearArgs shrink{};              // that shrink (as_weight)
   int64_t shrink_chunks = 0;
   Shrunk lo;
   int64_t rows = 0;                 // W rows per chunk
   int64_t shrink0 = 0, base0 = 0, base_chunks = 0;
+};
+
+// The valve state's storage, kept by each calling thread between calls (no allocation per
+// call once it has grown; a call from another thread has its own). A part's arrays are
+// used only while its call runs, and calls on one thread do not overlap.
+struct Scratch {
+  std::vector<float> t;
+  std::vector<int64_t> idx;  // off [M], then valve_rows [M]
 };
 
 constexpr int64_t kShrinkRows = 8;  // A rows per chunk when the shrink runs as a weight
@@ -317,11 +326,14 @@ void rows_of(const LinearArgs& a, const Shrunk& lo, int64_t n0, int64_t n1, bool
 }
 
 // Finds row m's adapter and alpha; valve rows get their offset and a shrink chunk.
-void prepare(Part& p, const LinearArgs& a, int threads) {
+void prepare(Part& p, const LinearArgs& a, int threads, Scratch& scratch) {
   p.a = &a;
   if (a.lora_a) {
-    p.t.assign(a.M * a.r, 0.f);
-    p.off.assign(a.M, -1);
+    scratch.t.assign(a.M * a.r, 0.f);  // capacity kept: no allocation once grown
+    scratch.idx.assign(2 * a.M, -1);
+    p.t = scratch.t.data();
+    p.off = scratch.idx.data();
+    p.valve_rows = p.off + a.M;
     for (int64_t m = 0; m < a.M; ++m) {
       const float al = a.alpha[m * a.s_alpha];
       int64_t ad = 0;
@@ -330,21 +342,20 @@ void prepare(Part& p, const LinearArgs& a, int threads) {
                            : static_cast<const int32_t*>(a.adapter)[m * a.s_adapter];
       if (al == 0.f || ad < 0 || ad >= a.n_adapters) continue;
       p.off[m] = ad * a.r;
-      p.valve_rows.push_back(m);
+      p.valve_rows[p.n_valve++] = m;
     }
-    if (!p.valve_rows.empty()) {  // else every row is base-only: no LoRA term at all
-      p.as_weight = p.valve_rows.size() >= 2;
-      for (int64_t m : p.valve_rows) p.as_weight &= p.off[m] == p.off[p.valve_rows[0]];
+    if (p.n_valve > 0) {  // else every row is base-only: no LoRA term at all
+      p.as_weight = true;
+      for (int64_t i = 0; i < p.n_valve; ++i) p.as_weight &= p.off[p.valve_rows[i]] == p.off[p.valve_rows[0]];
       if (p.as_weight) {
-        p.shrinks.push_back(shrink_args(a, 0, a.M, p.off[p.valve_rows[0]], p.t.data()));
+        p.shrink = shrink_args(a, 0, a.M, p.off[p.valve_rows[0]], p.t);
         p.shrink_chunks = (a.r + kShrinkRows - 1) / kShrinkRows;
         p.left.store(p.shrink_chunks + 1, std::memory_order_relaxed);
       } else {
-        for (int64_t m : p.valve_rows) p.shrinks.push_back(shrink_args(a, m, 1, p.off[m], &p.t[m * a.r]));
-        p.shrink_chunks = int64_t(p.valve_rows.size());
+        p.shrink_chunks = p.n_valve;
         p.left.store(p.shrink_chunks, std::memory_order_relaxed);
       }
-      p.lo = Shrunk{p.t.data(), p.off.data(), &p.left};
+      p.lo = Shrunk{p.t, p.off, &p.left};
     }
   }
   // Chunks of whole 4-row blocks, about 8 per thread, claimed by whichever thread is free
@@ -364,15 +375,17 @@ void run_chunk(const void* ctx, int64_t c) {
     const LinearArgs& a = *p.a;
     if (p.as_weight) {
       const int64_t n0 = (c - p.shrink0) * kShrinkRows;
-      rows_of(p.shrinks[0], Shrunk{}, n0, std::min(n0 + kShrinkRows, a.r), j.avx2);
+      rows_of(p.shrink, Shrunk{}, n0, std::min(n0 + kShrinkRows, a.r), j.avx2);
       if (p.left.fetch_sub(1, std::memory_order_acq_rel) != 2) return;
-      for (int64_t m : p.valve_rows)  // the last chunk: every row's alpha, then the release
+      for (int64_t i = 0; i < p.n_valve; ++i) {  // the last chunk: every row's alpha, then the release
+        const int64_t m = p.valve_rows[i];
         for (int64_t q = 0; q < a.r; ++q) p.t[m * a.r + q] *= a.alpha[m * a.s_alpha];
+      }
       p.left.fetch_sub(1, std::memory_order_release);
       return;
     }
     const int64_t m = p.valve_rows[c - p.shrink0];
-    rows_of(p.shrinks[c - p.shrink0], Shrunk{}, 0, a.r, j.avx2);
+    rows_of(shrink_args(a, m, 1, p.off[m], p.t + m * a.r), Shrunk{}, 0, a.r, j.avx2);
     for (int64_t q = 0; q < a.r; ++q) p.t[m * a.r + q] *= a.alpha[m * a.s_alpha];
     p.left.fetch_sub(1, std::memory_order_release);
     return;
@@ -392,10 +405,11 @@ void linears(const LinearArgs* const* as, int n) {
   }
   int threads = 1;
   for (int i = 0; i < n; ++i) threads = std::max(threads, as[i]->threads);
+  thread_local Scratch scratch[kMaxParts];
   Part parts[kMaxParts];
   int64_t shrinks = 0;
   for (int i = 0; i < n; ++i) {
-    prepare(parts[i], *as[i], threads);
+    prepare(parts[i], *as[i], threads, scratch[i]);
     parts[i].shrink0 = shrinks;
     shrinks += parts[i].shrink_chunks;
   }
