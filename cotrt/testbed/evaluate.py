@@ -102,7 +102,8 @@ def exit_grid() -> list[Setting]:
       on that early plateau (every 4, 4 probes: 0.13 offline); with alpha 0.2 the variance
       the fall adds decays by 0.8 a probe and needs ~30 probes to pass 1e-3, past the end
       of the chain. So: alpha 0.5, warm-ups of 12-16 probes (48-64 tokens at every 4), and
-      the former setting (every 8, alpha 0.2, 1e-3) as the reference.
+      the former setting (every 8, alpha 0.2, 1e-3) as the reference. On validation (3
+      seeds, plain 0.968) a 12-probe warm-up scored 0.697 and a 16-probe one 0.960.
     """
     return ([deer(t) for t in (0.9, 0.95, 0.99)]
             + [dynasor(e, k) for e, k in ((12, 4), (16, 3), (16, 4), (24, 2), (32, 2), (32, 3))]
@@ -135,8 +136,8 @@ def choose(rows: list[dict], tolerance: float = 0.01) -> dict:
 
 def settings(budgets=BUDGETS, alphas=ALPHAS, exits=None) -> list[Setting]:
     """The evaluated controls. ``exits``: the exit-policy settings to run (default: DEER at
-    its published threshold, Dynasor every 16 k 4, EAT every 4 with a 16-probe warm-up); bench_testbed.py passes those
-    chosen on the validation split."""
+    its published threshold, Dynasor every 16 k 4, EAT every 4 with a 16-probe warm-up);
+    bench_testbed.py passes those chosen on the validation split."""
     out = [Setting("plain", "-", _P()), Setting("no-CoT", "think closed in prompt", _P(), no_cot=True)]
     # The budget forces "</think>" after b think tokens; the model (trained on truncated
     # chains) then writes "\nAnswer: N". Alone, nothing stops a model that reasons on in
