@@ -12,7 +12,7 @@ accuracy over seeds is within ``--tolerance`` of plain's (``evaluate.choose``); 
 control of ``evaluate.settings`` with those settings on the held-out split. Writes the
 table (means, spread over seeds, binomial error) to bench/testbed_results.md, the plot to
 bench/testbed_results.svg and the rows to bench/testbed_results.json. Per-seed evaluation
-rows are cached beside each model (``--reeval`` redoes them).
+rows are cached beside each model, per setting (``--reeval`` redoes them).
 """
 from __future__ import annotations
 
@@ -39,22 +39,24 @@ def ensure_trained(path: Path, seed: int, retrain: bool, coconut: bool) -> None:
 
 
 def run_cached(path: Path, name: str, todo, split: str, n: int, reeval: bool, latent: bool = False) -> list[dict]:
-    """``evaluate.evaluate`` of ``todo`` on one seed's models, cached in ``path/name``: reused
-    when it holds every (control, setting) asked for on the same split and size."""
+    """``evaluate.evaluate`` of ``todo`` on one seed's models, cached in ``path/name`` by
+    (control, setting): rows cached on the same split and size are reused and only the
+    settings missing are run (a new exit choice re-runs three settings, not all 25)."""
     cache = path / name
-    want = [(s.control, s.setting) for s in todo]
+    have = {}
     if cache.exists() and not reeval:
         got = json.loads(cache.read_text())
-        have = {(r["control"], r["setting"]): r for r in got["rows"]}
-        if got.get("split") == split and got.get("n") == n and all(k in have for k in want):
-            rows = [have[k] for k in want] + [r for r in got["rows"] if latent and r["control"].startswith("latent")]
-            if not latent or any(r["control"].startswith("latent") for r in got["rows"]) \
-                    or not (path / "coconut").exists():
-                return rows
-    rows = evaluate.evaluate(path, n=n, split=split, todo=todo,
-                             only=None if latent else {s.control for s in todo})
-    cache.write_text(json.dumps({"split": split, "n": n, "rows": rows}, indent=1))
-    return rows
+        if got.get("split") == split and got.get("n") == n:
+            have = {(r["control"], r["setting"]): r for r in got["rows"]}
+    missing = [s for s in todo if (s.control, s.setting) not in have]
+    want_latent = latent and (path / "coconut").exists() and not any(c.startswith("latent") for c, _ in have)
+    if missing or want_latent:
+        only = {s.control for s in missing} | ({"latent"} if want_latent else set())
+        for r in evaluate.evaluate(path, n=n, split=split, todo=missing, only=only):
+            have[r["control"], r["setting"]] = r
+        cache.write_text(json.dumps({"split": split, "n": n, "rows": list(have.values())}, indent=1))
+    rows = [have[s.control, s.setting] for s in todo]
+    return rows + [r for k, r in have.items() if latent and k[0].startswith("latent")]
 
 
 def main(argv=None) -> dict:

@@ -213,7 +213,7 @@ def _demo_testbed(n: int) -> None:
     models = cache_dir() / "testbed" / "seed0"  # bench_testbed.py trains seeds 0..2 side by side
     if not (models / "base" / "config.json").exists():
         print("\nTestbed (a tiny model trained here to reason in long, re-checking chains): not built; "
-              "`python3 bench/bench_testbed.py` trains it (~9 CPU min a training seed) and evaluates every control.")
+              "`python3 bench/bench_testbed.py` trains it (~13 CPU min a training seed) and evaluates every control.")
         return
     from .testbed.evaluate import evaluate, settings
 
@@ -222,7 +222,7 @@ def _demo_testbed(n: int) -> None:
     if quick:
         print("(a --quick build: a reduced model trained for <1 min to test the pipeline, not to reason; "
               "its accuracy means nothing. `python3 -m cotrt.testbed.train --out "
-              f"{models}` trains the real one, ~9 CPU min.)")
+              f"{models}` trains the real one, ~13 CPU min.)")
     print()
     keep = {("plain", "-"), ("no-CoT", "think closed in prompt"), ("think_budget", "64"),
             ("DEER", "threshold 0.95, cue Wait"), ("valve", "alpha 0.5"), ("valve", "alpha 1")}

@@ -312,3 +312,56 @@ def evaluate_deer():
     from cotrt.testbed.evaluate import deer
 
     return deer(0.5).params.exit
+
+
+def test_exit_grid_settings_carry_their_knobs():
+    """Every grid label is distinct (choose and the caches key rows by it) and the EAT and
+    Dynasor labels match the policy each setting runs, warm-up and EMA timescale included."""
+    from cotrt.control.policies import EAT, Dynasor
+    from cotrt.testbed.evaluate import exit_grid
+
+    grid = exit_grid()
+    labels = [(s.control, s.setting) for s in grid]
+    assert len(set(labels)) == len(labels)
+    for s in grid:
+        (pol,) = s.params.exit
+        if isinstance(pol, EAT):
+            assert s.setting == (f"every {pol.every}, alpha {pol.alpha:g}, threshold {pol.threshold:g}, "
+                                 f"warm-up {pol.min_probes}")
+        elif isinstance(pol, Dynasor):
+            assert s.setting == f"every {pol.every}, k {pol.k}"
+    # Some EAT setting's warm-up ends inside a ~110-token chain, past its ~40-token first pass
+    # (the defaults, every 32 and 4 probes, end it at 128 tokens).
+    eats = [s.params.exit[0] for s in grid if s.control == "EAT"]
+    assert min(e.every * e.min_probes for e in eats) <= 64
+
+
+def test_bench_cache_runs_only_the_missing_settings(tmp_path, monkeypatch):
+    """bench_testbed.run_cached reuses cached rows by (control, setting) and evaluates only
+    the settings it lacks; another split or size is not reused."""
+    import importlib.util
+    from pathlib import Path
+
+    from cotrt.testbed import evaluate
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_testbed", Path(__file__).resolve().parents[1] / "bench" / "bench_testbed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+
+    def fake_evaluate(path, n, split, todo, only):
+        calls.append([s.setting for s in todo])
+        return [_row(s.control, s.setting, 0.5, 10, n=n) for s in todo]
+
+    monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
+    a, b, c = evaluate.deer(0.9), evaluate.deer(0.95), evaluate.dynasor(16, 4)
+    rows = bench.run_cached(tmp_path, "c.json", [a, b], "validation", 200, reeval=False)
+    assert [r["setting"] for r in rows] == [a.setting, b.setting] and calls == [[a.setting, b.setting]]
+    rows = bench.run_cached(tmp_path, "c.json", [c, a], "validation", 200, reeval=False)
+    assert [r["setting"] for r in rows] == [c.setting, a.setting] and calls[-1] == [c.setting]
+    bench.run_cached(tmp_path, "c.json", [a], "validation", 200, reeval=False)
+    assert len(calls) == 2  # all cached: nothing run
+    bench.run_cached(tmp_path, "c.json", [a], "test", 200, reeval=False)
+    bench.run_cached(tmp_path, "c.json", [a], "test", 200, reeval=True)
+    assert calls[-2:] == [[a.setting], [a.setting]]
