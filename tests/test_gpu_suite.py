@@ -40,7 +40,11 @@ def test_smoke_runs_every_section(tmp_path):
     for c in res["decode"]:  # the cotrt cells ran the graphs' static step
         if c["provider"] in ("cotrt", "cotrt_unfused"):
             assert c["graphs"]["mode"] == "static" and c["graphs"]["static_steps"] > 0 and not c["graphs"]["failed"]
-    assert all(c["decode_tok_s"] > 0 and c["gbps"] > 0 for c in res["decode"])
+    for c in res["decode"]:  # a per-step figure, or the reason there is none (timing noise)
+        if c["decode_tok_s"] is None:
+            assert "timing_note" in c and "gbps" not in c, c
+        else:
+            assert c["decode_tok_s"] > 0 and c["gbps"] > 0, c
     assert {(c["model"], c["batch"]) for c in res["hf_compiled"]} == {(m, b) for m in MODELS for b in (1, 4)}
     assert all("error" not in c for c in res["hf_compiled"])
     assert [r["M"] for r in res["valve_lora"]] == [1, 2]
