@@ -21,9 +21,10 @@ The model sweep then runs every linear of the model once, in order, at M=1 (F.li
 cpu_linear, read): a batch-1 decode step's weight traffic, weights cold as in a real step.
 
 Each figure is the median [p20, p80] of --repeats interleaved samples, a sample being as
-many back-to-back calls as fill ~5 ms; the two ratio columns are the median [p20, p80] of
-the per-round ratios (the two sides run next to each other in every round, so the
-machine's load, which moved single figures by 20% here, lands on both). GB/s counts W (plus A and B for valve rows) once.
+many back-to-back calls as fill ~5 ms; the three ratio columns are the median [p20, p80]
+of the per-round ratios (the two sides run next to each other in every round, so the
+machine's load, which moved single figures by 20% here, lands on both). GB/s counts W
+(plus A and B for valve rows) once.
 Runtime: ~2 min for both dtypes on a 2-core machine.
 """
 from __future__ import annotations
@@ -88,8 +89,8 @@ def providers(M, N, K, dtype):
 
 
 class repeated:
-    """Calls of the kernel repeated inside C++: ``run()`` makes ``n`` of them (n fills
-    ~5 ms, timed once up front); ``batched`` passes it through unchanged."""
+    """Calls of the kernel repeated inside C++: calling it makes ``n`` of them (n fills
+    ~5 ms, timed once up front), so it stands in for ``batched``'s ``(run, n)``."""
 
     def __init__(self, x, w, b, a, lb, alpha, target_s=0.005):
         self.y, self.xf, self.args = _cl._kernel_args(x, w, b, a, lb, alpha, None, None, 0)

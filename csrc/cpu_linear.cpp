@@ -33,9 +33,9 @@ inline float load_w(const void* p, WType t, int64_t i) {
 // The valve's per-row LoRA shrink t[m] = alpha[m] · x[m] A[a_m]ᵀ ([r] floats per row) and
 // the row's offset into a B row (a_m · r), -1 for base-only rows (alpha 0, adapter < 0 or
 // >= n_adapters), which then get no LoRA term at all. The shrink runs as the first chunks
-// of the same pool job as W's rows (see Part), so it costs no serial time
-// before the workers start; a tile adds the expand only once `left` reaches 0, which it
-// checks after streaming its W rows (by then the shrink chunks, claimed first, are done).
+// of the same pool job as W's rows (see Part), so it costs no serial time before the
+// workers start; a tile adds the expand only once `left` reaches 0, which it checks after
+// streaming its W rows (by then the shrink chunks, claimed first, are done).
 struct Shrunk {
   const float* t = nullptr;  // [M, r]
   const int64_t* off = nullptr;  // [M]
@@ -263,9 +263,9 @@ namespace {
 //
 // The shrink runs through the W kernel itself, the adapter's r A rows as a small weight
 // [r, K]: when every valve row uses one adapter (the usual case, a single row included),
-// for all M rows at once in chunks of 8 A rows (x loaded once for 4 A rows and 2 x rows), the chunk that finishes
-// last scaling each row by its alpha before it releases the expand; with several adapters,
-// one chunk per valve row, which scales its own row.
+// for all M rows at once in chunks of 8 A rows (x loaded once for 4 A rows and 2 x rows),
+// the chunk that finishes last scaling each row by its alpha before it releases the
+// expand; with several adapters, one chunk per valve row, which scales its own row.
 struct Part {
   const LinearArgs* a = nullptr;
   float* t = nullptr;               // [M, r]

@@ -9,9 +9,9 @@ kernel (csrc/cpu_linear.cpp, module ``cotrt._cpu``) cuts W's rows into chunks th
 calling thread and the pool's workers claim (csrc/work_pool.h: no barrier, so a thread the
 OS deschedules delays only its own chunk), streams each 4-row block once, and accumulates
 in fp32 (fp32 or bf16 weights). The valve rides the same pass: the LoRA shrink
-``alpha · x Aᵀ`` ([M, r]) runs as the job's first chunks (one per valve row, so no thread
-computes it alone before the others start), and each output adds its expand before its
-one horizontal sum, once the shrink is done.
+``alpha · x Aᵀ`` ([M, r]) runs as the job's first chunks, through the same kernel with the
+adapter's A as a small weight (so no thread computes it alone before the others start),
+and each output adds its expand before its one horizontal sum, once the shrink is done.
 
 - :func:`cpu_linear` — the launcher (validates, then calls the kernel).
 - :func:`cpu_linear_ref` — the fp32 reference (the test oracle).
