@@ -88,6 +88,13 @@ def providers(M, N, K, dtype):
     return out, bytes_w, bytes_lora
 
 
+# The decoder layer's calls (csrc/cpu_layer.cpp): q/k/v as one pool job, o, gate/up as one
+# job, down; then the LM head. Each group's weights as (N, K).
+CALLS = [("q/k/v (one job)", [(576, 576), (192, 576), (192, 576)]), ("o_proj", [(576, 576)]),
+         ("gate/up (one job)", [(1536, 576), (1536, 576)]), ("down_proj", [(576, 1536)]),
+         ("lm_head", [(49152, 576)])]
+
+
 class repeated:
     """Calls of the kernel repeated inside C++: calling it makes ``n`` of them (n fills
     ~5 ms, timed once up front), so it stands in for ``batched``'s ``(run, n)``."""
@@ -102,6 +109,61 @@ class repeated:
 
     def __call__(self):
         _cl._cpu.linear_repeat(*self.args, self.n)
+
+
+class repeated_job:
+    """Like ``repeated``, for several linears run as one pool job (``_cpu.linears_repeat``):
+    ``calls`` are ``_kernel_args`` tuples, kept with the tensors they point into."""
+
+    def __init__(self, calls, keep, target_s=0.005):
+        self.calls, self.keep, self.n = calls, keep, 4
+        self()
+        t0 = time.perf_counter()
+        self()
+        self.n = max(4, int(4 * target_s / max(time.perf_counter() - t0, 1e-7)))
+
+    def __call__(self):
+        _cl._cpu.linears_repeat(self.calls, self.n)
+
+
+def call_providers(M, group, dtype):
+    """kernel / kernel+valve for one of the decoder's calls: its linears as one job, without
+    and with a valve on every linear (r=16, one adapter, per-row alphas 0.5..1.7)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, group[0][1], generator=g).to(dtype)
+    alpha = torch.linspace(0.5, 1.7, M)
+    base, valve, keep = [], [], [x, alpha]
+    for N, K in group:
+        w = (torch.randn(N, K, generator=g) * K**-0.5).to(dtype)
+        b = torch.randn(N, generator=g).to(dtype) if N != 49152 else None
+        a = (torch.randn(1, R, K, generator=g) * K**-0.5).to(dtype)
+        lb = (torch.randn(N, 1, R, generator=g) * R**-0.5).to(dtype).permute(1, 0, 2)
+        y0, xf0, args0 = _cl._kernel_args(x, w, b, None, None, None, None, None, 0)
+        y1, xf1, args1 = _cl._kernel_args(x, w, b, a, lb, alpha, None, None, 0)
+        base.append(args0)
+        valve.append(args1)
+        keep += [w, b, a, lb, y0, xf0, y1, xf1]
+    return {"kernel": repeated_job(base, keep), "kernel+valve": repeated_job(valve, keep)}
+
+
+def decoder_calls(args):
+    """The valve's cost on the calls the native decoder layer makes (q/k/v and gate/up each
+    one pool job of several linears) and on the LM head: kernel+valve / kernel per round."""
+    print("\nThe decoder layer's calls (cpu_layer.cpp), each timed inside C++ (_cpu.linears_repeat),"
+          f" a valve (r={R}) on every linear of the call")
+    print("| dtype | call | M | kernel us | kernel+valve us | kernel+valve / kernel |")
+    print("|---|---|---:|---:|---:|---:|")
+    for dt in args.dtypes.split(","):
+        dtype = getattr(torch, dt)
+        for name, group in CALLS:
+            for M in map(int, args.rows.split(",")):
+                fns = call_providers(M, group, dtype)
+                times = interleave(fns, args.repeats, warmup=1)
+                per = {k: [t / fns[k].n for t in ts] for k, ts in times.items()}
+                (kb, _, _), (kv, _, _) = quantiles(per["kernel"]), quantiles(per["kernel+valve"])
+                m, lo, hi = quantiles([a / b for a, b in zip(per["kernel+valve"], per["kernel"])])
+                print(f"| {dt} | {name} | {M} | {kb * 1e6:.1f} | {kv * 1e6:.1f} | {m:.2f}x [{lo:.2f}, {hi:.2f}] |",
+                      flush=True)
 
 
 def model_sweep(args):
@@ -133,8 +195,9 @@ def model_sweep(args):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default", help="the model whose linears --sweep reads")
-    ap.add_argument("--sweep", choices=["shapes", "model", "both"], default="both",
-                    help="per-shape rows, the whole-model sweep, or both")
+    ap.add_argument("--sweep", default="shapes,calls,model",
+                    help="comma-separated sections: shapes (per weight shape), calls (the decoder "
+                         "layer's calls, valve cost), model (the whole-model sweep); 'both': shapes,model")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--rows", default="1,4,8")
     ap.add_argument("--repeats", type=int, default=15)
@@ -144,10 +207,15 @@ def main():
         torch.set_num_threads(args.threads)
     order = ["F.linear", "mkldnn", "cpu_linear", "valve", "kernel", "kernel+valve", "valve_lora", "read"]
     print(header(note=f"median [p20, p80] of {args.repeats} interleaved samples"))
-    if args.sweep != "model":
+    sweeps = {"both": {"shapes", "model"}}.get(args.sweep, set(args.sweep.split(",")))
+    if not sweeps or sweeps - {"shapes", "calls", "model"}:
+        ap.error(f"--sweep: sections are shapes, calls, model (or both), got {args.sweep!r}")
+    if "shapes" in sweeps:
         shapes(args, order)
-    if args.sweep != "shapes":
-        with torch.inference_mode():
+    with torch.inference_mode():
+        if "calls" in sweeps:
+            decoder_calls(args)
+        if "model" in sweeps:
             model_sweep(args)
 
 

@@ -21,11 +21,10 @@ const T* ptr(uintptr_t p) {
   return reinterpret_cast<const T*>(p);
 }
 
-void linear_repeat(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t lora_a, uintptr_t lora_b,
-                   uintptr_t alpha, uintptr_t adapter, uintptr_t y, int64_t M, int64_t N, int64_t K,
-                   int64_t n_adapters, int64_t r, int64_t ldx, int64_t ldy, int64_t s_alpha,
-                   int64_t s_adapter, bool w_bf16, bool adapter_i64, bool y_bf16, int threads,
-                   int64_t repeats) {
+cotrt::LinearArgs linear_args(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t lora_a, uintptr_t lora_b,
+                              uintptr_t alpha, uintptr_t adapter, uintptr_t y, int64_t M, int64_t N, int64_t K,
+                              int64_t n_adapters, int64_t r, int64_t ldx, int64_t ldy, int64_t s_alpha,
+                              int64_t s_adapter, bool w_bf16, bool adapter_i64, bool y_bf16, int threads) {
   cotrt::LinearArgs a{};
   a.x = ptr<float>(x);
   a.w = ptr<void>(w);
@@ -48,6 +47,16 @@ void linear_repeat(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t lora_a, u
   a.adapter_i64 = adapter_i64;
   a.y_bf16 = y_bf16;
   a.threads = threads;
+  return a;
+}
+
+void linear_repeat(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t lora_a, uintptr_t lora_b,
+                   uintptr_t alpha, uintptr_t adapter, uintptr_t y, int64_t M, int64_t N, int64_t K,
+                   int64_t n_adapters, int64_t r, int64_t ldx, int64_t ldy, int64_t s_alpha,
+                   int64_t s_adapter, bool w_bf16, bool adapter_i64, bool y_bf16, int threads,
+                   int64_t repeats) {
+  const cotrt::LinearArgs a = linear_args(x, w, bias, lora_a, lora_b, alpha, adapter, y, M, N, K, n_adapters, r,
+                                          ldx, ldy, s_alpha, s_adapter, w_bf16, adapter_i64, y_bf16, threads);
   py::gil_scoped_release nogil;
   for (int64_t i = 0; i < repeats; ++i) cotrt::linear(a);
 }
@@ -58,6 +67,27 @@ void linear(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t lora_a, uintptr_
             int64_t s_adapter, bool w_bf16, bool adapter_i64, bool y_bf16, int threads) {
   linear_repeat(x, w, bias, lora_a, lora_b, alpha, adapter, y, M, N, K, n_adapters, r, ldx, ldy, s_alpha,
                 s_adapter, w_bf16, adapter_i64, y_bf16, threads, 1);
+}
+
+// Several linears as one pool job (cotrt::linears, as the decoder layer runs q/k/v and
+// gate/up), each given as linear()'s argument tuple; repeated back to back.
+void linears_repeat(const std::vector<py::tuple>& calls, int64_t repeats) {
+  if (calls.empty() || calls.size() > 4) throw std::invalid_argument("linears_repeat: 1 to 4 calls");
+  std::vector<cotrt::LinearArgs> as;
+  for (const py::tuple& t : calls) {
+    if (t.size() != 21) throw std::invalid_argument("linears_repeat: each call is linear()'s 21 arguments");
+    as.push_back(linear_args(t[0].cast<uintptr_t>(), t[1].cast<uintptr_t>(), t[2].cast<uintptr_t>(),
+                             t[3].cast<uintptr_t>(), t[4].cast<uintptr_t>(), t[5].cast<uintptr_t>(),
+                             t[6].cast<uintptr_t>(), t[7].cast<uintptr_t>(), t[8].cast<int64_t>(),
+                             t[9].cast<int64_t>(), t[10].cast<int64_t>(), t[11].cast<int64_t>(),
+                             t[12].cast<int64_t>(), t[13].cast<int64_t>(), t[14].cast<int64_t>(),
+                             t[15].cast<int64_t>(), t[16].cast<int64_t>(), t[17].cast<bool>(), t[18].cast<bool>(),
+                             t[19].cast<bool>(), t[20].cast<int>()));
+  }
+  std::vector<const cotrt::LinearArgs*> ps;
+  for (const auto& a : as) ps.push_back(&a);
+  py::gil_scoped_release nogil;
+  for (int64_t i = 0; i < repeats; ++i) cotrt::linears(ps.data(), int(ps.size()));
 }
 
 void paged_decode_attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t block_tables,
@@ -176,6 +206,9 @@ PYBIND11_MODULE(_cpu, m) {
         "linear()'s arguments, then repeats: the same call that many times back to back, with "
         "no Python in between (how bench/bench_cpu_linear.py times the kernel as the native "
         "decoder layer calls it)");
+  m.def("linears_repeat", &linears_repeat,
+        "calls (a list of 1 to 4 linear() argument tuples), repeats: those linears as one pool "
+        "job (as the decoder layer runs q/k/v and gate/up), that many times back to back");
   m.def("paged_decode_attention", &paged_decode_attention,
         "one query per row over a paged KV cache; arguments: pointers, sizes, strides, "
         "scale, softcap (<= 0: none), window (<= 0: none), flags, threads");

@@ -335,3 +335,44 @@ def test_linear_repeat_is_the_same_call():
     assert torch.equal(y, torch.full((3, 20), 7.0))
     cl._cpu.linear_repeat(*args, 3)
     assert torch.equal(y, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r", [16, 13])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_valve_rows_on_one_adapter(dtype, r, threads):
+    """Every row a valve row on one adapter (the usual valve, whose tiles take the shared-B
+    expand without per-row checks) matches the reference, and each row's output is bit for
+    bit what the same row gets beside a base-only row (the per-row path)."""
+    M = 5
+    c = make(M, 576, 200, dtype=dtype, seed=r, bias=True, lora=(2, r))
+    c["alpha"] = torch.tensor([0.5, -1.25, 1.0, 2.0, 0.75])
+    c["adapter_idx"] = torch.ones(M, dtype=torch.int64)
+    y = cpu_linear(**c, threads=threads)
+    if dtype == torch.float32:
+        assert_close(y, cpu_linear_ref(**c), msg=f"r={r}")
+    else:
+        from cotrt.ops.valve_lora import valve_lora
+        assert_flash_rule(y, cpu_linear_ref(**c), valve_lora(**c), msg=f"r={r}")
+    mixed = dict(c, x=torch.cat([c["x"], c["x"][:1]]), alpha=torch.cat([c["alpha"], torch.zeros(1)]),
+                 adapter_idx=torch.cat([c["adapter_idx"], torch.ones(1, dtype=torch.int64)]))
+    assert torch.equal(cpu_linear(**mixed, threads=threads)[:M], y)
+
+
+def test_linears_repeat_is_one_job_of_the_same_calls():
+    """_cpu.linears_repeat (the bench's decoder-call rows) runs its linears (valves
+    included) as one job: each output is the one its own linear() call gives; it takes 1 to
+    4 calls of 21 arguments."""
+    from cotrt.ops import cpu_linear as cl
+
+    cs = [make(3, 64, n, seed=n, bias=True, lora=(1, 16)) for n in (20, 8, 8)]
+    want = [cpu_linear(**c) for c in cs]
+    outs = [cl._kernel_args(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["alpha"],
+                            c["adapter_idx"], None, 0) for c in cs]
+    cl._cpu.linears_repeat([args for _, _, args in outs], 2)
+    for (y, _, _), w in zip(outs, want):
+        assert torch.equal(y, w)
+    with pytest.raises(ValueError, match="1 to 4"):
+        cl._cpu.linears_repeat([], 1)
+    with pytest.raises(ValueError, match="21 arguments"):
+        cl._cpu.linears_repeat([(1, 2)], 1)
