@@ -103,6 +103,22 @@ def test_reloaded_checkpoint_runs_through_cotrt(runtime):
     assert sum(task.parse_answer(o.answer) is not None for o in outs) >= 2, [o.text for o in outs]
 
 
+def test_line_end_budget_ends_thinking_after_a_whole_line(runtime):
+    """The testbed's soft_budget setting: past b think tokens, thinking ends at the next
+    line's end (or naturally before), so the model answers from whole lines."""
+    from cotrt.testbed.evaluate import settings
+
+    s = next(s for s in settings(budgets=(8,)) if s.control.startswith("soft_budget"))
+    problems = task.held_out(0, 4)
+    outs = runtime.generate([p.prompt for p in problems], s.params)
+    for o in outs:
+        assert o.error is None and o.stats["think_end"] in ("soft_budget", "natural", "soft_budget_grace"), o.stats
+        if o.stats["think_end"] == "soft_budget":
+            assert o.stats["think_sampled"] >= 8 and o.text.split(task.END)[0].endswith("\n"), o.text
+            assert o.stats["answer_tokens"] <= 8
+    assert any(o.stats["think_end"] == "soft_budget" for o in outs), [o.stats for o in outs]
+
+
 def test_exit_policies_probe_the_testbed_format(runtime):
     from cotrt.control.policies import DEER, EAT
     from cotrt.testbed.evaluate import PROFILE

@@ -145,6 +145,11 @@ def settings(budgets=BUDGETS, alphas=ALPHAS, exits=None) -> list[Setting]:
     out += [Setting("think_budget", str(b), _P(think_budget=b)) for b in budgets]
     out += [Setting(f"think_budget + answer_budget {ANSWER_BUDGET}", str(b),
                     _P(think_budget=b, answer_budget=ANSWER_BUDGET)) for b in budgets]
+    # The same budgets ended at a step boundary (``soft_budget``: past b tokens, thinking
+    # ends at the next line's end, so the model answers from whole lines, never from a
+    # half-written "b=a*4=3*"); the think tokens then exceed b by the rest of that line.
+    out += [Setting(f"soft_budget + answer_budget {ANSWER_BUDGET}", str(b),
+                    _P(soft_budget=b, step_cues=("\n",), answer_budget=ANSWER_BUDGET)) for b in budgets]
     out += exits if exits is not None else [deer(), dynasor(16, 4), eat(4, 0.03, 0.5, 16)]
     out += [Setting("valve", f"alpha {a:.2g}", _P(valve={"short": a}), needs_valve=True) for a in alphas]
     return out
@@ -321,7 +326,10 @@ _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 def svg_plot(rows: list[dict], path: Path, width: int = 640, height: int = 420) -> None:
     """Accuracy vs mean think tokens, one polyline per control, as a self-contained SVG
     (no plotting dependency); a vertical bar marks ``accuracy_sd`` where a row has one."""
-    left, right, top, bottom = 56, 190, 20, 44
+    controls = list(dict.fromkeys(r["control"] for r in rows))
+    # The legend's column fits its longest label (~6.5 px a character at 11 px).
+    left, right, top, bottom = 56, max(190, 40 + round(6.5 * max(map(len, controls)))), 20, 44
+    width += right - 190
     xmax = max(1.0, max(r["think_tokens"] for r in rows)) * 1.05
     X = lambda v: left + (width - left - right) * v / xmax
     Y = lambda a: top + (height - top - bottom) * (1 - a)
@@ -338,7 +346,7 @@ def svg_plot(rows: list[dict], path: Path, width: int = 640, height: int = 420) 
     out.append(f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">mean think tokens</text>'
                f'<text x="14" y="{(top + height - bottom) / 2}" transform="rotate(-90 14 {(top + height - bottom) / 2})" '
                'text-anchor="middle">accuracy</text>')
-    for i, control in enumerate(dict.fromkeys(r["control"] for r in rows)):
+    for i, control in enumerate(controls):
         color = _COLORS[i % len(_COLORS)]
         pts = sorted((r["think_tokens"], r["accuracy"]) for r in rows if r["control"] == control)
         xy = " ".join(f"{X(t):.1f},{Y(a):.1f}" for t, a in pts)
