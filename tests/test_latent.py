@@ -128,7 +128,7 @@ def _peft_valves(model, tmp_path):
     return paths
 
 
-@pytest.mark.parametrize("fire_at,cap", [(3, 6), (9, 4)], ids=["end-head", "cap"])
+@pytest.mark.parametrize("fire_at,cap", [(3, 6), (9, 4), (1, 6)], ids=["end-head", "cap", "end-head-at-once"])
 def test_ccot_matches_naive(latent_tok, tmp_path, fire_at, cap):
     pytest.importorskip("peft")
     tok = latent_tok
@@ -163,6 +163,41 @@ def test_ccot_matches_naive(latent_tok, tmp_path, fire_at, cap):
     assert plain.token_ids == rt.generate([_prompts(tok)[1]], cotrt.Params(max_new_tokens=7, ignore_eos=True))[0].token_ids
     assert valved.token_ids == rt.generate([_prompts(tok)[2]], cotrt.Params(
         max_new_tokens=7, ignore_eos=True, valve={"answer": 0.7}))[0].token_ids
+
+
+def test_ccot_end_head_on_the_prompt_without_end_token(latent_tok, tmp_path):
+    """An END head that fires on the prompt's own forward, no end token (CCoT's default):
+    as after a last thought, the first answer token comes from a forward under the latent
+    phase's valve (the prompt's last token fed again, its KV slot rewritten under the same
+    valve) and the answer valve runs from the next token on. Naive: the whole sequence
+    recomputed, prompt positions on the contemplation adapter."""
+    pytest.importorskip("peft")
+    tok = latent_tok
+    base = _model("llama", tok, seed=61)
+    model = copy.deepcopy(base)
+    rt = cotrt.wrap(model, tok, max_batch=3, max_len=128)
+    for name, path in _peft_valves(base, tmp_path):
+        rt.load_valve(path, name=name)
+    spec = cotrt.Latent(end_head=ScriptedHead(model.config.hidden_size, 1), max_steps=6, feedback=0,
+                        begin_token=None, end_token=None,
+                        valve_during={"contemplate": 1.0}, valve_after={"answer": 1.0})
+    p, other = _prompts(tok)[0], _prompts(tok)[1]
+    n = 6
+    out, plain = rt.generate([p, other], [cotrt.Params(max_new_tokens=n, ignore_eos=True, latent=spec),
+                                          cotrt.Params(max_new_tokens=n, ignore_eos=True)])
+    assert out.stats["latent_steps"] == 0
+    ids, ref = list(p), []
+    with torch.no_grad():
+        for _ in range(n):
+            T = len(ids)
+            rt.valves.state.alpha = torch.ones(T)
+            rt.valves.state.adapter = torch.tensor([0] * len(p) + [1] * (T - len(p)), dtype=torch.int32)
+            h = model.model(inputs_embeds=model.get_input_embeddings()(torch.tensor([ids]))).last_hidden_state[:, -1]
+            rt.valves.state.clear()
+            ref.append(int(model.get_output_embeddings()(h).argmax()))
+            ids.append(ref[-1])
+    assert out.token_ids == ref
+    assert plain.token_ids == rt.generate([other], cotrt.Params(max_new_tokens=n, ignore_eos=True))[0].token_ids
 
 
 def test_bad_latent_specs(latent_tok, smol_tokenizer):

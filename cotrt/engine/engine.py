@@ -385,7 +385,7 @@ class Engine:
         for i, r in enumerate(rows):
             if r.finished or i in skip:
                 continue
-            if r.latent is not None and r.latent.pending is not None:  # fed its last thought again
+            if r.latent is not None and r.latent.refeeding:  # fed its last input again
                 r.guard(lambda r=r: r.latent.refed(r))
             if i in toks:
                 r.guard(lambda r=r, t=toks[i]: _accept_sampled(r, t))

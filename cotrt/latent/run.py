@@ -25,6 +25,13 @@ class LatentRun:
         self.pending: torch.Tensor | None = None  # [E] input embedding of the last placeholder
         self.fed_back: list[torch.Tensor] = []  # the vectors fed back, in order (tests, stats)
         self.inputs: dict[int, torch.Tensor] = {}  # position -> input vector of its placeholder
+        self.refeed = False  # ended before any thought, no end token: the prompt's last token again
+
+    @property
+    def refeeding(self) -> bool:
+        """The row's next forward feeds its last input again (a thought, or the prompt's
+        last token) under the latent phase's valve, and samples the first answer token."""
+        return self.pending is not None or self.refeed
 
     @property
     def tap(self) -> int | None:
@@ -41,12 +48,17 @@ class LatentRun:
         if done:
             self.active = False
             self.pending = None
-            if b.end_id is None and row.cache_len in self.inputs:
+            if b.end_id is None:
                 # No end token to feed: the first answer token comes from the forward of the
                 # last thought. The row feeds that thought once more (its KV slot rewritten
                 # with the same values, under the same valve) and samples from it; the valve
-                # switches after that forward (``refed``).
-                self.pending = self.inputs[row.cache_len]
+                # switches after that forward (``refed``). Ended before any thought (an END
+                # head that fires on the prompt), the last input is the prompt's last token,
+                # which the row feeds again as it appended nothing.
+                if row.cache_len in self.inputs:
+                    self.pending = self.inputs[row.cache_len]
+                else:
+                    self.refeed = True
                 return
             self._switch_valve(row)
             if b.end_id is not None:
@@ -68,6 +80,7 @@ class LatentRun:
         """After the forward that fed the last thought again (a phase without an end
         token): the row decodes tokens from now on."""
         self.pending = None
+        self.refeed = False
         self._switch_valve(row)
 
     def _switch_valve(self, row) -> None:
