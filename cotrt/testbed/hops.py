@@ -38,6 +38,10 @@ from dataclasses import dataclass
 NODES = "ABCDEFGHIJKLMNOP"  # N = 16 node names, one token each
 NUM_OPS = 4  # ops "1".."4"
 MIN_HOPS, MAX_HOPS = 3, 5
+# The op tokens: op p at hop h is written OP_TOKENS[NUM_OPS * (h - 1) + p - 1] (hop 1's four
+# ops are a-d, hop 2's e-h, ..., hop 5's q-t), so an op token names its hop as well as its
+# permutation and a chain line finds its op by content, not at a distance.
+OP_TOKENS = "abcdefghijklmnopqrst"
 THINK, END = "<think>", "</think>"
 EOS, PAD, UNK = "<eos>", "<pad>", "<unk>"
 LATENT_TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")  # Coconut's, in its order
@@ -75,9 +79,14 @@ class HopProblem:
     def answer(self) -> str:
         return self.path[-1]
 
+    def op_token(self, hop: int) -> str:
+        """The token of op number ``hop`` (1-based): its permutation, in hop ``hop``'s class."""
+        return op_token(hop, self.ops[hop - 1])
+
     @property
     def question(self) -> str:
-        return f"start {self.start}, ops {''.join(self.ops)}{'.' * (MAX_HOPS - self.hops)}"
+        ops = "".join(self.op_token(h) for h in range(1, self.hops + 1))
+        return f"start {self.start}, ops {ops}{'.' * (MAX_HOPS - self.hops)}"
 
     @property
     def prompt(self) -> str:
@@ -90,8 +99,17 @@ class HopProblem:
         return f"{self.question}\n{THINK}\n{END}\nAnswer:"
 
     def lines(self) -> list[str]:
-        """The chain's steps: the node reached at each hop (one token each)."""
-        return list(self.path[1:])
+        """The chain's steps, one a hop: step i opens with the node hop i reaches, then sets up
+        hop i + 1 (hop index, ``:``, op token, the node again), whose node, opening step i + 1,
+        the model writes next; the last step is its node alone. ``E\n2:fE`` ``H\n3:kH``
+        ``C\n`` reads as the lines ``E``, ``2:fEH`` (hop 2 applies f to E: H), ``3:kHC``.
+        Every step but the last is 6 tokens (the last is 2)."""
+        out = []
+        for i in range(1, self.hops + 1):
+            node = self.path[i]
+            nxt = f"{i + 1}:{self.op_token(i + 1)}{node}" if i < self.hops else ""
+            out.append(f"{node}\n{nxt}")
+        return out
 
     def think(self) -> str:
         return "".join(self.lines())
@@ -100,6 +118,13 @@ class HopProblem:
         """What the model writes after ``prompt`` (eos added by the trainer); ``cot=False``:
         the no-CoT completion (thinking closed at once)."""
         return f"{self.think() if cot else ''}{END}\nAnswer: {self.answer}\n"
+
+
+def op_token(hop: int, op: str) -> str:
+    """The token of permutation ``op`` ("1".."4") applied at hop ``hop`` (1-based)."""
+    if not 1 <= hop <= MAX_HOPS or op not in OPS:
+        raise ValueError(f"op_token: hop must be in [1, {MAX_HOPS}] and op in {sorted(OPS)}, got {hop}, {op!r}")
+    return OP_TOKENS[NUM_OPS * (hop - 1) + int(op) - 1]
 
 
 def solve(start: str, ops) -> tuple:
@@ -173,15 +198,16 @@ def parse_answer(text: str) -> str | None:
 
 # ------------------------------------------------------------------------------- tokenizer
 
-# Each node letter, digit, punctuation mark, space and newline is one token; lowercase
-# words and "Answer" are single tokens. Spaces and newlines are pieces of their own (cotrt
-# reads each token's bytes from its piece).
-_SPLIT = r"Answer|[a-z]+|[A-Z]|\d|\s|[^\sA-Za-z\d]"
+# Each node letter, op letter, digit, punctuation mark, space and newline is one token;
+# "start", "ops" and "Answer" are single tokens (an op string never spells "ops": o and p are
+# both hop 4's). Spaces and newlines are pieces of their own (cotrt reads each token's bytes
+# from its piece).
+_SPLIT = r"Answer|start|ops|[a-z]|[A-Z]|\d|\s|[^\sA-Za-z\d]"
 _WORDS = ("Answer", "start", "ops")
 
 
 def vocabulary() -> list[str]:
-    chars = list(NODES) + list("0123456789") + list(",:. \n")
+    chars = list(NODES) + list(OP_TOKENS) + list("0123456789") + list(",:.> \n")
     return [UNK, PAD, EOS, *_WORDS, *chars]
 
 
@@ -213,6 +239,6 @@ def check_tokenizer(tok) -> None:
             raise ValueError(f"hops tokenizer: {marker} is not a single token")
 
 
-__all__ = ["END", "EOS", "LATENT_TOKENS", "MAX_HOPS", "MIN_HOPS", "NODES", "NUM_OPS", "OPS", "TEST_SIZE", "THINK",
-           "VAL_SIZE", "HopProblem", "build_tokenizer", "check_tokenizer", "excluded", "held_out", "parse_answer",
-           "sample_problem", "solve", "train_stream", "validation"]
+__all__ = ["END", "EOS", "LATENT_TOKENS", "MAX_HOPS", "MIN_HOPS", "NODES", "NUM_OPS", "OPS", "OP_TOKENS", "TEST_SIZE",
+           "THINK", "VAL_SIZE", "HopProblem", "build_tokenizer", "check_tokenizer", "excluded", "held_out", "op_token",
+           "parse_answer", "sample_problem", "solve", "train_stream", "validation"]

@@ -34,7 +34,7 @@ from cotrt.models import quiet_loading
 
 from . import hops
 
-MAX_NEW = 32  # a chain is one token a hop (at most 6 think tokens) plus "\nAnswer: X\n"
+MAX_NEW = 40  # a chain is 5 tokens a hop (at most 26 think tokens with </think>) plus "\nAnswer: X\n"
 
 
 def _answer_text(o, prompt: str) -> str:

@@ -41,17 +41,19 @@ import torch
 import torch.nn.functional as F
 
 from . import hops
-from .coconut import coconut_state_dict, latent_loss
+from .coconut import coconut_state_dict
 from .optim import optimizer
 
 FULL = {"hidden": 128, "layers": 4, "heads": 4, "inter": 384, "batch": 32, "lr": 3e-3,
-        "base_steps": 600, "no_cot_frac": 0.25,
+        "base_steps": 1200, "no_cot_frac": 0.25,
         "c": 1, "stage_steps": 200, "final_stage_steps": 400, "coconut_lr": 2e-3,
-        "feedback": 2, "lora_r": 16, "latent_batch": 16, "ccot_steps": 300, "answer_steps": 200, "ccot_lr": 2e-3}
+        "feedback": 2, "lora_r": 16, "latent_batch": 16, "ccot_steps": 300, "answer_steps": 300, "ccot_lr": 2e-3,
+        "ccot_match": 1.0}
 QUICK = {"hidden": 32, "layers": 2, "heads": 2, "inter": 64, "batch": 8, "lr": 3e-3,
          "base_steps": 6, "no_cot_frac": 0.25,
          "c": 1, "stage_steps": 2, "final_stage_steps": 2, "coconut_lr": 1e-3,
-         "feedback": 0, "lora_r": 4, "latent_batch": 4, "ccot_steps": 3, "answer_steps": 2, "ccot_lr": 2e-3}
+         "feedback": 0, "lora_r": 4, "latent_batch": 4, "ccot_steps": 3, "answer_steps": 2, "ccot_lr": 2e-3,
+         "ccot_match": 1.0}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -150,16 +152,33 @@ def train_base(out: Path, seed: int, cfg: dict, banned: set) -> dict:
 
 def coconut_latent(k: int):
     """The runtime spec of this testbed's Coconut with ``k`` thoughts: no begin token (the
-    prompt's ``<think>\\n`` opens the latent phase, so thought i sits where chain token i
-    sits in plain CoT and reads the prompt at the same distances), ``<|end-latent|>``
-    forced after the thoughts, as in Coconut."""
+    prompt's ``<think>\n`` opens the latent phase) and no end token: the forward that
+    consumed the last thought predicts the first token after the thoughts (the node that
+    opens the next chain step, or ``</think>``), so every stage's loss supervises the last
+    thought's hop directly (thought_loss)."""
     import cotrt
 
-    return cotrt.Latent(steps=k, begin_token=None, insert_begin=False)
+    return cotrt.Latent(steps=k, begin_token=None, insert_begin=False, end_token=None)
+
+
+def thought_loss(model, prefix, suffix, k: int):
+    """Cross-entropy of ``suffix`` ``[B, S]`` after ``prefix`` ``[B, P]`` and ``k`` continuous
+    thoughts (the final-norm state fed back), gradients through the thoughts; no end token:
+    the last thought's (or, at k = 0, the prompt's last) final-norm state predicts
+    ``suffix[:, 0]``."""
+    dec, kw = model.model, _cache_kw(model.model)
+    out = dec(input_ids=prefix, use_cache=True)
+    past, h = out[1], out.last_hidden_state[:, -1:]  # [B, 1, H]
+    for _ in range(k):
+        out = dec(inputs_embeds=h, use_cache=True, **{kw: past})
+        past, h = out[1], out.last_hidden_state[:, -1:]
+    out = dec(input_ids=suffix[:, :-1], use_cache=True, **{kw: past})
+    logits = model.lm_head(torch.cat([h, out.last_hidden_state], 1))  # [B, S, V]
+    return F.cross_entropy(logits.flatten(0, 1).float(), suffix.flatten())
 
 
 def coconut_suffix(p: hops.HopProblem, k: int, c: int) -> str:
-    """What follows ``<|end-latent|>`` when ``k`` thoughts replace the first ``k // c`` lines."""
+    """What follows the thoughts when ``k`` of them replace the first ``k // c`` chain steps."""
     return "".join(p.lines()[k // c:]) + f"{hops.END}\nAnswer: {p.answer}\n"
 
 
@@ -175,7 +194,6 @@ def train_coconut(out: Path, seed: int, cfg: dict, banned: set) -> dict:
     torch.manual_seed(seed + 2)
     tok = AutoTokenizer.from_pretrained(out / "base")
     model = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
-    end = tok.convert_tokens_to_ids(hops.LATENT_TOKENS[1])
     (out / "coconut").mkdir(parents=True, exist_ok=True)
     batches = _hop_batches(seed + 2, cfg["latent_batch"], banned)
     c, log = cfg["c"], {"c": cfg["c"], "losses": {}, "cpu_seconds": {}}
@@ -188,14 +206,11 @@ def train_coconut(out: Path, seed: int, cfg: dict, banned: set) -> dict:
         for step in range(steps):
             h, probs = next(batches)
             k = stage_thoughts(stage, h, c)
-            # No begin token: the thoughts follow the prompt's "<think>\n" directly
-            # (coconut_latent), so they sit where the chain's tokens sit.
+            # No begin or end token (coconut_latent): the thoughts follow the prompt's
+            # "<think>\n" directly and the chain's rest follows the last thought.
             prefix = torch.tensor([_enc(tok, p.prompt) for p in probs])
-            suffix = [[end] + _enc(tok, coconut_suffix(p, k, c)) + [tok.eos_token_id] for p in probs]
-            suf = torch.tensor(suffix)  # one hop count per batch: equal lengths
-            labels = torch.full_like(suf, -100)
-            labels[:, :-1] = suf[:, 1:]
-            loss = latent_loss(model, prefix, suf, labels, k)
+            suf = torch.tensor([_enc(tok, coconut_suffix(p, k, c)) + [tok.eos_token_id] for p in probs])
+            loss = thought_loss(model, prefix, suf, k)  # one hop count per batch: equal lengths
             _step(opt, sched, params, loss)
             losses.append(loss.item())
             _log(f"coconut {stage}", step, steps, losses[-1], t0)
@@ -209,18 +224,23 @@ def train_coconut(out: Path, seed: int, cfg: dict, banned: set) -> dict:
 # ------------------------------------------------------------------------------------ CCoT
 
 def node_positions(tok, p: hops.HopProblem) -> list[int]:
-    """Positions (in prompt + chain tokens) of each hop's edge token (whose input embedding
-    names the node that hop reaches)."""
-    P = len(_enc(tok, p.prompt))
-    if [len(_enc(tok, line)) for line in p.lines()] != [1] * p.hops:
-        raise ValueError("node_positions: every chain step must be one token")
-    return [P + i for i in range(p.hops)]
+    """Positions (in prompt + chain tokens) of the node each hop reaches: the first token of
+    chain step i (``H`` in ``H\n3kH>``), whose input embedding names that node and which sits
+    where contemplation step i would (step 1 right after the prompt)."""
+    pos, at = [], len(_enc(tok, p.prompt))
+    for line, node in zip(p.lines(), p.path[1:]):
+        toks = tok.convert_ids_to_tokens(_enc(tok, line))
+        if toks[0] != node:
+            raise ValueError(f"node_positions: step {line!r} does not open with node {node}")
+        pos.append(at)
+        at += len(toks)
+    return pos
 
 
 @torch.no_grad()
 def teacher_states(base, tok, probs, layer: int) -> torch.Tensor:
     """``[B, k, H]``: the base model's residual after decoder layer ``layer`` at the node each
-    hop line reaches, reading the full chain (the CCoT targets, one per hop)."""
+    hop line reaches, reading the full chain (CCoT's targets, one per hop)."""
     ids = torch.tensor([_enc(tok, p.prompt + p.think()) for p in probs])
     hs = base.model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1]
     pos = torch.tensor([node_positions(tok, p) for p in probs])  # [B, k]
@@ -237,7 +257,8 @@ def contemplate_rollout(model, prompt_ids, k: int, layer: int):
     """Run the prompt, then ``k`` contemplation steps, each feeding the residual after decoder
     layer ``layer`` at the last position back as the next input. Returns (fed states
     ``[B, k, H]``, final-norm states ``[B, k + 1, H]`` after the prompt and after each step,
-    the cache)."""
+    the cache). Differentiable: gradients reach every step through the fed states and the
+    cache."""
     dec = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
     kw = _cache_kw(dec)
     out = dec(input_ids=prompt_ids, use_cache=True, output_hidden_states=True)
@@ -262,17 +283,66 @@ def _lora(model, cfg: dict):
     return peft
 
 
-def _only(peft, name: str) -> list:
-    """Make only adapter ``name``'s LoRA weights trainable; returns them."""
+def _adapter_params(peft, names) -> list:
+    """The LoRA weights of adapters ``names``, made trainable; every other weight frozen."""
     out = []
     for n, p in peft.named_parameters():
-        p.requires_grad_(f".{name}." in n)
+        p.requires_grad_(any(f".{name}." in n for name in names))
         if p.requires_grad:
             out.append(p)
     return out
 
 
+def _activate(peft, name: str) -> None:
+    """Route every LoRA layer's forward through adapter ``name``, leaving ``requires_grad``
+    alone. PEFT's ``set_adapter`` also freezes the other adapters, which would cut the
+    answer loss's gradient off from the contemplation LoRA that built the cache it reads."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for m in peft.modules():
+        if isinstance(m, BaseTunerLayer):
+            m._active_adapter = [name]
+
+
+def _end_loss(head, finals):
+    """END head's binary cross-entropy on the final-norm states ``[B, k + 1, H]`` (after the
+    prompt and after each step): fire after step k, not before (the runtime asks the head
+    after the prompt and after each step, and stops at the first firing)."""
+    logit = head(finals)[..., 0]
+    want = torch.zeros_like(logit)
+    want[:, -1] = 1.0
+    return F.binary_cross_entropy_with_logits(logit, want)
+
+
+def _state_loss(fed, target):
+    """MSE of the fed states onto the teacher's, over the teacher states' mean square."""
+    return ((fed - target) ** 2).mean() / (target ** 2).mean()
+
+
 def train_ccot(out: Path, seed: int, cfg: dict, banned: set) -> dict:
+    """Two phases, both rolling the contemplation out on the student's own states (k steps
+    for a k-hop problem, the residual after decoder layer ``feedback`` fed back, under the
+    contemplation LoRA; the prompt too runs under it, as in the runtime):
+
+    1. ``ccot_steps`` steps of CCoT's state matching: each fed state regresses onto the
+       base model's layer-l state at hop i's node token, plus the END head's loss.
+    2. ``answer_steps`` steps end to end: under the answer LoRA, from the forced
+       ``</think>`` on, the answer's tokens are the loss, and it backpropagates through the
+       cache into every contemplation step (the contemplation and answer LoRAs and the END
+       head train together, the state matching kept as an auxiliary loss of weight
+       ``ccot_match``). Trained apart (the answer LoRA on a frozen contemplation, this
+       file's first version, one-token chain lines) CCoT stayed at chance (0.053 held out,
+       3 seeds).
+
+    Still at chance with 8-token lines (seed 0, validation: 0.05-0.09 at 100 + 300 and
+    300 + 300 steps), though the states match (relative MSE 0.05-0.11 per step) and the
+    END head stops after the right number of steps: the answer does not learn to read the
+    contemplation. Checked on seed 0 with the answer LoRA alone, 100 steps: fed the
+    teacher's own states, or even the token embeddings of the nodes reached, at the
+    contemplation positions, the answer token's loss stays at ln 16 (2.7-2.9). The base
+    model reads the chain's last node 12 positions before the answer; after the
+    contemplation it must read 5 positions back, which neither LoRA learned here.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cotrt.loaders import save_ccot_bundle
@@ -285,59 +355,49 @@ def train_ccot(out: Path, seed: int, cfg: dict, banned: set) -> dict:
     peft = _lora(student, cfg)
     head = torch.nn.Linear(H, 1)
     end_id = tok.convert_tokens_to_ids(hops.END)
-    log = {"feedback": layer, "losses": {}, "cpu_seconds": {}}
-
-    # 1. Contemplation LoRA + END head: roll out k steps on the student's own states; each
-    # fed state regresses onto the teacher's layer-l state at hop i's node (MSE over the
-    # teacher states' mean square), and the END head, on the final-norm states, learns to
-    # fire after step k and not before (binary cross-entropy).
-    peft.set_adapter("contemplate")
-    params = _only(peft, "contemplate") + list(head.parameters())
-    steps = cfg["ccot_steps"]
-    opt, sched = optimizer(params, cfg["ccot_lr"], steps)
+    dec = peft.get_base_model()
+    kw = _cache_kw(dec.model)
     batches = _hop_batches(seed + 3, cfg["latent_batch"], banned)
+    log = {"feedback": layer, "match_weight": cfg["ccot_match"], "losses": {}, "cpu_seconds": {}}
     peft.train()
+
+    # 1. State matching (contemplation LoRA + END head).
+    _activate(peft, "contemplate")
+    params = _adapter_params(peft, ["contemplate"]) + list(head.parameters())
+    steps = cfg["ccot_steps"]
+    opt, sched = optimizer(params, cfg["ccot_lr"], max(steps, 1))
     losses, t0 = [], time.process_time()
     for step in range(steps):
         h, probs = next(batches)
         target = teacher_states(teacher, tok, probs, layer)  # [B, h, H]
         prompt = torch.tensor([_enc(tok, p.prompt) for p in probs])
         fed, finals, _ = contemplate_rollout(peft, prompt, h, layer)
-        mse = ((fed - target) ** 2).mean() / (target ** 2).mean()
-        logit = head(finals)[..., 0]  # [B, h + 1]
-        want = torch.zeros_like(logit)
-        want[:, -1] = 1.0
-        bce = F.binary_cross_entropy_with_logits(logit, want)
-        loss = mse + bce
-        _step(opt, sched, params, loss)
+        mse, bce = _state_loss(fed, target), _end_loss(head, finals)
+        _step(opt, sched, params, mse + bce)
         losses.append([mse.item(), bce.item()])
-        _log("ccot contemplate", step, steps, loss.item(), t0)
-    log["losses"]["contemplate"], log["cpu_seconds"]["contemplate"] = losses, time.process_time() - t0
+        _log("ccot match", step, steps, mse.item() + bce.item(), t0)
+    log["losses"]["match"], log["cpu_seconds"]["match"] = losses, time.process_time() - t0
 
-    # 2. Answer LoRA: the contemplation (k steps under the contemplation LoRA, no gradient)
-    # fills the cache; under the answer LoRA, from the forced "</think>" on, the answer's
-    # tokens are the loss (what the runtime runs: valve_during, then valve_after).
-    params = _only(peft, "answer")
-    steps = cfg["answer_steps"]
-    opt, sched = optimizer(params, cfg["ccot_lr"], steps)
-    dec = peft.get_base_model()
-    kw = _cache_kw(dec.model)
+    # 2. End to end: the answer loss through the rolled-out contemplation.
+    params = _adapter_params(peft, ["contemplate", "answer"]) + list(head.parameters())
+    steps, w = cfg["answer_steps"], cfg["ccot_match"]
+    opt, sched = optimizer(params, cfg["ccot_lr"], max(steps, 1))
     losses, t0 = [], time.process_time()
     for step in range(steps):
         h, probs = next(batches)
         prompt = torch.tensor([_enc(tok, p.prompt) for p in probs])
-        peft.set_adapter("contemplate")
-        with torch.no_grad():
-            _, _, past = contemplate_rollout(peft, prompt, h, layer)
-        peft.set_adapter("answer")
-        _only(peft, "answer")
+        _activate(peft, "contemplate")
+        fed, finals, past = contemplate_rollout(peft, prompt, h, layer)
+        _activate(peft, "answer")
         suf = torch.tensor([[end_id] + _enc(tok, f"\nAnswer: {p.answer}\n") + [tok.eos_token_id] for p in probs])
         logits = dec(input_ids=suf, use_cache=True, **{kw: past}).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), suf[:, 1:].flatten())
-        _step(opt, sched, params, loss)
-        losses.append(loss.item())
-        _log("ccot answer", step, steps, losses[-1], t0)
-    log["losses"]["answer"], log["cpu_seconds"]["answer"] = losses, time.process_time() - t0
+        ans = F.cross_entropy(logits[:, :-1].flatten(0, 1), suf[:, 1:].flatten())
+        bce = _end_loss(head, finals)
+        mse = _state_loss(fed, teacher_states(teacher, tok, probs, layer)) if w > 0 else torch.zeros(())
+        _step(opt, sched, params, ans + bce + w * mse)
+        losses.append([ans.item(), bce.item(), mse.item()])
+        _log("ccot end-to-end", step, steps, ans.item(), t0)
+    log["losses"]["end_to_end"], log["cpu_seconds"]["end_to_end"] = losses, time.process_time() - t0
     peft.eval()
 
     tmp = out / "ccot_adapters"
