@@ -3,20 +3,34 @@
 The task's world has N = 16 nodes (letters A-P) and NUM_OPS = 4 fixed permutations of them
 (drawn once from a constant seed: the same for every problem and every training seed, the
 model's "knowledge"). A problem names a start node and a sequence of k ops, padded with
-"." to MAX_HOPS; the answer is the node reached::
+"." to MAX_HOPS; each op is written with a token of its hop's class (hop 1's four ops are
+a-d, hop 2's e-h, ..., hop 5's q-t: OP_TOKENS), so a token names both its permutation and
+its hop. The answer is the node reached::
 
-    start J, ops 241..
+    start I, ops cel..
     <think>
-    EHC</think>
+    M
+    2:eME
+    3:lEC
+    </think>
     Answer: C
 
-The chain (CoT) writes the node reached after each hop, one token a hop, then
-``</think>`` and the answer. Each chain token is one lookup the model knows by heart (op i
-applied to the token before it; op i sits at a fixed distance back in the prompt, since
-the ops are padded to MAX_HOPS), so a 1M-parameter model learns CoT in a few hundred steps
-on a CPU. Answering at once (no-CoT) needs the k permutations composed inside one forward:
-16 * 4^k problems per hop count (16,384 at k = 5), too many to memorise. A latent step can carry the node reached so far:
-Coconut and CCoT replace the chain's tokens by one continuous thought per hop.
+The chain (CoT) is one step a hop. Step i opens with the node hop i reaches, then sets up
+hop i + 1: its index, ``:``, its op token (copied from the question by class), the node
+again, after which the model writes the next node (the one lookup a step needs: op applied
+to the token just before it). The last step is its node alone. So the chain's steps are
+``M\n2:eM``, ``E\n3:lE``, ``C\n`` (6 tokens, the last 2): 6k - 3 think tokens with
+``</think>``. Answering at once (no-CoT) needs the k permutations composed inside one forward:
+16 * 4^k problems per hop count (16,384 at k = 5), too many to memorise.
+
+Why steps open with their node: a Coconut thought that replaces step i is the final-norm
+state that, in CoT, predicts step i's first token; with tied embeddings it points at that
+token, so here it points at the node reached, and the thought's position (input ~ node i)
+must produce node i + 1, what CoT's last position of a step does (input: node i). Coconut
+uses no end token (latent_train.coconut_latent), so at every curriculum stage the last
+thought's state predicts the next step's node and the loss supervises that hop directly.
+With k thoughts (plus its own ``</think>``) Coconut spends k + 1 positions against CoT's
+6k - 3: 23.7% on the 200-problem splits (mean k 4.03).
 
 Designs that failed on this CPU budget (facts, not code): edges of a per-problem graph
 listed in the prompt (``A>F,...`` with lines ``A to F``, or one token per edge) need an
@@ -26,6 +40,20 @@ successor map over 256 nodes (a problem is only a start and k: 768 problems) was
 but the models memorised the 368 training problems (Coconut stage 5: 1.00 on training
 problems, 0.125 held out); 16 keyed permutations (a 256-entry table) were not learned in
 600 steps.
+
+Chain layouts tried for the latent line (seed 0, 200 validation problems; Coconut 200 steps
+a stage, 400 the last): one token a hop (``EHC``): Coconut's last stage 0.972 (3 seeds,
+held out) but at 101% of CoT's think positions. 8-token lines carrying the node reached and
+the ops left (``E, 41..``; branch issue18-lat): CoT 0.855 (3 seeds), Coconut's loss flat at
+~0.35 from stage 3, last stage 0.047. With the hop-tagged op tokens: 5-token lines
+``1aHI`` (index, op, node before, node after) with ``<|end-latent|>`` forced: CoT 1.000,
+no-CoT 0.070, Coconut stages 1/2/3/5 0.285/0.165/0.085/0.095 (each thought is the state
+predicting a hop index, not a node). Node-first steps ``E\n2fE>`` with ``<|end-latent|>``:
+CoT 0.915 (1000 steps), stages 1/2/5 0.220/0.080/0.080; the token after the end token, the
+next node, was wrong (the end token's position had to do the hop). The layout above with no
+end token: CoT 1.000, no-CoT 0.045, Coconut stages 1-5 0.575/1.000/0.640/1.000/0.935 at
+23.7% of CoT's positions (seeds 1 and 2, stage 5: 0.975, 0.930; CoT 0.975, 1.000; no-CoT
+0.070, 0.085). CCoT stayed at chance on it (latent_train.train_ccot).
 
 Problems come from a seeded ``random.Random``; the held-out test and validation splits are
 drawn from their own streams and excluded from training.

@@ -4,24 +4,25 @@
 
 Writes
     DIR/base/     an HF checkpoint (config, safetensors, tokenizer.json): a small Llama trained
-                  on full chains (one line per hop), with a quarter of its examples in no-CoT
-                  form (thinking closed at once, then the answer), so the no-CoT baseline is a
-                  trained mode of the same model, not an untrained prompt;
+                  on full chains (one step per hop, hops.py), with a quarter of its examples in
+                  no-CoT form (thinking closed at once, then the answer), so the no-CoT
+                  baseline is a trained mode of the same model, not an untrained prompt;
     DIR/coconut/stage_{s}.pt  Coconut (Hao et al. 2024, arXiv 2412.06769) after curriculum
-                  stage s: the first s chain steps (edge tokens) replaced by c=1 continuous thought each (the
+                  stage s: the first s chain steps replaced by c=1 continuous thought each (the
                   final-norm state fed back as the next input embedding), the optimizer reset
                   at each stage, the loss on the remaining tokens; Coconut's checkpoint format
-                  for ``cotrt.loaders.load_coconut``. One departure: no ``<|start-latent|>``
-                  (the prompt's ``<think>\\n`` opens the thoughts, see coconut_latent): with
-                  it every thought sat one position after the chain token it replaces, and
-                  stage 5 fell to chance (0.085 on validation, 200 steps a stage);
+                  for ``cotrt.loaders.load_coconut``. Departures: no ``<|start-latent|>`` (the
+                  prompt's ``<think>\n`` opens the thoughts; with it, one-token chain steps,
+                  stage 5 fell to 0.085 on validation) and no ``<|end-latent|>`` (the last
+                  thought predicts the next step's node; see coconut_latent);
     DIR/ccot/     a CCoT bundle (Cheng & Van Durme 2024, arXiv 2412.13171) for
-                  ``cotrt.loaders.load_ccot_bundle``: a contemplation LoRA whose states (the
-                  residual after decoder layer ``feedback``, fed back as the next input) are
-                  trained to reproduce the base model's layer-l states at each hop's edge
-                  token (one contemplation state per hop, rolled out on its own states),
-                  an END head (final-norm state -> logit) trained to fire once the question's
-                  hops are done, and an answer LoRA trained to answer from the contemplation;
+                  ``cotrt.loaders.load_ccot_bundle``: a contemplation LoRA (the residual after
+                  decoder layer ``feedback`` fed back as the next input, one step per hop), an
+                  END head (final-norm state -> logit) trained to fire once the question's
+                  hops are done, and an answer LoRA; trained first by CCoT's state matching
+                  (the base model's layer-l state at each hop's target position, ``ccot_at``),
+                  then end to end, the answer's loss backpropagating through the rolled-out
+                  contemplation (train_ccot);
     DIR/train_log.json  settings, losses, CPU seconds per model.
 
 Training is deterministic on one machine: one thread, ``torch.use_deterministic_algorithms``,
@@ -48,12 +49,12 @@ FULL = {"hidden": 128, "layers": 4, "heads": 4, "inter": 384, "batch": 32, "lr":
         "base_steps": 1200, "no_cot_frac": 0.25,
         "c": 1, "stage_steps": 200, "final_stage_steps": 400, "coconut_lr": 2e-3,
         "feedback": 2, "lora_r": 16, "latent_batch": 16, "ccot_steps": 300, "answer_steps": 300, "ccot_lr": 2e-3,
-        "ccot_match": 1.0}
+        "ccot_match": 1.0, "ccot_at": "node"}
 QUICK = {"hidden": 32, "layers": 2, "heads": 2, "inter": 64, "batch": 8, "lr": 3e-3,
          "base_steps": 6, "no_cot_frac": 0.25,
          "c": 1, "stage_steps": 2, "final_stage_steps": 2, "coconut_lr": 1e-3,
          "feedback": 0, "lora_r": 4, "latent_batch": 4, "ccot_steps": 3, "answer_steps": 2, "ccot_lr": 2e-3,
-         "ccot_match": 1.0}
+         "ccot_match": 1.0, "ccot_at": "node"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -237,13 +238,46 @@ def node_positions(tok, p: hops.HopProblem) -> list[int]:
     return pos
 
 
+class _Tap:
+    """Records the output of decoder layer ``layer`` (the residual after it, before any final
+    norm: what the runtime feeds back for ``Latent(feedback=layer)``; transformers'
+    ``hidden_states[L]`` is the final-normed state instead, so the last layer needs the hook)."""
+
+    def __init__(self, dec, layer: int):
+        self.out = None
+        self._h = dec.layers[layer].register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.out = output[0] if isinstance(output, tuple) else output
+
+    def close(self) -> None:
+        self._h.remove()
+
+
+def target_positions(tok, p: hops.HopProblem, at: str) -> list[int]:
+    """CCoT's target position per hop: ``at="node"``, the node token itself (node_positions);
+    ``at="predictor"``, the position just before it, whose state predicts that node (the
+    prompt's last position for hop 1, the node that ends step i - 1 for hop i)."""
+    pos = node_positions(tok, p)
+    if at == "node":
+        return pos
+    if at == "predictor":
+        return [q - 1 for q in pos]
+    raise ValueError(f"target_positions: at must be 'node' or 'predictor', got {at!r}")
+
+
 @torch.no_grad()
-def teacher_states(base, tok, probs, layer: int) -> torch.Tensor:
-    """``[B, k, H]``: the base model's residual after decoder layer ``layer`` at the node each
-    hop line reaches, reading the full chain (CCoT's targets, one per hop)."""
+def teacher_states(base, tok, probs, layer: int, at: str = "node") -> torch.Tensor:
+    """``[B, k, H]``: the base model's residual after decoder layer ``layer``, reading the full
+    chain, at each hop's target position (target_positions; CCoT's targets, one per hop)."""
     ids = torch.tensor([_enc(tok, p.prompt + p.think()) for p in probs])
-    hs = base.model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1]
-    pos = torch.tensor([node_positions(tok, p) for p in probs])  # [B, k]
+    tap = _Tap(base.model, layer)
+    try:
+        base.model(input_ids=ids)
+        hs = tap.out
+    finally:
+        tap.close()
+    pos = torch.tensor([target_positions(tok, p, at) for p in probs])  # [B, k]
     return hs.gather(1, pos[..., None].expand(-1, -1, hs.shape[-1]))
 
 
@@ -261,15 +295,19 @@ def contemplate_rollout(model, prompt_ids, k: int, layer: int):
     cache."""
     dec = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
     kw = _cache_kw(dec)
-    out = dec(input_ids=prompt_ids, use_cache=True, output_hidden_states=True)
-    fed, finals = [], [out.last_hidden_state[:, -1]]
-    past = out[1]
-    for _ in range(k):
-        x = out.hidden_states[layer + 1][:, -1:]
-        fed.append(x[:, 0])
-        out = dec(inputs_embeds=x, use_cache=True, output_hidden_states=True, **{kw: past})
+    tap = _Tap(dec, layer)
+    try:
+        out = dec(input_ids=prompt_ids, use_cache=True)
+        fed, finals = [], [out.last_hidden_state[:, -1]]
         past = out[1]
-        finals.append(out.last_hidden_state[:, -1])
+        for _ in range(k):
+            x = tap.out[:, -1:]
+            fed.append(x[:, 0])
+            out = dec(inputs_embeds=x, use_cache=True, **{kw: past})
+            past = out[1]
+            finals.append(out.last_hidden_state[:, -1])
+    finally:
+        tap.close()
     return (torch.stack(fed, 1) if fed else prompt_ids.new_zeros(0)), torch.stack(finals, 1), past
 
 
@@ -325,23 +363,26 @@ def train_ccot(out: Path, seed: int, cfg: dict, banned: set) -> dict:
     contemplation LoRA; the prompt too runs under it, as in the runtime):
 
     1. ``ccot_steps`` steps of CCoT's state matching: each fed state regresses onto the
-       base model's layer-l state at hop i's node token, plus the END head's loss.
+       base model's layer-l state at hop i's target position (``ccot_at``: the node that
+       opens chain step i, or the position that predicts it), plus the END head's loss.
     2. ``answer_steps`` steps end to end: under the answer LoRA, from the forced
        ``</think>`` on, the answer's tokens are the loss, and it backpropagates through the
        cache into every contemplation step (the contemplation and answer LoRAs and the END
        head train together, the state matching kept as an auxiliary loss of weight
-       ``ccot_match``). Trained apart (the answer LoRA on a frozen contemplation, this
-       file's first version, one-token chain lines) CCoT stayed at chance (0.053 held out,
-       3 seeds).
+       ``ccot_match``). Trained apart (the answer LoRA on a frozen contemplation, one-token
+       chain steps) CCoT stayed at chance (0.053 held out, 3 seeds).
 
-    Still at chance with 8-token lines (seed 0, validation: 0.05-0.09 at 100 + 300 and
-    300 + 300 steps), though the states match (relative MSE 0.05-0.11 per step) and the
-    END head stops after the right number of steps: the answer does not learn to read the
-    contemplation. Checked on seed 0 with the answer LoRA alone, 100 steps: fed the
-    teacher's own states, or even the token embeddings of the nodes reached, at the
-    contemplation positions, the answer token's loss stays at ln 16 (2.7-2.9). The base
-    model reads the chain's last node 12 positions before the answer; after the
-    contemplation it must read 5 positions back, which neither LoRA learned here.
+    Still at chance with the node-first chain steps (hops.py; seed 0, 200 validation
+    problems, 300 + 300 steps; the END head stops after the right number of steps in every
+    run): layer 2 at the node, 0.045 (state matching's relative MSE 0.14 at the end); layer 3
+    (pre-norm) at the predicting position, 0.060; layer 0 at the node, relative MSE flat at
+    0.35 from step 50, 0.060; layer 1 at the node, 0.075. In every run the
+    end-to-end answer loss stayed at ln 16 on the answer token. The answer can read such
+    states: fed the base model's own layer-0 (layer-1) states at the nodes, the answer LoRA
+    alone reaches an answer-token loss of 0.04 (0.29) in 100 steps (layer 2: 1.9; the nodes'
+    token embeddings: 0.07 before any step). What fails is the contemplation LoRA's
+    recurrence: it does not reproduce the node-dependent part of the states (Coconut,
+    trained in full through its curriculum, does learn the same one-hop-a-step recurrence).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -358,7 +399,7 @@ def train_ccot(out: Path, seed: int, cfg: dict, banned: set) -> dict:
     dec = peft.get_base_model()
     kw = _cache_kw(dec.model)
     batches = _hop_batches(seed + 3, cfg["latent_batch"], banned)
-    log = {"feedback": layer, "match_weight": cfg["ccot_match"], "losses": {}, "cpu_seconds": {}}
+    log = {"feedback": layer, "at": cfg["ccot_at"], "match_weight": cfg["ccot_match"], "losses": {}, "cpu_seconds": {}}
     peft.train()
 
     # 1. State matching (contemplation LoRA + END head).
@@ -369,7 +410,7 @@ def train_ccot(out: Path, seed: int, cfg: dict, banned: set) -> dict:
     losses, t0 = [], time.process_time()
     for step in range(steps):
         h, probs = next(batches)
-        target = teacher_states(teacher, tok, probs, layer)  # [B, h, H]
+        target = teacher_states(teacher, tok, probs, layer, cfg["ccot_at"])  # [B, h, H]
         prompt = torch.tensor([_enc(tok, p.prompt) for p in probs])
         fed, finals, _ = contemplate_rollout(peft, prompt, h, layer)
         mse, bce = _state_loss(fed, target), _end_loss(head, finals)
@@ -393,7 +434,7 @@ def train_ccot(out: Path, seed: int, cfg: dict, banned: set) -> dict:
         logits = dec(input_ids=suf, use_cache=True, **{kw: past}).logits
         ans = F.cross_entropy(logits[:, :-1].flatten(0, 1), suf[:, 1:].flatten())
         bce = _end_loss(head, finals)
-        mse = _state_loss(fed, teacher_states(teacher, tok, probs, layer)) if w > 0 else torch.zeros(())
+        mse = _state_loss(fed, teacher_states(teacher, tok, probs, layer, cfg["ccot_at"])) if w > 0 else torch.zeros(())
         _step(opt, sched, params, ans + bce + w * mse)
         losses.append([ans.item(), bce.item(), mse.item()])
         _log("ccot end-to-end", step, steps, ans.item(), t0)
