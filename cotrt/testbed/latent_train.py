@@ -156,7 +156,9 @@ def coconut_latent(k: int):
     prompt's ``<think>\n`` opens the latent phase) and no end token: the forward that
     consumed the last thought predicts the first token after the thoughts (the node that
     opens the next chain step, or ``</think>``), so every stage's loss supervises the last
-    thought's hop directly (thought_loss)."""
+    thought's hop directly (thought_loss). Measured on seed 0 (validation, last stage):
+    0.935 without the end token, 0.980 with ``<|end-latent|>`` forced (coconut.latent_loss);
+    the 3-seed figures are without it."""
     import cotrt
 
     return cotrt.Latent(steps=k, begin_token=None, insert_begin=False, end_token=None)
