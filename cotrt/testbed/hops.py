@@ -29,8 +29,10 @@ token, so here it points at the node reached, and the thought's position (input 
 must produce node i + 1, what CoT's last position of a step does (input: node i). Coconut
 uses no end token (latent_train.coconut_latent), so at every curriculum stage the last
 thought's state predicts the next step's node and the loss supervises that hop directly.
-The end token is not what made the difference: with ``<|end-latent|>`` forced (as before),
-this layout reached 0.980 at Coconut's last stage (seed 0, validation; 0.935 without).
+Both choices are needed: with ``<|end-latent|>`` forced (as before), this layout reached
+0.980 at Coconut's last stage on seed 0 but 0.060 and 0.065 on seeds 1 and 2 (validation;
+their loss flat at ~0.35 from stage 3, as with the 8-token lines); without it, 0.935,
+0.975, 0.930.
 With k thoughts (plus its own ``</think>``) Coconut spends k + 1 positions against CoT's
 6k - 3: 23.7% on the 200-problem splits (mean k 4.03).
 
@@ -54,7 +56,8 @@ predicting a hop index, not a node). Node-first steps ``E\n2fE>`` (the next node
 after ``>``, not after the node) with ``<|end-latent|>``: CoT 0.915 (1000 steps), stages
 1/2/5 0.220/0.080/0.080; at stage 1 the first token after the end token, the next node, was
 wrong in most rows. The layout above (1200 steps), with ``<|end-latent|>``: stages 1-5
-0.695/0.670/1.000/1.000/0.980; with no end token: CoT 1.000, no-CoT 0.045, Coconut stages 1-5 0.575/1.000/0.640/1.000/0.935 at
+0.695/0.670/1.000/1.000/0.980 (seeds 1 and 2: 0.735/0.180/0.040/0.070/0.060 and
+0.385/0.080/0.055/0.075/0.065); with no end token: CoT 1.000, no-CoT 0.045, Coconut stages 1-5 0.575/1.000/0.640/1.000/0.935 at
 23.7% of CoT's positions (seeds 1 and 2, stage 5: 0.975, 0.930; CoT 0.975, 1.000; no-CoT
 0.070, 0.085). CCoT stayed at chance on it (latent_train.train_ccot).
 
