@@ -29,10 +29,10 @@ token, so here it points at the node reached, and the thought's position (input 
 must produce node i + 1, what CoT's last position of a step does (input: node i). Coconut
 uses no end token (latent_train.coconut_latent), so at every curriculum stage the last
 thought's state predicts the next step's node and the loss supervises that hop directly.
-Both choices are needed: with ``<|end-latent|>`` forced (as before), this layout reached
+Dropping the end token matters: with ``<|end-latent|>`` forced (as before), this layout reached
 0.980 at Coconut's last stage on seed 0 but 0.060 and 0.065 on seeds 1 and 2 (validation;
 their loss flat at ~0.35 from stage 3, as with the 8-token lines); without it, 0.935,
-0.975, 0.930.
+0.975, 0.930. (The earlier layouts below were tried only with the end token.)
 With k thoughts (plus its own ``</think>``) Coconut spends k + 1 positions against CoT's
 6k - 3: 23.7% on the 200-problem splits (mean k 4.03).
 
