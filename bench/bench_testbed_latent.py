@@ -61,8 +61,8 @@ def markdown(agg: list[dict], meta: dict) -> str:
     lines = [
         "# Latent testbed: Coconut and CCoT trained here, through cotrt",
         "",
-        (f"Task: cotrt/testbed/hops.py (apply 3-5 of 4 fixed permutations of 16 nodes in turn; CoT: one token "
-         f"a hop, then `</think>`; chance 1/16). "
+        (f"Task: cotrt/testbed/hops.py (apply 3-5 of 4 fixed permutations of 16 nodes in turn, ops written "
+         f"with hop-tagged tokens; CoT: one step a hop, 6 tokens, the last 2, then `</think>`; chance 1/16). "
          f"{meta['n']} held-out test problems per seed, seeds {meta['seeds']}; greedy, batch {meta['max_batch']}; "
          f"{meta['device']}; torch {torch.__version__}."),
         f"Models: {meta['model']}.",

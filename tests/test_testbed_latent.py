@@ -52,7 +52,18 @@ def test_tokenizer_round_trips():
     tok = hops.build_tokenizer()
     hops.check_tokenizer(tok)
     p = hops.held_out(0, 1)[0]
-    assert [len(tok.encode(t, add_special_tokens=False)) for t in p.lines()] == [1] * p.hops
+    # Step i opens with the node hop i reaches (so a thought that replaces it, the state that
+    # predicts its first token, points at that node); 6 tokens a step, the last 2.
+    assert [len(tok.encode(t, add_special_tokens=False)) for t in p.lines()] == [6] * (p.hops - 1) + [2]
+    assert [t[0] for t in p.lines()] == list(p.path[1:])
+    for q in hops.held_out(0, 50):
+        # Each op token names its hop (a content key) and its permutation.
+        ops = q.question.split("ops ")[1]
+        assert [hops.OP_TOKENS.index(o) // hops.NUM_OPS + 1 for o in ops.rstrip(".")] == list(range(1, q.hops + 1))
+        assert [str(hops.OP_TOKENS.index(o) % hops.NUM_OPS + 1) for o in ops.rstrip(".")] == list(q.ops)
+        assert tok.convert_ids_to_tokens(tok.encode(ops, add_special_tokens=False)) == list(ops)
+    with pytest.raises(ValueError, match="op_token"):
+        hops.op_token(hops.MAX_HOPS + 1, "1")
     # The ops sit at a fixed distance from the chain (padded to MAX_HOPS): one prompt length.
     assert len({len(tok.encode(q.prompt, add_special_tokens=False)) for q in hops.held_out(0, 50)}) == 1
     for t in (hops.THINK, hops.END, *hops.LATENT_TOKENS):
@@ -110,7 +121,8 @@ def _naive(model, prompt_ids, *, end_id, n_answer, steps=None, layer=None, end_h
     the next input embedding; ``end_head`` (on the final-norm state) stops the phase, at most
     ``cap`` steps; then ``end_id`` and greedy tokens. With ``valves``: the prompt and latent
     positions run under adapter "contemplate", ``end_id`` and after under "answer" (alpha 1),
-    as the runtime's valve_during / valve_after put them. Returns (answer tokens, fed states)."""
+    as the runtime's valve_during / valve_after put them. ``end_id`` None: no end token (the
+    last thought's forward gives the first answer token). Returns (answer tokens, fed states)."""
     emb = model.get_input_embeddings()
     x = emb(torch.tensor([prompt_ids]))
     fed = []
@@ -136,7 +148,8 @@ def _naive(model, prompt_ids, *, end_id, n_answer, steps=None, layer=None, end_h
         fed.append(h[0].clone())
         x = torch.cat([x, h[:, None]], 1)
     latent_end = x.shape[1]
-    x = torch.cat([x, emb(torch.tensor([[end_id]]))], 1)
+    if end_id is not None:  # without one, the last thought's forward gives the first token
+        x = torch.cat([x, emb(torch.tensor([[end_id]]))], 1)
     toks = []
     for _ in range(n_answer):
         h = run(x, latent_end).last_hidden_state[:, -1]
@@ -163,14 +176,14 @@ def test_coconut_through_cotrt_matches_naive(quick):
     n = 4
     outs = rt.generate([p.prompt for p in probs],
                        [cotrt.Params(max_new_tokens=n, ignore_eos=True, latent=coconut_latent(k)) for k in ks])
-    end, lat = tok.convert_tokens_to_ids(list(hops.LATENT_TOKENS[1:]))
+    lat = tok.convert_tokens_to_ids(hops.LATENT_TOKENS[2])
     for p, k, o in zip(probs, ks, outs):
         ids = tok.encode(p.prompt, add_special_tokens=False)
         assert o.prompt_token_ids == ids  # no begin token
-        assert o.token_ids[:k + 1] == [lat] * k + [end]
-        ref, fed = _naive(model, ids, steps=k, end_id=end, n_answer=n)
+        assert o.token_ids[:k] == [lat] * k  # and no end token
+        ref, fed = _naive(model, ids, steps=k, end_id=None, n_answer=n)
         assert o.stats["latent_steps"] == k == len(fed)
-        assert o.token_ids[k + 1:] == ref
+        assert o.token_ids[k:] == ref
         for a, b in zip(o.latent_states, fed):
             torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
 

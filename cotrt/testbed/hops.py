@@ -3,20 +3,38 @@
 The task's world has N = 16 nodes (letters A-P) and NUM_OPS = 4 fixed permutations of them
 (drawn once from a constant seed: the same for every problem and every training seed, the
 model's "knowledge"). A problem names a start node and a sequence of k ops, padded with
-"." to MAX_HOPS; the answer is the node reached::
+"." to MAX_HOPS; each op is written with a token of its hop's class (hop 1's four ops are
+a-d, hop 2's e-h, ..., hop 5's q-t: OP_TOKENS), so a token names both its permutation and
+its hop. The answer is the node reached::
 
-    start J, ops 241..
+    start I, ops cel..
     <think>
-    EHC</think>
+    M
+    2:eME
+    3:lEC
+    </think>
     Answer: C
 
-The chain (CoT) writes the node reached after each hop, one token a hop, then
-``</think>`` and the answer. Each chain token is one lookup the model knows by heart (op i
-applied to the token before it; op i sits at a fixed distance back in the prompt, since
-the ops are padded to MAX_HOPS), so a 1M-parameter model learns CoT in a few hundred steps
-on a CPU. Answering at once (no-CoT) needs the k permutations composed inside one forward:
-16 * 4^k problems per hop count (16,384 at k = 5), too many to memorise. A latent step can carry the node reached so far:
-Coconut and CCoT replace the chain's tokens by one continuous thought per hop.
+The chain (CoT) is one step a hop. Step i opens with the node hop i reaches, then sets up
+hop i + 1: its index, ``:``, its op token (copied from the question by class), the node
+again, after which the model writes the next node (the one lookup a step needs: op applied
+to the token just before it). The last step is its node alone. So the chain's steps are
+``M\n2:eM``, ``E\n3:lE``, ``C\n`` (6 tokens, the last 2): 6k - 3 think tokens with
+``</think>``. Answering at once (no-CoT) needs the k permutations composed inside one forward:
+16 * 4^k problems per hop count (16,384 at k = 5), too many to memorise.
+
+Why steps open with their node: a Coconut thought that replaces step i is the final-norm
+state that, in CoT, predicts step i's first token; with tied embeddings it points at that
+token, so here it points at the node reached, and the thought's position (input ~ node i)
+must produce node i + 1, what CoT's last position of a step does (input: node i). Coconut
+uses no end token (latent_train.coconut_latent), so at every curriculum stage the last
+thought's state predicts the next step's node and the loss supervises that hop directly.
+Dropping the end token matters: with ``<|end-latent|>`` forced (as before), this layout reached
+0.980 at Coconut's last stage on seed 0 but 0.060 and 0.065 on seeds 1 and 2 (validation;
+their loss flat at ~0.35 from stage 3, as with the 8-token lines); without it, 0.935,
+0.975, 0.930. (The earlier layouts below were tried only with the end token.)
+With k thoughts (plus its own ``</think>``) Coconut spends k + 1 positions against CoT's
+6k - 3: 23.7% on the 200-problem splits (mean k 4.03).
 
 Designs that failed on this CPU budget (facts, not code): edges of a per-problem graph
 listed in the prompt (``A>F,...`` with lines ``A to F``, or one token per edge) need an
@@ -26,6 +44,22 @@ successor map over 256 nodes (a problem is only a start and k: 768 problems) was
 but the models memorised the 368 training problems (Coconut stage 5: 1.00 on training
 problems, 0.125 held out); 16 keyed permutations (a 256-entry table) were not learned in
 600 steps.
+
+Chain layouts tried for the latent line (seed 0, 200 validation problems; Coconut 200 steps
+a stage, 400 the last): one token a hop (``EHC``): Coconut's last stage 0.972 (3 seeds,
+held out) but at 101% of CoT's think positions. 8-token lines carrying the node reached and
+the ops left (``E, 41..``; branch issue18-lat): CoT 0.855 (3 seeds), Coconut's loss flat at
+~0.35 from stage 3, last stage 0.047. With the hop-tagged op tokens: 5-token lines
+``1aHI`` (index, op, node before, node after) with ``<|end-latent|>`` forced: CoT 1.000,
+no-CoT 0.070, Coconut stages 1/2/3/5 0.285/0.165/0.085/0.095 (each thought is the state
+predicting a hop index, not a node). Node-first steps ``E\n2fE>`` (the next node written
+after ``>``, not after the node) with ``<|end-latent|>``: CoT 0.915 (1000 steps), stages
+1/2/5 0.220/0.080/0.080; at stage 1 the first token after the end token, the next node, was
+wrong in most rows. The layout above (1200 steps), with ``<|end-latent|>``: stages 1-5
+0.695/0.670/1.000/1.000/0.980 (seeds 1 and 2: 0.735/0.180/0.040/0.070/0.060 and
+0.385/0.080/0.055/0.075/0.065); with no end token: CoT 1.000, no-CoT 0.045, Coconut stages 1-5 0.575/1.000/0.640/1.000/0.935 at
+23.7% of CoT's positions (seeds 1 and 2, stage 5: 0.975, 0.930; CoT 0.975, 1.000; no-CoT
+0.070, 0.085). CCoT stayed at chance on it (latent_train.train_ccot).
 
 Problems come from a seeded ``random.Random``; the held-out test and validation splits are
 drawn from their own streams and excluded from training.
@@ -38,6 +72,10 @@ from dataclasses import dataclass
 NODES = "ABCDEFGHIJKLMNOP"  # N = 16 node names, one token each
 NUM_OPS = 4  # ops "1".."4"
 MIN_HOPS, MAX_HOPS = 3, 5
+# The op tokens: op p at hop h is written OP_TOKENS[NUM_OPS * (h - 1) + p - 1] (hop 1's four
+# ops are a-d, hop 2's e-h, ..., hop 5's q-t), so an op token names its hop as well as its
+# permutation and a chain line finds its op by content, not at a distance.
+OP_TOKENS = "abcdefghijklmnopqrst"
 THINK, END = "<think>", "</think>"
 EOS, PAD, UNK = "<eos>", "<pad>", "<unk>"
 LATENT_TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")  # Coconut's, in its order
@@ -75,9 +113,14 @@ class HopProblem:
     def answer(self) -> str:
         return self.path[-1]
 
+    def op_token(self, hop: int) -> str:
+        """The token of op number ``hop`` (1-based): its permutation, in hop ``hop``'s class."""
+        return op_token(hop, self.ops[hop - 1])
+
     @property
     def question(self) -> str:
-        return f"start {self.start}, ops {''.join(self.ops)}{'.' * (MAX_HOPS - self.hops)}"
+        ops = "".join(self.op_token(h) for h in range(1, self.hops + 1))
+        return f"start {self.start}, ops {ops}{'.' * (MAX_HOPS - self.hops)}"
 
     @property
     def prompt(self) -> str:
@@ -90,8 +133,17 @@ class HopProblem:
         return f"{self.question}\n{THINK}\n{END}\nAnswer:"
 
     def lines(self) -> list[str]:
-        """The chain's steps: the node reached at each hop (one token each)."""
-        return list(self.path[1:])
+        """The chain's steps, one a hop: step i opens with the node hop i reaches, then sets up
+        hop i + 1 (hop index, ``:``, op token, the node again), whose node, opening step i + 1,
+        the model writes next; the last step is its node alone. ``E\n2:fE`` ``H\n3:kH``
+        ``C\n`` reads as the lines ``E``, ``2:fEH`` (hop 2 applies f to E: H), ``3:kHC``.
+        Every step but the last is 6 tokens (the last is 2)."""
+        out = []
+        for i in range(1, self.hops + 1):
+            node = self.path[i]
+            nxt = f"{i + 1}:{self.op_token(i + 1)}{node}" if i < self.hops else ""
+            out.append(f"{node}\n{nxt}")
+        return out
 
     def think(self) -> str:
         return "".join(self.lines())
@@ -100,6 +152,13 @@ class HopProblem:
         """What the model writes after ``prompt`` (eos added by the trainer); ``cot=False``:
         the no-CoT completion (thinking closed at once)."""
         return f"{self.think() if cot else ''}{END}\nAnswer: {self.answer}\n"
+
+
+def op_token(hop: int, op: str) -> str:
+    """The token of permutation ``op`` ("1".."4") applied at hop ``hop`` (1-based)."""
+    if not 1 <= hop <= MAX_HOPS or op not in OPS:
+        raise ValueError(f"op_token: hop must be in [1, {MAX_HOPS}] and op in {sorted(OPS)}, got {hop}, {op!r}")
+    return OP_TOKENS[NUM_OPS * (hop - 1) + int(op) - 1]
 
 
 def solve(start: str, ops) -> tuple:
@@ -173,15 +232,16 @@ def parse_answer(text: str) -> str | None:
 
 # ------------------------------------------------------------------------------- tokenizer
 
-# Each node letter, digit, punctuation mark, space and newline is one token; lowercase
-# words and "Answer" are single tokens. Spaces and newlines are pieces of their own (cotrt
-# reads each token's bytes from its piece).
-_SPLIT = r"Answer|[a-z]+|[A-Z]|\d|\s|[^\sA-Za-z\d]"
+# Each node letter, op letter, digit, punctuation mark, space and newline is one token;
+# "start", "ops" and "Answer" are single tokens (an op string never spells "ops": o and p are
+# both hop 4's). Spaces and newlines are pieces of their own (cotrt reads each token's bytes
+# from its piece).
+_SPLIT = r"Answer|start|ops|[a-z]|[A-Z]|\d|\s|[^\sA-Za-z\d]"
 _WORDS = ("Answer", "start", "ops")
 
 
 def vocabulary() -> list[str]:
-    chars = list(NODES) + list("0123456789") + list(",:. \n")
+    chars = list(NODES) + list(OP_TOKENS) + list("0123456789") + list(",:.> \n")
     return [UNK, PAD, EOS, *_WORDS, *chars]
 
 
@@ -213,6 +273,6 @@ def check_tokenizer(tok) -> None:
             raise ValueError(f"hops tokenizer: {marker} is not a single token")
 
 
-__all__ = ["END", "EOS", "LATENT_TOKENS", "MAX_HOPS", "MIN_HOPS", "NODES", "NUM_OPS", "OPS", "TEST_SIZE", "THINK",
-           "VAL_SIZE", "HopProblem", "build_tokenizer", "check_tokenizer", "excluded", "held_out", "parse_answer",
-           "sample_problem", "solve", "train_stream", "validation"]
+__all__ = ["END", "EOS", "LATENT_TOKENS", "MAX_HOPS", "MIN_HOPS", "NODES", "NUM_OPS", "OPS", "OP_TOKENS", "TEST_SIZE",
+           "THINK", "VAL_SIZE", "HopProblem", "build_tokenizer", "check_tokenizer", "excluded", "held_out", "op_token",
+           "parse_answer", "sample_problem", "solve", "train_stream", "validation"]

@@ -10,7 +10,7 @@ validation split) greedily through ``cotrt.wrap``:
   its training examples answer at once);
 - Coconut stage s: the stage-s checkpoint loaded with ``cotrt.loaders.load_coconut``, each
   question with its own k = c * min(s, hops) latent steps (``Latent(steps=k)``, final-norm
-  feedback, no begin token: latent_train.coconut_latent);
+  feedback, no begin or end token: latent_train.coconut_latent);
 - CCoT: the bundle loaded with ``cotrt.loaders.load_ccot_bundle``; the END head decides
   when contemplation stops (layer-l feedback, contemplation LoRA during, answer LoRA after).
 
@@ -34,7 +34,7 @@ from cotrt.models import quiet_loading
 
 from . import hops
 
-MAX_NEW = 32  # a chain is one token a hop (at most 6 think tokens) plus "\nAnswer: X\n"
+MAX_NEW = 40  # a chain is 6 tokens a hop, the last 2 (at most 27 think tokens with </think>), then "\nAnswer: X\n"
 
 
 def _answer_text(o, prompt: str) -> str:
