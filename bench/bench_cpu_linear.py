@@ -1,7 +1,7 @@
 """cpu_linear (the CPU decode-linear kernel) against the alternatives, in one run.
 
     python bench/bench_cpu_linear.py [--dtypes float32,bfloat16] [--rows 1,4,8] [--repeats 15] [--threads N]
-                                     [--sweep shapes|model|both] [--model default]
+                                     [--sweep shapes,calls,model|both] [--model default]
 
 Providers, on SmolLM2-135M's weight shapes (N x K; the same x, W, bias for all):
   F.linear        torch's linear (MKL; at M=1 a GEMV that runs on one core here)
@@ -16,6 +16,10 @@ Providers, on SmolLM2-135M's weight shapes (N x K; the same x, W, bias for all):
                   cost is the ratio of these two (the acceptance figure of issue 12)
   valve_lora      cotrt.ops.valve_lora's torch path (what a valve cost before): F.linear + 2 GEMMs
   read            torch.sum over W (all threads): the measured read-bandwidth floor
+
+The calls section times the calls the native decoder layer makes (q/k/v as one pool job,
+o, gate/up as one job, down, and the LM head), kernel against kernel+valve with a valve on
+every linear of the call, inside C++ (``_cpu.linears_repeat``).
 
 The model sweep then runs every linear of the model once, in order, at M=1 (F.linear,
 cpu_linear, read): a batch-1 decode step's weight traffic, weights cold as in a real step.
@@ -72,7 +76,8 @@ def providers(M, N, K, dtype):
         "read": lambda: w.sum(),
     }
     for name, lora in (("kernel", (None, None, None)), ("kernel+valve", (a, lb, alpha))):
-        out[name] = repeated(x, w, b, *lora)
+        y, xf, args = _cl._kernel_args(x, w, b, *lora, None, None, 0)
+        out[name] = repeated([args], [y, xf])
     try:
         from torch.utils import mkldnn
 
@@ -97,23 +102,10 @@ CALLS = [("q/k/v (one job)", [(576, 576), (192, 576), (192, 576)]), ("o_proj", [
 
 class repeated:
     """Calls of the kernel repeated inside C++: calling it makes ``n`` of them (n fills
-    ~5 ms, timed once up front), so it stands in for ``batched``'s ``(run, n)``."""
-
-    def __init__(self, x, w, b, a, lb, alpha, target_s=0.005):
-        self.y, self.xf, self.args = _cl._kernel_args(x, w, b, a, lb, alpha, None, None, 0)
-        self.n = 16
-        self()
-        t0 = time.perf_counter()
-        self()
-        self.n = max(16, int(16 * target_s / max(time.perf_counter() - t0, 1e-7)))
-
-    def __call__(self):
-        _cl._cpu.linear_repeat(*self.args, self.n)
-
-
-class repeated_job:
-    """Like ``repeated``, for several linears run as one pool job (``_cpu.linears_repeat``):
-    ``calls`` are ``_kernel_args`` tuples, kept with the tensors they point into."""
+    ~5 ms, timed once up front), so it stands in for ``batched``'s ``(run, n)``. ``calls``
+    are ``_kernel_args`` tuples: one is ``_cpu.linear_repeat``, several one pool job
+    (``_cpu.linears_repeat``, as the decoder layer runs q/k/v and gate/up); ``keep`` holds
+    the tensors they point into."""
 
     def __init__(self, calls, keep, target_s=0.005):
         self.calls, self.keep, self.n = calls, keep, 4
@@ -123,7 +115,10 @@ class repeated_job:
         self.n = max(4, int(4 * target_s / max(time.perf_counter() - t0, 1e-7)))
 
     def __call__(self):
-        _cl._cpu.linears_repeat(self.calls, self.n)
+        if len(self.calls) == 1:
+            _cl._cpu.linear_repeat(*self.calls[0], self.n)
+        else:
+            _cl._cpu.linears_repeat(self.calls, self.n)
 
 
 def call_providers(M, group, dtype):
@@ -143,7 +138,7 @@ def call_providers(M, group, dtype):
         base.append(args0)
         valve.append(args1)
         keep += [w, b, a, lb, y0, xf0, y1, xf1]
-    return {"kernel": repeated_job(base, keep), "kernel+valve": repeated_job(valve, keep)}
+    return {"kernel": repeated(base, keep), "kernel+valve": repeated(valve, keep)}
 
 
 def decoder_calls(args):

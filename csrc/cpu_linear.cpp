@@ -34,19 +34,18 @@ inline float load_w(const void* p, WType t, int64_t i) {
 // the row's offset into a B row (a_m · r), -1 for base-only rows (alpha 0, adapter < 0 or
 // >= n_adapters), which then get no LoRA term at all. The shrink runs as the first chunks
 // of the same pool job as W's rows (see Part), so it costs no serial time before the
-// workers start; a tile adds the expand only once `left` reaches 0, which it checks after
-// streaming its W rows (by then the shrink chunks, claimed first, are done).
+// workers start; a chunk of W rows adds the expand, and checks once, before its first
+// tile, that `left` has reached 0 (by then the shrink chunks, claimed first, are done).
 struct Shrunk {
   const float* t = nullptr;  // [M, r]
   const int64_t* off = nullptr;  // [M]
   const std::atomic<int64_t>* left = nullptr;  // shrink chunks not finished yet
-  int64_t uniform = -1;  // every row on the adapter at this offset (the usual valve), else -1
 };
 
 // Waits until every shrink chunk of the linear has finished (acquire: their t is visible).
 // The chunks were claimed before any W chunk, so their owners are running them; a yield
-// lets one that the OS descheduled run. The loop sits out of line (it holds a call, around
-// which a tile would have to keep its accumulators in memory); the tile inlines one check.
+// lets one that the OS descheduled run. The loop sits out of line (it is cold: the shrink is
+// almost always done); the caller inlines one check.
 __attribute__((noinline, cold)) void wait_shrunk_slow(const Shrunk& lo) {
   for (int spins = 0; lo.left->load(std::memory_order_acquire) > 0; ++spins) {
     if (spins < 4096) {
@@ -161,20 +160,10 @@ inline void tile(const LinearArgs& a, const Shrunk& lo, int64_t n, int64_t m) {
     }
   }
   const int64_t R8 = a.r & ~int64_t(7), ldb = a.n_adapters * a.r;
-  if (lo.uniform >= 0) {
-    // Every row on one adapter (the usual valve): each B load serves the MR rows.
-    for (int64_t q = 0; q < R8; q += 8) {
-      __m256 tv[MR];
-      for (int j = 0; j < MR; ++j) tv[j] = _mm256_loadu_ps(lo.t + (m + j) * a.r + q);
-      for (int i = 0; i < NR; ++i) {
-        const __m256 bv = load8(a.lora_b, a.wtype, (n + i) * ldb + lo.uniform + q);
-        for (int j = 0; j < MR; ++j) acc[i][j] = _mm256_fmadd_ps(bv, tv[j], acc[i][j]);
-      }
-    }
-  } else if (lo.off) {
+  if (lo.off) {
     // Every accumulator index is a constant once the loops unroll, so the accumulators
-    // are not turned into a stack array. Rows on one adapter share each B load; a
-    // base-only row (offset < 0) takes no term.
+    // are not turned into a stack array. Rows on one adapter (the usual tile) share each B
+    // load; a base-only row (offset < 0) takes no term.
     const float* t[MR];
     int64_t off[MR];
     bool same = true;
@@ -240,7 +229,7 @@ inline void block(const LinearArgs& a, const Shrunk& lo, int64_t n) {
 }
 
 void rows_avx2(const LinearArgs& a, const Shrunk& lo, int64_t n0, int64_t n1) {
-  wait_shrunk(lo);  // once a chunk: a tile checked it after its W rows, 0.1 us later
+  wait_shrunk(lo);  // once a chunk, not once a tile
   int64_t n = n0;
   for (; n + kNR <= n1; n += kNR) block<kNR>(a, lo, n);
   for (; n < n1; ++n) block<1>(a, lo, n);
@@ -367,7 +356,6 @@ void prepare(Part& p, const LinearArgs& a, int threads, Scratch& scratch) {
         p.left.store(p.shrink_chunks, std::memory_order_relaxed);
       }
       p.lo = Shrunk{p.t, p.off, &p.left};
-      if (p.as_weight && p.n_valve == a.M) p.lo.uniform = p.off[0];
     }
   }
   // Chunks of whole 4-row blocks, about 8 per thread, claimed by whichever thread is free

@@ -75,15 +75,23 @@ def _cache_kw(decoder) -> str:
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
-def latent_loss(model, prefix, suffix, labels, k: int):
-    """Loss of the suffix after ``k`` continuous thoughts (gradients flow through them)."""
+def thought_rollout(model, prefix, k: int):
+    """The prefix, then ``k`` continuous thoughts (each the last final-norm state fed back as
+    the next input), gradients flowing through them. Returns (the cache, the last position's
+    final-norm state ``[B, 1, H]``: the last thought's, or the prefix's at k = 0)."""
     dec, kw = model.model, _cache_kw(model.model)
     out = dec(input_ids=prefix, use_cache=True)
-    past, h = out[1], out.last_hidden_state[:, -1:]  # [B, 1, H], final-normed; out[1]: the cache
+    past, h = out[1], out.last_hidden_state[:, -1:]  # out[1]: the cache
     for _ in range(k):
         out = dec(inputs_embeds=h, use_cache=True, **{kw: past})
         past, h = out[1], out.last_hidden_state[:, -1:]
-    out = dec(input_ids=suffix, use_cache=True, **{kw: past})
+    return past, h
+
+
+def latent_loss(model, prefix, suffix, labels, k: int):
+    """Loss of the suffix after ``k`` continuous thoughts (gradients flow through them)."""
+    past, _ = thought_rollout(model, prefix, k)
+    out = model.model(input_ids=suffix, use_cache=True, **{_cache_kw(model.model): past})
     logits = model.lm_head(out.last_hidden_state)  # [B, S, V]
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from . import hops
-from .coconut import coconut_state_dict
+from .coconut import _cache_kw, coconut_state_dict, thought_rollout
 from .optim import optimizer
 
 FULL = {"hidden": 128, "layers": 4, "heads": 4, "inter": 384, "batch": 32, "lr": 3e-3,
@@ -169,13 +169,8 @@ def thought_loss(model, prefix, suffix, k: int):
     thoughts (the final-norm state fed back), gradients through the thoughts; no end token:
     the last thought's (or, at k = 0, the prompt's last) final-norm state predicts
     ``suffix[:, 0]``."""
-    dec, kw = model.model, _cache_kw(model.model)
-    out = dec(input_ids=prefix, use_cache=True)
-    past, h = out[1], out.last_hidden_state[:, -1:]  # [B, 1, H]
-    for _ in range(k):
-        out = dec(inputs_embeds=h, use_cache=True, **{kw: past})
-        past, h = out[1], out.last_hidden_state[:, -1:]
-    out = dec(input_ids=suffix[:, :-1], use_cache=True, **{kw: past})
+    past, h = thought_rollout(model, prefix, k)  # h: [B, 1, H]
+    out = model.model(input_ids=suffix[:, :-1], use_cache=True, **{_cache_kw(model.model): past})
     logits = model.lm_head(torch.cat([h, out.last_hidden_state], 1))  # [B, S, V]
     return F.cross_entropy(logits.flatten(0, 1).float(), suffix.flatten())
 
@@ -281,12 +276,6 @@ def teacher_states(base, tok, probs, layer: int, at: str = "node") -> torch.Tens
         tap.close()
     pos = torch.tensor([target_positions(tok, p, at) for p in probs])  # [B, k]
     return hs.gather(1, pos[..., None].expand(-1, -1, hs.shape[-1]))
-
-
-def _cache_kw(decoder) -> str:
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 def contemplate_rollout(model, prompt_ids, k: int, layer: int):
