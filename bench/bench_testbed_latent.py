@@ -164,8 +164,9 @@ def main(argv=None) -> dict:
     model = (f"Llama {cfg['layers']}x{cfg['hidden']} ({lg['base']['params'] / 1e6:.2f}M params), base "
              f"{cfg['base_steps']} steps x {cfg['batch']} ({statistics.fmean(cpu('base')):.0f} CPU-s); Coconut c={cfg['c']}, "
              f"stages 0-{hops.MAX_HOPS} x {cfg['stage_steps']} steps (last {cfg['final_stage_steps']}) "
-             f"({statistics.fmean(cpu('coconut')):.0f} CPU-s); CCoT layer {cfg['feedback']}, LoRA r={cfg['lora_r']}, "
-             f"{cfg['ccot_steps']} + {cfg['answer_steps']} steps ({statistics.fmean(cpu('ccot')):.0f} CPU-s); "
+             f"({statistics.fmean(cpu('coconut')):.0f} CPU-s); CCoT {latent_eval.feedback_label(cfg['feedback'])} feedback, LoRA "
+             f"r={cfg['lora_r']}, curriculum stages 0-{hops.MAX_HOPS} x {cfg['ccot_stage_steps']} steps (last "
+             f"{cfg['ccot_final_steps']}) ({statistics.fmean(cpu('ccot')):.0f} CPU-s); "
              "CPU seconds: mean over seeds, one thread")
     meta = {"n": args.n, "seeds": args.seeds, "max_batch": args.max_batch, "model": model,
             "device": f"CPU ({platform.processor() or platform.machine()}, 1 thread)"}

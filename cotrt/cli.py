@@ -37,6 +37,8 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a random one)")
     p.add_argument("--think-budget", type=int, default=None, help="hard cap on thinking tokens")
+    p.add_argument("--think-budget-cut", choices=("token", "step"), default="token",
+                   help="where the hard cap ends thinking: at its last token, or at the last whole step within it")
     p.add_argument("--soft-budget", type=int, default=None, help="end thinking at the next step boundary past this")
     p.add_argument("--min-think", type=int, default=None, help="extend shorter thinking with 'Wait'")
     p.add_argument("--answer-budget", type=int, default=None, help="cap on answer tokens")
@@ -49,7 +51,7 @@ def _params(args):
 
     return Params(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), think_budget=args.think_budget,
-                  soft_budget=args.soft_budget, min_think=args.min_think, answer_budget=args.answer_budget,
+                  think_budget_cut=args.think_budget_cut, soft_budget=args.soft_budget, min_think=args.min_think, answer_budget=args.answer_budget,
                   max_steps=args.max_steps)
 
 

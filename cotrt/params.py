@@ -43,7 +43,11 @@ class Params:
 
     - ``think_budget``: hard cap. When reached, the end marker is forced (preceded by the
       think format's transition phrase, if it has one). The forced text is not counted
-      against the budget.
+      against the budget. ``think_budget_cut`` says where: ``"token"`` right after the
+      budget's last token; ``"step"`` at the end of the last whole step within the budget
+      (the tokens of the step still being written are taken back, ``stats["rolled_back"]``;
+      with no whole step yet, thinking closes empty), so the answer never follows a
+      half-written step.
     - ``soft_budget``: past it, thinking ends at the next step boundary; if none comes within
       ``soft_grace`` tokens the end is forced anyway.
     - ``min_think``: thinking shorter than this is extended: an end marker produced earlier
@@ -65,6 +69,7 @@ class Params:
     seed: int | None = None
     stop: tuple = ()
     think_budget: int | None = None
+    think_budget_cut: str = "token"
     soft_budget: int | None = None
     min_think: int | None = None
     answer_budget: int | None = None
@@ -108,6 +113,8 @@ class Params:
         _check_int("seed", self.seed, 0)
         for name in ("think_budget", "soft_budget", "min_think", "answer_budget", "max_steps"):
             _check_int(name, getattr(self, name), 0)
+        if self.think_budget_cut not in ("token", "step"):
+            raise ValueError(f"think_budget_cut must be 'token' or 'step', got {self.think_budget_cut!r}")
         _check_int("soft_grace", self.soft_grace, 0, allow_none=False)
         _check_int("max_waits", self.max_waits, 0, allow_none=False)
         if self.seed is not None and self.seed >= 2**63:

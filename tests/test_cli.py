@@ -23,6 +23,16 @@ def test_generate_think_budget_forces_the_answer_cue(capsys):
     assert "Final answer:" in out and "think end think_budget" in err
 
 
+def test_think_budget_cut_reaches_the_params(capsys):
+    args = cli.build_parser().parse_args(["generate", "hi", "--think-budget", "32", "--think-budget-cut", "step"])
+    p = cli._params(args)
+    assert p.think_budget == 32 and p.think_budget_cut == "step"
+    assert cli._params(cli.build_parser().parse_args(["generate", "hi"])).think_budget_cut == "token"
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["generate", "hi", "--think-budget-cut", "line"])
+    assert "think-budget-cut" in capsys.readouterr().err
+
+
 def test_generate_rejects_bad_arguments(capsys):
     assert cli.main(["generate", "hi", "--think-budget", "-3"]) == 2
     assert "think_budget" in capsys.readouterr().err

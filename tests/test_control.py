@@ -72,6 +72,56 @@ def test_hard_budget_forces_the_end_marker(think_tokenizer, budget):
     assert row.stats()["think_tokens"] == budget and row.stats()["forced_tokens"] == 1  # the marker apart
 
 
+def test_step_cut_budget_takes_back_the_unfinished_step(think_tokenizer):
+    """``think_budget_cut="step"``: at the budget, the tokens after the last step boundary
+    are taken back and the end marker follows the last whole step."""
+    tok = think_tokenizer
+    nl = tok.encode("\n", add_special_tokens=False)
+    end_id = tok.convert_tokens_to_ids("</think>")
+    row = make_row(tok, "Q: hi\nA: <think>\n", Params(think_budget=12, think_budget_cut="step", step_cues=("\n",)))
+    whole = filler(tok, 3) + nl + filler(tok, 4) + nl  # two whole steps, 9 tokens
+    feed(row, whole + filler(tok, 2))
+    assert not row.forced and row.steps == 2
+    feed(row, filler(tok, 1))  # the 12th think token: the budget
+    assert row.gen == whole and row.rolled_back == 3 and row.think_sampled == 9
+    assert drain(row) == [end_id]
+    assert row.phase == ANSWER and row.think_end == "think_budget"
+    st = row.stats()
+    assert st["think_tokens"] == 9 and st["rolled_back"] == 3 and st["forced_tokens"] == 1
+
+
+@pytest.mark.parametrize("where", ["boundary", "no step yet"])
+def test_step_cut_budget_at_a_boundary_or_before_any(think_tokenizer, where):
+    """A budget reached on the boundary itself takes nothing back; one reached before any
+    boundary closes thinking empty (the prompt opened it)."""
+    tok = think_tokenizer
+    nl = tok.encode("\n", add_special_tokens=False)
+    end_id = tok.convert_tokens_to_ids("</think>")
+    row = make_row(tok, "A: <think>", Params(think_budget=6, think_budget_cut="step", step_cues=("\n",)))
+    toks = filler(tok, 5) + nl if where == "boundary" else filler(tok, 6)
+    feed(row, toks)
+    assert row.gen == (toks if where == "boundary" else [])
+    assert drain(row) == [end_id] and row.think_end == "think_budget"
+    assert row.rolled_back == (0 if where == "boundary" else 6)
+
+
+def test_step_cut_budget_counts_from_where_the_model_opens_thinking(think_tokenizer):
+    """Thinking the model opens itself starts after its start marker: an unfinished
+    first step goes, the text before the marker stays."""
+    tok = think_tokenizer
+    row = make_row(tok, "Q: hi\nA:", Params(think_budget=4, think_budget_cut="step", step_cues=("\n",)))
+    pre = filler(tok, 2) + tok.encode("<think>", add_special_tokens=False)
+    feed(row, pre + filler(tok, 3))  # the model's own start marker is a think token
+    assert row.gen == pre and row.rolled_back == 3
+    drain(row)
+    assert tok.decode(row.gen).endswith("<think></think>") and row.phase == ANSWER
+
+
+def test_think_budget_cut_is_checked():
+    with pytest.raises(ValueError, match="think_budget_cut"):
+        Params(think_budget=4, think_budget_cut="line")
+
+
 def test_transition_phrase_precedes_the_marker(think_tokenizer):
     tok = think_tokenizer
     fmt = ThinkFormat("<think>", "</think>", transition="\nTime is up.\n")

@@ -1,6 +1,8 @@
 """The engine: continuous batching, seeded sampling, streaming, errors, budgets end to end."""
 from __future__ import annotations
 
+import bisect
+import itertools
 import random
 
 import pytest
@@ -181,6 +183,52 @@ def test_think_budget_end_to_end(think_rt, think_tokenizer, budget):
         assert o.stats["think_tokens"] == budget and o.stats["forced_tokens"] == 1
         assert o.stats["answer_tokens"] == 40 - budget - 1
         assert "</think>" not in o.answer and o.reasoning == tok.decode(o.token_ids[:budget]).strip()
+
+
+@pytest.mark.parametrize("budget", [2, 14])
+def test_step_cut_budget_end_to_end_matches_a_naive_rerun(think_tokenizer, budget):
+    """``think_budget_cut="step"`` through the engine: the kept thinking is the greedy
+    chain up to its last boundary within the budget, the tokens after it are rolled back
+    in the cache, and the answer equals HF generate rerun from the kept text plus the end
+    marker (a stale cache position would change it). A neighbour in the batch without the
+    cut is unaffected."""
+    from cotrt.control.automaton import token_bytes
+
+    from _parity import assert_greedy_match, hf_greedy
+
+    tok = think_tokenizer
+    end_id = tok.convert_tokens_to_ids("</think>")
+    model = tiny_model("qwen3", len(tok), seed=11)
+    rt = cotrt.wrap(model, tok, max_batch=4, max_len=256)
+    prompt = _think_prompt(tok)
+    free = rt.generate([prompt], cotrt.Params(max_new_tokens=40, ignore_eos=True, logit_bias={end_id: -100.0}))[0]
+    chain = free.token_ids
+    # A cue the greedy chain writes early (the text of its 3rd token). A boundary is every
+    # token that completes an occurrence of the cue's bytes; the cut keeps the chain up to
+    # the last boundary within the budget.
+    vb = token_bytes(tok)
+    cue = vb[chain[2]]
+    assert cue.strip(), cue
+    data = b"".join(vb[t] for t in chain[:budget])
+    tok_end = list(itertools.accumulate(len(vb[t]) for t in chain[:budget]))
+    keep = max((bisect.bisect_left(tok_end, j + len(cue)) + 1 for j in range(len(data)) if data.startswith(cue, j)),
+               default=0)
+    assert 0 <= keep <= budget
+    n_answer = 10
+    params = cotrt.Params(max_new_tokens=budget + 1 + n_answer, think_budget=budget, think_budget_cut="step",
+                          step_cues=(cue.decode("utf-8"),), ignore_eos=True)
+    plain = cotrt.Params(max_new_tokens=budget + 1 + n_answer, think_budget=budget, ignore_eos=True)
+    cut, neighbour = rt.generate([prompt, prompt], [params, plain])
+    assert cut.stats["think_end"] == "think_budget"
+    assert cut.token_ids[:keep] == chain[:keep] and cut.token_ids[keep] == end_id, (cut.token_ids, keep)
+    assert cut.stats["think_tokens"] == keep and cut.stats["rolled_back"] == budget - keep
+    answer = cut.token_ids[keep + 1:]
+    assert len(answer) == n_answer + budget - keep
+    ref = hf_greedy(model, prompt + chain[:keep] + [end_id], len(answer))
+    assert_greedy_match(model, prompt + chain[:keep] + [end_id], answer, ref, f"step cut at {budget}")
+    # The neighbour cut at the budget's token, as without the option.
+    assert neighbour.token_ids[:budget] == chain[:budget] and neighbour.token_ids[budget] == end_id
+    assert neighbour.stats["rolled_back"] == 0
 
 
 def test_min_think_extends_with_wait(think_rt, think_tokenizer):

@@ -128,13 +128,15 @@ def _peft_valves(model, tmp_path):
     return paths
 
 
-@pytest.mark.parametrize("fire_at,cap", [(3, 6), (9, 4), (1, 6)], ids=["end-head", "cap", "end-head-at-once"])
-def test_ccot_matches_naive(latent_tok, tmp_path, fire_at, cap):
+@pytest.mark.parametrize("fire_at,cap,layer", [(3, 6, 0), (9, 4, 0), (1, 6, 0), (3, 6, "final_norm")],
+                         ids=["end-head", "cap", "end-head-at-once", "final-norm-feedback"])
+def test_ccot_matches_naive(latent_tok, tmp_path, fire_at, cap, layer):
+    """CCoT: the residual after layer 0 of 2 (l = L/2) fed back, or the final-norm state
+    (as the latent testbed's CCoT does), under the contemplation valve; the END head decides."""
     pytest.importorskip("peft")
     tok = latent_tok
     base = _model("llama", tok, seed=61)
     begin, end, lat = tok.convert_tokens_to_ids(LATENT_TOKENS)
-    layer = 0  # the residual after layer 0 of 2 (l = L/2)
     model = copy.deepcopy(base)
     rt = cotrt.wrap(model, tok, max_batch=3, max_len=128)
     for name, path in _peft_valves(base, tmp_path):
@@ -152,7 +154,8 @@ def test_ccot_matches_naive(latent_tok, tmp_path, fire_at, cap):
     steps = min(fire_at - 1, cap)
     assert out.stats["latent_steps"] == steps
     ref_head = ScriptedHead(model.config.hidden_size, fire_at)
-    ref, fed = coconut_naive(model, p, None, begin, end, n, layer=layer, end_head=lambda s: ref_head(s)[0, 0],
+    ref, fed = coconut_naive(model, p, None, begin, end, n, layer=None if layer == "final_norm" else layer,
+                             end_head=lambda s: ref_head(s)[0, 0],
                              cap=cap, valves=rt.valves)
     assert len(fed) == steps
     assert out.token_ids[:steps] == [lat] * steps and out.token_ids[steps] == end

@@ -343,11 +343,22 @@ def test_bundle_needs_a_model(ccot, smol_tokenizer):
         load_ccot_bundle(ccot["tmp"])
 
 
+def test_bundle_with_final_norm_feedback(ccot, smol_tokenizer, tmp_path):
+    """``feedback_layer="final_norm"``: the final norm's output is fed back (the latent
+    testbed's CCoT); it round-trips into ``Latent.feedback``."""
+    path = save_ccot_bundle(tmp_path / "fn", contemplate=ccot["path"] / "valves" / "contemplate",
+                            answer=ccot["path"] / "valves" / "answer", end_head=nn.Linear(H, 1),
+                            feedback_layer="final_norm", max_steps=4, base=None)
+    assert json.loads((path / "cotrt_bundle.json").read_text())["feedback_layer"] == "final_norm"
+    _, _, latent = load_ccot_bundle(path, model=copy.deepcopy(ccot["base"]), tokenizer=copy.deepcopy(smol_tokenizer))
+    assert latent.feedback == "final_norm" and latent.max_steps == 4
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(end_head=nn.Linear(H, 3)), r"weight must be \[1, H\] .* got \[3, 64\]"),
     (dict(end_head="head"), "end_head must be an nn.Linear"),
     (dict(projection={"weight": torch.zeros(H, H), "scale": torch.ones(1)}), "projection: unexpected keys"),
-    (dict(feedback_layer="1"), "feedback_layer must be an int"),
+    (dict(feedback_layer="1"), "feedback_layer must be an int .* or 'final_norm'"),
     (dict(max_steps=-2), "max_steps: must be an int >= 1"),
     (dict(tokens={"start": "<s>"}), "tokens must be a dict with keys among"),
     (dict(contemplate="/nonexistent"), "contemplate: '/nonexistent' is neither a PEFT model"),

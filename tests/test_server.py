@@ -214,6 +214,7 @@ def test_bad_requests_get_400_naming_the_field_while_others_run(plain):
         ({**base, "cotrt": {"think_budget": -1}}, "think_budget"),
         ({**base, "thinking_budget": -5}, "thinking_budget"),
         ({**base, "cotrt": {"soft_budget": -2}}, "soft_budget"),
+        ({**base, "cotrt": {"think_budget": 8, "think_budget_cut": "line"}}, "think_budget_cut"),
         ({**base, "cotrt": {"bogus": 1}}, "bogus"),
         ({**base, "cotrt": {"valve": {"no_such_adapter": 0.5}}}, ("valve", "no_such_adapter")),
         ({**base, "cotrt": {"exit": {"name": "no_such_policy"}}}, ("exit", "no_such_policy")),

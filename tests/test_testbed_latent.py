@@ -93,7 +93,9 @@ def test_quick_training_is_deterministic(quick, tmp_path):
     assert (out / "base" / "model.safetensors").is_file()
     assert sorted(p.name for p in (out / "coconut").iterdir()) == [f"stage_{s}.pt" for s in range(hops.MAX_HOPS + 1)]
     assert (out / "ccot" / "cotrt_bundle.json").is_file()
-    assert log["base"]["cpu_seconds"] > 0 and set(log["coconut"]["cpu_seconds"]) == set(range(hops.MAX_HOPS + 1))
+    stages = set(range(hops.MAX_HOPS + 1))
+    assert log["base"]["cpu_seconds"] > 0 and set(log["coconut"]["cpu_seconds"]) == stages
+    assert set(log["ccot"]["cpu_seconds"]) == stages and log["ccot"]["feedback"] == "final_norm"
     again = tmp_path / "again"
     latent_train.main(["--out", str(again), "--seed", "3", "--quick"])
     a, b = _state(out / "base" / "model.safetensors"), _state(again / "base" / "model.safetensors")
@@ -193,7 +195,7 @@ def test_ccot_bundle_through_cotrt_matches_naive(quick):
 
     out, _ = quick
     model, tok, latent = load_ccot_bundle(out / "ccot")
-    assert latent.feedback == 0 and latent.max_steps == 2 * hops.MAX_HOPS
+    assert latent.feedback == "final_norm" and latent.max_steps == 2 * hops.MAX_HOPS
     rt = cotrt.wrap(model, tok, max_batch=4)
     probs = hops.validation(3, 3)
     n = 4
@@ -201,7 +203,7 @@ def test_ccot_bundle_through_cotrt_matches_naive(quick):
     end_id = tok.convert_tokens_to_ids(hops.END)
     for p, o in zip(probs, outs):
         ids = tok.encode(p.prompt, add_special_tokens=False)
-        ref, fed = _naive(model, ids, layer=latent.feedback, end_head=latent.end_head, cap=latent.max_steps,
+        ref, fed = _naive(model, ids, layer=None, end_head=latent.end_head, cap=latent.max_steps,
                           end_id=end_id, n_answer=n, valves=rt.valves)
         steps = len(fed)
         assert o.stats["latent_steps"] == steps
@@ -209,3 +211,14 @@ def test_ccot_bundle_through_cotrt_matches_naive(quick):
         assert o.token_ids[steps + 1:] == ref
         for a, b in zip(o.latent_states, fed):
             torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_ccot_feedback_setting():
+    from cotrt.testbed.latent_train import _feedback
+
+    assert _feedback("final_norm", 4) == "final_norm"
+    assert _feedback("2", 4) == 2 and _feedback("-1", 4) == 3
+    with pytest.raises(ValueError, match="out of range"):
+        _feedback("4", 4)
+    with pytest.raises(ValueError, match="feedback must be"):
+        _feedback("last", 4)

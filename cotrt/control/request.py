@@ -127,6 +127,7 @@ class Request:
     waits: int = 0
     rolled_back: int = 0
     soft_passed_at: int | None = None
+    step_end: int = 0  # generated tokens up to the last step boundary while thinking (or thinking's start)
     think_sampled: int = 0
     finish_after_forced: bool = False
     last_cue: str | None = None
@@ -225,6 +226,7 @@ class Request:
         phase = self.phase
         if opens_thinking(phase, emit, pats.start_bit):
             phase = self.phase = THINK
+            self.step_end = len(self.gen)
         # The forced end-latent token closes the latent phase: neither think nor answer.
         self._push_phase(LATENT if len(self.gen) <= self.uncounted else ANSWER if phase == PRE else phase)
         if phase == THINK and not forced:
@@ -244,6 +246,7 @@ class Request:
         elif phase == THINK:
             if emit & pats.cue_bits:
                 self.steps += 1
+                self.step_end = len(self.gen)
                 self.last_cue = pats.patterns[(emit & pats.cue_bits).bit_length() - 1].decode("utf-8", "replace")
             self._check_think_limits(emit)
         if forced and self.finish_after_forced and not self.forced:
@@ -270,6 +273,8 @@ class Request:
         if p.max_steps is not None and self.steps >= p.max_steps and (at_boundary or p.max_steps == 0):
             return self._force_end("max_steps")
         if p.think_budget is not None and self.think_sampled >= p.think_budget:
+            if p.think_budget_cut == "step":
+                self.truncate(self.step_end)  # the unfinished step goes
             return self._force_end("think_budget")
         if p.soft_budget is not None and self.think_sampled >= p.soft_budget:
             if self.soft_passed_at is None:
@@ -343,6 +348,7 @@ class Request:
         self._push_phase(LATENT)
         self.uncounted += 1
         self.latent_steps += 1
+        self.step_end = len(self.gen)  # a latent step is whole: a step-cut budget keeps it
         if self.seq_len >= self.max_len:
             return self.finish("max_len", "length")
 
@@ -380,6 +386,7 @@ class Request:
         if self.latent is not None:
             self.latent.forget_from(len(self.prompt) + n)
         self.rolled_back += k
+        self.step_end = min(self.step_end, n)
         for lst in (self.gen, self.gen_phase, self.gen_forced, self.states, self.byte_ends):
             del lst[n:]
         self.think_sampled = sum(1 for ph, f in zip(self.gen_phase, self.gen_forced) if ph == THINK and not f)

@@ -50,7 +50,7 @@ def _linear_tensors(obj, what: str, n_out=None) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in (("weight", w), ("bias", b)) if v is not None}
 
 
-def save_ccot_bundle(path, *, contemplate, answer, end_head, feedback_layer: int, max_steps: int,
+def save_ccot_bundle(path, *, contemplate, answer, end_head, feedback_layer: int | str, max_steps: int,
                      projection=None, base: str | None = "default", tokens: Mapping | None = None,
                      insert_begin: bool = False, name: str | None = None, overwrite: bool = False) -> Path:
     """Write a CCoT bundle directory (format ``cotrt-ccot/1``, see README.md, "CCoT bundles").
@@ -59,7 +59,8 @@ def save_ccot_bundle(path, *, contemplate, answer, end_head, feedback_layer: int
         contemplate, answer: the two LoRA valves: PEFT adapter folders (copied) or PEFT
             models (``save_pretrained`` into the bundle).
         end_head: nn.Linear(H, 1 or 2), or its weight tensor, or {"weight", "bias"}.
-        feedback_layer: the decoder layer whose residual is fed back.
+        feedback_layer: the decoder layer whose residual is fed back, or ``"final_norm"``
+            (the final norm's output, the state the LM head reads).
         max_steps: the cap on contemplation steps.
         projection: None, nn.Linear, a weight tensor [E, H] or {"weight", "bias"}.
         base: the base model ("default", a path, or None: the loader must be given one).
@@ -153,8 +154,9 @@ def _check_manifest(m, root: Path) -> None:
         fail(f"name must be a non-empty string, got {m['name']!r}")
     if m.get("base") is not None and not isinstance(m["base"], str):
         fail(f"base must be a string or null, got {m['base']!r}")
-    if isinstance(m["feedback_layer"], bool) or not isinstance(m["feedback_layer"], int):
-        fail(f"feedback_layer must be an int (a decoder layer index), got {m['feedback_layer']!r}")
+    fb = m["feedback_layer"]
+    if fb != "final_norm" and (isinstance(fb, bool) or not isinstance(fb, int)):
+        fail(f"feedback_layer must be an int (a decoder layer index) or 'final_norm', got {fb!r}")
     try:
         _check_tokens(m.get("tokens") or {})
     except ValueError as e:

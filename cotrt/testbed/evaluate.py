@@ -150,6 +150,12 @@ def settings(budgets=BUDGETS, alphas=ALPHAS, exits=None) -> list[Setting]:
     # half-written "b=a*4=3*"); the think tokens then exceed b by the rest of that line.
     out += [Setting(f"soft_budget + answer_budget {ANSWER_BUDGET}", str(b),
                     _P(soft_budget=b, step_cues=("\n",), answer_budget=ANSWER_BUDGET)) for b in budgets]
+    # The hard cap cut back to the last line's end (``think_budget_cut="step"``): never more
+    # than b think tokens kept, never a half-written line; the unfinished line's tokens
+    # are decoded, then rolled back (counted with the probe tokens).
+    out += [Setting(f"think_budget cut at line end + answer_budget {ANSWER_BUDGET}", str(b),
+                    _P(think_budget=b, think_budget_cut="step", step_cues=("\n",), answer_budget=ANSWER_BUDGET))
+            for b in budgets]
     out += exits if exits is not None else [deer(), dynasor(16, 4), eat(4, 0.03, 0.5, 16)]
     out += [Setting("valve", f"alpha {a:.2g}", _P(valve={"short": a}), needs_valve=True) for a in alphas]
     return out
@@ -176,7 +182,8 @@ def run_setting(rt, problems, s: Setting) -> dict:
     # on, and it does not always stop) is graded on that line, not on what follows.
     correct = sum(parse_answer(_first_answer(o.answer)) == p.answer for o, p in zip(outs, problems))
     think = [o.stats.get("think_tokens", 0) for o in outs]
-    probe = [o.stats.get("probe_tokens", 0) for o in outs]
+    # Decoded, then rolled back: exit-policy probes, and a step-cut budget's unfinished step.
+    probe = [o.stats.get("probe_tokens", 0) + o.stats.get("rolled_back", 0) for o in outs]
     latent = [o.stats.get("latent_steps", 0) for o in outs]
     answer = [o.stats.get("answer_tokens", 0) for o in outs]
     return {"control": s.control, "setting": s.setting, "n": n, "accuracy": correct / n,
@@ -302,7 +309,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
          "SE is the binomial standard error of the mean accuracy on the split, sqrt(p(1-p)/n). "
          "Think tokens: tokens of the think phase per problem (the end marker included); saved: "
          "against plain decoding; answer tokens: after the end marker; probe "
-         "tokens: decoded by exit-policy probes, then rolled back."),
+         "tokens: decoded, then rolled back (exit-policy probes; the unfinished line a budget cut "
+         "at line end takes back)."),
         "",
         "| control | setting | accuracy | per seed | SE | think tokens | saved | answer tokens | probe tokens "
         "| latent steps | wall s |",

@@ -59,7 +59,7 @@ wrong in most rows. The layout above (1200 steps), with ``<|end-latent|>``: stag
 0.695/0.670/1.000/1.000/0.980 (seeds 1 and 2: 0.735/0.180/0.040/0.070/0.060 and
 0.385/0.080/0.055/0.075/0.065); with no end token: CoT 1.000, no-CoT 0.045, Coconut stages 1-5 0.575/1.000/0.640/1.000/0.935 at
 23.7% of CoT's positions (seeds 1 and 2, stage 5: 0.975, 0.930; CoT 0.975, 1.000; no-CoT
-0.070, 0.085). CCoT stayed at chance on it (latent_train.train_ccot).
+0.070, 0.085). CCoT, trained by a curriculum of its own (latent_train.train_ccot), learns it too.
 
 Problems come from a seeded ``random.Random``; the held-out test and validation splits are
 drawn from their own streams and excluded from training.

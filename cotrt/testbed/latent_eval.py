@@ -12,7 +12,8 @@ validation split) greedily through ``cotrt.wrap``:
   question with its own k = c * min(s, hops) latent steps (``Latent(steps=k)``, final-norm
   feedback, no begin or end token: latent_train.coconut_latent);
 - CCoT: the bundle loaded with ``cotrt.loaders.load_ccot_bundle``; the END head decides
-  when contemplation stops (layer-l feedback, contemplation LoRA during, answer LoRA after).
+  when contemplation stops (the bundle's feedback, contemplation LoRA during, answer LoRA
+  after).
 
 A row is correct when the node after the first "Answer:" following thinking is the answer.
 Reported: accuracy, think tokens (``stats["think_tokens"]``: tokens the model chose while
@@ -68,6 +69,11 @@ def _run(rt, prompts, params, problems, control, setting, log) -> dict:
     return r
 
 
+def feedback_label(feedback) -> str:
+    """"final-norm" or "layer l": what a CCoT row's contemplation feeds back."""
+    return "final-norm" if feedback == "final_norm" else f"layer {feedback}"
+
+
 def _load_base(models: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -106,7 +112,7 @@ def evaluate(models: Path, problems, max_batch: int = 64, stages=None, log=True)
         model, tok, latent = load_ccot_bundle(models / "ccot")
         rt = cotrt.wrap(model.eval(), tok, max_batch=max_batch)
         rows.append(_run(rt, [p.prompt for p in problems], cotrt.Params(max_new_tokens=MAX_NEW, latent=latent),
-                         problems, "CCoT", f"END head, layer {latent.feedback}", log))
+                         problems, "CCoT", f"END head, {feedback_label(latent.feedback)} feedback", log))
     return rows
 
 
