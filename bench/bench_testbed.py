@@ -41,7 +41,7 @@ def ensure_trained(path: Path, seed: int, retrain: bool, coconut: bool) -> None:
 def run_cached(path: Path, name: str, todo, split: str, n: int, reeval: bool, latent: bool = False) -> list[dict]:
     """``evaluate.evaluate`` of ``todo`` on one seed's models, cached in ``path/name`` by
     (control, setting): rows cached on the same split and size are reused and only the
-    settings missing are run (a new exit choice re-runs three settings, not all 25)."""
+    settings missing are run (a new exit choice re-runs three settings, not all of them)."""
     cache = path / name
     have = {}
     if cache.exists() and not reeval:
