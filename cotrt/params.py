@@ -47,7 +47,7 @@ class Params:
       budget's last token; ``"step"`` at the end of the last whole step within the budget
       (the tokens of the step still being written are taken back, ``stats["rolled_back"]``;
       with no whole step yet, thinking closes empty), so the answer never follows a
-      half-written step.
+      half-written step. Streaming then holds each step back until it is whole.
     - ``soft_budget``: past it, thinking ends at the next step boundary; if none comes within
       ``soft_grace`` tokens the end is forced anyway.
     - ``min_think``: thinking shorter than this is extended: an end marker produced earlier

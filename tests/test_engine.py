@@ -226,6 +226,17 @@ def test_step_cut_budget_end_to_end_matches_a_naive_rerun(think_tokenizer, budge
     assert len(answer) == n_answer + budget - keep
     ref = hf_greedy(model, prompt + chain[:keep] + [end_id], len(answer))
     assert_greedy_match(model, prompt + chain[:keep] + [end_id], answer, ref, f"step cut at {budget}")
+    # Streamed, the step the cut takes back is never shown: the events add up to the output.
+    eng = rt.engine
+    rid = eng.add(prompt, params)
+    toks, text, final = [], "", None
+    while eng.has_unfinished():
+        for ev in eng.step():
+            toks += ev.token_ids
+            text += ev.text
+            assert toks == cut.token_ids[:len(toks)], (toks, cut.token_ids)
+            final = ev.output if ev.finished else final
+    assert final.token_ids == cut.token_ids and toks == cut.token_ids and text == final.text
     # The neighbour cut at the budget's token, as without the option.
     assert neighbour.token_ids[:budget] == chain[:budget] and neighbour.token_ids[budget] == end_id
     assert neighbour.stats["rolled_back"] == 0

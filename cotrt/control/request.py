@@ -184,15 +184,19 @@ class Request:
 
     def holdback(self) -> int:
         """Tokens at the end of ``gen`` not safe to stream yet: they hold the start of a
-        marker, cue or stop string still being matched, or an incomplete UTF-8 character."""
+        marker, cue or stop string still being matched, or an incomplete UTF-8 character;
+        under a step-cut think budget, the step being written (the budget may take it back)."""
         if self.finished:
             return 0
+        p = self.params
+        step = (len(self.gen) - self.step_end
+                if self.phase == THINK and p.think_budget is not None and p.think_budget_cut == "step" else 0)
         tail = max(int(self.pats.depth[self.state]), incomplete_utf8_tail(self.gen_bytes))
         if tail == 0:
-            return 0
+            return step
         first_byte = len(self.gen_bytes) - tail
         j = bisect.bisect_right(self.byte_ends, first_byte)
-        return len(self.gen) - j
+        return max(step, len(self.gen) - j)
 
     # -- the control logic -------------------------------------------------------------------
     def banned_tokens(self) -> list[int]:
