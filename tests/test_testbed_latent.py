@@ -222,3 +222,25 @@ def test_ccot_feedback_setting():
         _feedback("4", 4)
     with pytest.raises(ValueError, match="feedback must be"):
         _feedback("last", 4)
+
+
+def test_ccot_curriculum_suffix(quick):
+    """What the answer LoRA reads after k contemplation steps: the chain steps left (their
+    first token the node the last step predicts), then </think> and the answer; with every
+    hop contemplated it opens with </think> itself (forced by the runtime, not a target)."""
+    from transformers import AutoTokenizer
+
+    from cotrt.testbed.latent_train import ccot_suffix
+
+    out, _ = quick
+    tok = AutoTokenizer.from_pretrained(out / "base")
+    end_id = tok.convert_tokens_to_ids(hops.END)
+    p = next(q for q in hops.validation(3, 20) if q.hops == 4)
+    for k in range(p.hops + 1):
+        ids = ccot_suffix(tok, p, k, end_id)
+        assert ids[-1] == tok.eos_token_id and ids.count(end_id) == 1
+        if k < p.hops:
+            assert tok.convert_ids_to_tokens(ids[0]) == p.path[k + 1], (k, tok.decode(ids))
+        else:
+            assert ids[0] == end_id
+        assert tok.decode(ids[ids.index(end_id) + 1:-1]).strip() == f"Answer: {p.answer}"
