@@ -51,8 +51,8 @@ def _params(args):
 
     return Params(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), think_budget=args.think_budget,
-                  think_budget_cut=args.think_budget_cut, soft_budget=args.soft_budget, min_think=args.min_think, answer_budget=args.answer_budget,
-                  max_steps=args.max_steps)
+                  think_budget_cut=args.think_budget_cut, soft_budget=args.soft_budget, min_think=args.min_think,
+                  answer_budget=args.answer_budget, max_steps=args.max_steps)
 
 
 def _check_int(args, name: str, low: int, allow_none: bool = False) -> None:

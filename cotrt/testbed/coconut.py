@@ -75,17 +75,55 @@ def _cache_kw(decoder) -> str:
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
-def thought_rollout(model, prefix, k: int):
-    """The prefix, then ``k`` continuous thoughts (each the last final-norm state fed back as
-    the next input), gradients flowing through them. Returns (the cache, the last position's
-    final-norm state ``[B, 1, H]``: the last thought's, or the prefix's at k = 0)."""
-    dec, kw = model.model, _cache_kw(model.model)
-    out = dec(input_ids=prefix, use_cache=True)
-    past, h = out[1], out.last_hidden_state[:, -1:]  # out[1]: the cache
-    for _ in range(k):
-        out = dec(inputs_embeds=h, use_cache=True, **{kw: past})
-        past, h = out[1], out.last_hidden_state[:, -1:]
-    return past, h
+class _Tap:
+    """Records the output of decoder layer ``layer`` (the residual after it, before any final
+    norm: what the runtime feeds back for ``Latent(feedback=layer)``; transformers'
+    ``hidden_states[L]`` is the final-normed state instead, so the last layer needs the hook)."""
+
+    def __init__(self, dec, layer: int):
+        self.out = None
+        self._h = dec.layers[layer].register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.out = output[0] if isinstance(output, tuple) else output
+
+    def close(self) -> None:
+        self._h.remove()
+
+
+def thought_rollout(model, prefix, k: int, feedback="final_norm"):
+    """The prefix, then ``k`` continuous thoughts, each feeding a state of the last position
+    back as the next input: the final norm's output (Coconut's thought), or the residual
+    after decoder layer ``feedback`` (an int; CCoT's). Gradients flow through the thoughts;
+    ``model`` may be a PEFT model. Returns (the cache, the final-norm states ``[B, k + 1, H]``
+    after the prefix and after each thought)."""
+    dec = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+    kw = _cache_kw(dec)
+    tap = None if feedback == "final_norm" else _Tap(dec, feedback)
+    try:
+        out = dec(input_ids=prefix, use_cache=True)
+        past, finals = out[1], [out.last_hidden_state[:, -1]]  # out[1]: the cache
+        for _ in range(k):
+            x = out.last_hidden_state[:, -1:] if tap is None else tap.out[:, -1:]
+            out = dec(inputs_embeds=x, use_cache=True, **{kw: past})
+            past = out[1]
+            finals.append(out.last_hidden_state[:, -1])
+    finally:
+        if tap is not None:
+            tap.close()
+    return past, torch.stack(finals, 1)
+
+
+def next_token_loss(model, past, h, suffix):
+    """Cross-entropy of ``suffix`` ``[B, S]`` read after ``past``. ``h`` ``[B, 1, H]``: the
+    final-norm state of the cache's last position, which predicts ``suffix[:, 0]`` (no end
+    token after the thoughts); None: ``suffix[:, 0]`` is given (a forced token), the loss
+    starts after it."""
+    dec = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = dec.model(input_ids=suffix[:, :-1], use_cache=True, **{_cache_kw(dec.model): past})
+    states = out.last_hidden_state if h is None else torch.cat([h, out.last_hidden_state], 1)
+    target = suffix[:, 1:] if h is None else suffix
+    return F.cross_entropy(dec.lm_head(states).flatten(0, 1).float(), target.flatten())
 
 
 def latent_loss(model, prefix, suffix, labels, k: int):

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from . import hops
-from .coconut import _cache_kw, coconut_state_dict, thought_rollout
+from .coconut import coconut_state_dict, next_token_loss, thought_rollout
 from .optim import optimizer
 
 FULL = {"hidden": 128, "layers": 4, "heads": 4, "inter": 384, "batch": 32, "lr": 3e-3,
@@ -169,10 +169,8 @@ def thought_loss(model, prefix, suffix, k: int):
     thoughts (the final-norm state fed back), gradients through the thoughts; no end token:
     the last thought's (or, at k = 0, the prompt's last) final-norm state predicts
     ``suffix[:, 0]``."""
-    past, h = thought_rollout(model, prefix, k)  # h: [B, 1, H]
-    out = model.model(input_ids=suffix[:, :-1], use_cache=True, **{_cache_kw(model.model): past})
-    logits = model.lm_head(torch.cat([h, out.last_hidden_state], 1))  # [B, S, V]
-    return F.cross_entropy(logits.flatten(0, 1).float(), suffix.flatten())
+    past, finals = thought_rollout(model, prefix, k)
+    return next_token_loss(model, past, finals[:, -1:], suffix)
 
 
 def coconut_suffix(p: hops.HopProblem, k: int, c: int) -> str:
@@ -220,48 +218,6 @@ def train_coconut(out: Path, seed: int, cfg: dict, banned: set) -> dict:
 
 
 # ------------------------------------------------------------------------------------ CCoT
-
-class _Tap:
-    """Records the output of decoder layer ``layer`` (the residual after it, before any final
-    norm: what the runtime feeds back for ``Latent(feedback=layer)``; transformers'
-    ``hidden_states[L]`` is the final-normed state instead, so the last layer needs the hook)."""
-
-    def __init__(self, dec, layer: int):
-        self.out = None
-        self._h = dec.layers[layer].register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        self.out = output[0] if isinstance(output, tuple) else output
-
-    def close(self) -> None:
-        self._h.remove()
-
-
-def contemplate_rollout(model, prompt_ids, k: int, layer):
-    """Run the prompt, then ``k`` contemplation steps, each feeding a state of the last
-    position back as the next input: the residual after decoder layer ``layer`` (an int), or
-    the final norm's output (``layer="final_norm"``). Returns (fed states ``[B, k, H]``,
-    final-norm states ``[B, k + 1, H]`` after the prompt and after each step, the cache).
-    Differentiable: gradients reach every step through the fed states and the cache."""
-    dec = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
-    kw = _cache_kw(dec)
-    tap = None if layer == "final_norm" else _Tap(dec, layer)
-    state = (lambda out: out.last_hidden_state[:, -1:]) if tap is None else (lambda out: tap.out[:, -1:])
-    try:
-        out = dec(input_ids=prompt_ids, use_cache=True)
-        fed, finals = [], [out.last_hidden_state[:, -1]]
-        past = out[1]
-        for _ in range(k):
-            x = state(out)
-            fed.append(x[:, 0])
-            out = dec(inputs_embeds=x, use_cache=True, **{kw: past})
-            past = out[1]
-            finals.append(out.last_hidden_state[:, -1])
-    finally:
-        if tap is not None:
-            tap.close()
-    return (torch.stack(fed, 1) if fed else prompt_ids.new_zeros(0)), torch.stack(finals, 1), past
-
 
 def _lora(model, cfg: dict):
     from peft import LoraConfig, get_peft_model
@@ -328,7 +284,7 @@ def ccot_suffix(tok, p: hops.HopProblem, k: int, end_id: int) -> list[int]:
 
 def ccot_loss(peft, head, prompt, suffix, k: int, n_hops: int, layer):
     """One curriculum batch: the prompt and ``k`` contemplation steps under the contemplation
-    LoRA (the state ``layer`` names fed back, as the runtime does: contemplate_rollout), then
+    LoRA (the state ``layer`` names fed back, as the runtime does: coconut.thought_rollout), then
     ``suffix`` (ccot_suffix) under the answer LoRA reading their cache; the answer's loss
     backpropagates into every step. Before the last stage (``k`` < ``n_hops``) the last
     step's final-norm state also predicts the node that opens the first chain step left, through
@@ -337,17 +293,12 @@ def ccot_loss(peft, head, prompt, suffix, k: int, n_hops: int, layer):
     to fire after the last step (and not before); its loss reaches the contemplation LoRA
     too (as a probe on detached states it stayed at 0.45 and did not fire in time: seed 1,
     8.3 steps for 4.0 hops). Returns (token loss, END loss or None)."""
-    dec = peft.get_base_model()
     _activate(peft, "contemplate")
-    _, finals, past = contemplate_rollout(peft, prompt, k, layer)
+    past, finals = thought_rollout(peft, prompt, k, layer)
     _activate(peft, "answer")
-    out = dec.model(input_ids=suffix[:, :-1], use_cache=True, **{_cache_kw(dec.model): past})
     if k < n_hops:
-        logits = dec.lm_head(torch.cat([finals[:, -1:], out.last_hidden_state], 1))
-        tok_loss = F.cross_entropy(logits.flatten(0, 1), suffix.flatten())
-        return tok_loss, None
-    logits = dec.lm_head(out.last_hidden_state)
-    return F.cross_entropy(logits.flatten(0, 1), suffix[:, 1:].flatten()), _end_loss(head, finals)
+        return next_token_loss(peft, past, finals[:, -1:], suffix), None
+    return next_token_loss(peft, past, None, suffix), _end_loss(head, finals)  # </think> is given
 
 
 def train_ccot(out: Path, seed: int, cfg: dict, banned: set) -> dict:
