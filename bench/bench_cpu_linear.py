@@ -1,7 +1,7 @@
 """cpu_linear (the CPU decode-linear kernel) against the alternatives, in one run.
 
     python bench/bench_cpu_linear.py [--dtypes float32,bfloat16] [--rows 1,4,8] [--repeats 15] [--threads N]
-                                     [--sweep shapes,calls,model|both] [--model default]
+                                     [--sweep shapes,calls,step,model|both] [--model default]
 
 Providers, on SmolLM2-135M's weight shapes (N x K; the same x, W, bias for all):
   F.linear        torch's linear (MKL; at M=1 a GEMV that runs on one core here)
@@ -19,7 +19,11 @@ Providers, on SmolLM2-135M's weight shapes (N x K; the same x, W, bias for all):
 
 The calls section times the calls the native decoder layer makes (q/k/v as one pool job,
 o, gate/up as one job, down, and the LM head), kernel against kernel+valve with a valve on
-every linear of the call, inside C++ (``_cpu.linears_repeat``).
+every linear of the call, inside C++ (``_cpu.linears_repeat``): one call back to back, so
+its weights stay in L2/L3. The step section makes the same calls in a decode step's order
+(SmolLM2's 30 layers, each with its own weights, then the LM head; ``_cpu.linears_sequence``),
+so each call reads its weights from memory as in a real step: the valve's cost as a decode
+step pays it.
 
 The model sweep then runs every linear of the model once, in order, at M=1 (F.linear,
 cpu_linear, read): a batch-1 decode step's weight traffic, weights cold as in a real step.
@@ -161,6 +165,69 @@ def decoder_calls(args):
                       flush=True)
 
 
+LAYERS = 30  # SmolLM2-135M's
+
+
+def step_jobs(M, dtype, layers=LAYERS):
+    """A decode step's linears in the decoder's order and jobs (CALLS for each of ``layers``
+    layers, each layer its own weights, then the LM head), twice over the same weights:
+    without a valve and with one on every linear (r=16, one adapter, per-row alphas
+    0.5..1.7). Returns (base jobs, valve jobs, each job's call name, tensors to keep)."""
+    g = torch.Generator().manual_seed(0)
+    xs = {K: torch.randn(M, K, generator=g).to(dtype) for K in (576, 1536)}
+    alpha = torch.linspace(0.5, 1.7, M)
+    base, valve, names, keep = [], [], [], [alpha, *xs.values()]
+    groups = [g for _ in range(layers) for g in CALLS[:-1]] + [CALLS[-1]]
+    for name, group in groups:
+        jb, jv = [], []
+        for N, K in group:
+            w = (torch.randn(N, K, generator=g) * K**-0.5).to(dtype)
+            b = torch.randn(N, generator=g).to(dtype) if N != 49152 else None
+            a = (torch.randn(1, R, K, generator=g) * K**-0.5).to(dtype)
+            lb = (torch.randn(N, 1, R, generator=g) * R**-0.5).to(dtype).permute(1, 0, 2)
+            y0, xf0, args0 = _cl._kernel_args(xs[K], w, b, None, None, None, None, None, 0)
+            y1, xf1, args1 = _cl._kernel_args(xs[K], w, b, a, lb, alpha, None, None, 0)
+            jb.append(args0)
+            jv.append(args1)
+            keep += [w, b, a, lb, y0, xf0, y1, xf1]
+        base.append(jb)
+        valve.append(jv)
+        names.append(name)
+    return base, valve, names, keep
+
+
+def decode_order(args):
+    """The valve's cost on the decoder's calls made in a decode step's order: every layer's
+    own weights (SmolLM2's 30 layers, 430 MB fp32, then the LM head), so each call finds
+    its weights evicted since its last run (the L3 here is 32 MB), as in a decode step; the
+    calls section repeats one call back to back, which keeps its weights in L2/L3. Each
+    round runs the step once without and once with the valves (the order alternating), and
+    sums each call's time over the layers: kernel+valve / kernel per round."""
+    print(f"\nThe decoder's calls in a decode step's order, {LAYERS} layers' own weights (cold, as in a"
+          f" step), timed inside C++ (_cpu.linears_sequence), a valve (r={R}) on every linear")
+    print("| dtype | call | M | kernel us | kernel+valve us | kernel+valve / kernel |")
+    print("|---|---|---:|---:|---:|---:|")
+    for dt in args.dtypes.split(","):
+        dtype = getattr(torch, dt)
+        for M in map(int, args.rows.split(",")):
+            base, valve, names, keep = step_jobs(M, dtype)
+            runs = {"kernel": base, "kernel+valve": valve}
+            for jobs in runs.values():  # warm-up: the pool, page faults
+                _cl._cpu.linears_sequence(jobs, 1)
+            per = {k: [] for k in runs}
+            for i in range(args.repeats):
+                for k in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+                    per[k].append(_cl._cpu.linears_sequence(runs[k], 1))
+            for name in dict.fromkeys(names):
+                idx = [j for j, n in enumerate(names) if n == name]
+                tot = {k: [sum(r[j] for j in idx) / len(idx) for r in rs] for k, rs in per.items()}
+                (kb, _, _), (kv, _, _) = quantiles(tot["kernel"]), quantiles(tot["kernel+valve"])
+                m, lo, hi = quantiles([a / b for a, b in zip(tot["kernel+valve"], tot["kernel"])])
+                print(f"| {dt} | {name} | {M} | {kb * 1e6:.1f} | {kv * 1e6:.1f} | {m:.2f}x [{lo:.2f}, {hi:.2f}] |",
+                      flush=True)
+            del keep
+
+
 def model_sweep(args):
     """Every linear of the model once, in the model's order, M=1: a decode step's weight
     traffic with cold weights (540 MB for SmolLM2 fp32; the per-shape rows above reuse one
@@ -190,9 +257,10 @@ def model_sweep(args):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default", help="the model whose linears --sweep reads")
-    ap.add_argument("--sweep", default="shapes,calls,model",
+    ap.add_argument("--sweep", default="shapes,calls,step,model",
                     help="comma-separated sections: shapes (per weight shape), calls (the decoder "
-                         "layer's calls, valve cost), model (the whole-model sweep); 'both': shapes,model")
+                         "layer's calls, valve cost), step (those calls in a decode step's order, "
+                         "weights cold), model (the whole-model sweep); 'both': shapes,model")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--rows", default="1,4,8")
     ap.add_argument("--repeats", type=int, default=15)
@@ -203,13 +271,15 @@ def main():
     order = ["F.linear", "mkldnn", "cpu_linear", "valve", "kernel", "kernel+valve", "valve_lora", "read"]
     print(header(note=f"median [p20, p80] of {args.repeats} interleaved samples"))
     sweeps = {"both": {"shapes", "model"}}.get(args.sweep, set(args.sweep.split(",")))
-    if not sweeps or sweeps - {"shapes", "calls", "model"}:
-        ap.error(f"--sweep: sections are shapes, calls, model (or both), got {args.sweep!r}")
+    if not sweeps or sweeps - {"shapes", "calls", "step", "model"}:
+        ap.error(f"--sweep: sections are shapes, calls, step, model (or both), got {args.sweep!r}")
     if "shapes" in sweeps:
         shapes(args, order)
     with torch.inference_mode():
         if "calls" in sweeps:
             decoder_calls(args)
+        if "step" in sweeps:
+            decode_order(args)
         if "model" in sweeps:
             model_sweep(args)
 

@@ -5,7 +5,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "cpu_attention.h"
@@ -69,25 +71,55 @@ void linear(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t lora_a, uintptr_
                 s_adapter, w_bf16, adapter_i64, y_bf16, threads, 1);
 }
 
+// One linear() argument tuple (as cotrt.ops.cpu_linear._kernel_args makes it) as LinearArgs.
+cotrt::LinearArgs tuple_args(const py::tuple& t, const char* fn) {
+  if (t.size() != 21) throw std::invalid_argument(std::string(fn) + ": each call is linear()'s 21 arguments");
+  return linear_args(t[0].cast<uintptr_t>(), t[1].cast<uintptr_t>(), t[2].cast<uintptr_t>(), t[3].cast<uintptr_t>(),
+                     t[4].cast<uintptr_t>(), t[5].cast<uintptr_t>(), t[6].cast<uintptr_t>(), t[7].cast<uintptr_t>(),
+                     t[8].cast<int64_t>(), t[9].cast<int64_t>(), t[10].cast<int64_t>(), t[11].cast<int64_t>(),
+                     t[12].cast<int64_t>(), t[13].cast<int64_t>(), t[14].cast<int64_t>(), t[15].cast<int64_t>(),
+                     t[16].cast<int64_t>(), t[17].cast<bool>(), t[18].cast<bool>(), t[19].cast<bool>(),
+                     t[20].cast<int>());
+}
+
+// A pool job's linears (1 to 4 argument tuples) as LinearArgs, in `as`.
+void job_args(const std::vector<py::tuple>& calls, std::vector<cotrt::LinearArgs>& as, const char* fn) {
+  if (calls.empty() || calls.size() > 4) throw std::invalid_argument(std::string(fn) + ": 1 to 4 calls a job");
+  for (const py::tuple& t : calls) as.push_back(tuple_args(t, fn));
+}
+
 // Several linears as one pool job (cotrt::linears, as the decoder layer runs q/k/v and
 // gate/up), each given as linear()'s argument tuple; repeated back to back.
 void linears_repeat(const std::vector<py::tuple>& calls, int64_t repeats) {
-  if (calls.empty() || calls.size() > 4) throw std::invalid_argument("linears_repeat: 1 to 4 calls");
   std::vector<cotrt::LinearArgs> as;
-  for (const py::tuple& t : calls) {
-    if (t.size() != 21) throw std::invalid_argument("linears_repeat: each call is linear()'s 21 arguments");
-    as.push_back(linear_args(t[0].cast<uintptr_t>(), t[1].cast<uintptr_t>(), t[2].cast<uintptr_t>(),
-                             t[3].cast<uintptr_t>(), t[4].cast<uintptr_t>(), t[5].cast<uintptr_t>(),
-                             t[6].cast<uintptr_t>(), t[7].cast<uintptr_t>(), t[8].cast<int64_t>(),
-                             t[9].cast<int64_t>(), t[10].cast<int64_t>(), t[11].cast<int64_t>(),
-                             t[12].cast<int64_t>(), t[13].cast<int64_t>(), t[14].cast<int64_t>(),
-                             t[15].cast<int64_t>(), t[16].cast<int64_t>(), t[17].cast<bool>(), t[18].cast<bool>(),
-                             t[19].cast<bool>(), t[20].cast<int>()));
-  }
+  job_args(calls, as, "linears_repeat");
   std::vector<const cotrt::LinearArgs*> ps;
   for (const auto& a : as) ps.push_back(&a);
   py::gil_scoped_release nogil;
   for (int64_t i = 0; i < repeats; ++i) cotrt::linears(ps.data(), int(ps.size()));
+}
+
+// Jobs (each 1 to 4 linears, as linears_repeat's calls) run one after another, the whole
+// sequence `repeats` times; returns each job's seconds, summed over the repeats. A sequence
+// as long as a decode step's (every layer's weights once) finds each job's weights evicted
+// since its last run, as a decode step does; linears_repeat's back-to-back calls find them
+// in cache.
+std::vector<double> linears_sequence(const std::vector<std::vector<py::tuple>>& jobs, int64_t repeats) {
+  if (jobs.empty()) throw std::invalid_argument("linears_sequence: no jobs");
+  std::vector<std::vector<cotrt::LinearArgs>> as(jobs.size());
+  for (size_t j = 0; j < jobs.size(); ++j) job_args(jobs[j], as[j], "linears_sequence");
+  std::vector<std::vector<const cotrt::LinearArgs*>> ps(jobs.size());
+  for (size_t j = 0; j < jobs.size(); ++j)
+    for (const auto& a : as[j]) ps[j].push_back(&a);
+  std::vector<double> seconds(jobs.size(), 0.0);
+  py::gil_scoped_release nogil;
+  for (int64_t i = 0; i < repeats; ++i)
+    for (size_t j = 0; j < jobs.size(); ++j) {
+      const auto t0 = std::chrono::steady_clock::now();
+      cotrt::linears(ps[j].data(), int(ps[j].size()));
+      seconds[j] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+  return seconds;
 }
 
 void paged_decode_attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t block_tables,
@@ -209,6 +241,10 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("linears_repeat", &linears_repeat,
         "calls (a list of 1 to 4 linear() argument tuples), repeats: those linears as one pool "
         "job (as the decoder layer runs q/k/v and gate/up), that many times back to back");
+  m.def("linears_sequence", &linears_sequence,
+        "jobs (a list of linears_repeat call lists), repeats: the jobs one after another, the "
+        "sequence that many times; returns each job's seconds summed over the repeats (a "
+        "decode step's order: each job's weights evicted since its last run)");
   m.def("paged_decode_attention", &paged_decode_attention,
         "one query per row over a paged KV cache; arguments: pointers, sizes, strides, "
         "scale, softcap (<= 0: none), window (<= 0: none), flags, threads");

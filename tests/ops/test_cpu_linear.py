@@ -376,3 +376,28 @@ def test_linears_repeat_is_one_job_of_the_same_calls():
         cl._cpu.linears_repeat([], 1)
     with pytest.raises(ValueError, match="21 arguments"):
         cl._cpu.linears_repeat([(1, 2)], 1)
+
+
+def test_linears_sequence_runs_each_job_and_times_it():
+    """_cpu.linears_sequence (the bench's decode-order rows) runs its jobs in order, each as
+    linears_repeat would: every output is its own linear() call's; one time per job, > 0;
+    0 repeats write nothing; bad jobs are refused by name."""
+    from cotrt.ops import cpu_linear as cl
+
+    cs = [make(2, 64, n, seed=n, bias=True, lora=(1, 16)) for n in (20, 8, 12)]
+    want = [cpu_linear(**c) for c in cs]
+    outs = [cl._kernel_args(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["alpha"],
+                            c["adapter_idx"], torch.full((2, c["weight"].shape[0]), 7.0), 0) for c in cs]
+    jobs = [[outs[0][2], outs[1][2]], [outs[2][2]]]
+    assert cl._cpu.linears_sequence(jobs, 0) == [0.0, 0.0]
+    assert all(torch.equal(y, torch.full_like(y, 7.0)) for y, _, _ in outs)
+    seconds = cl._cpu.linears_sequence(jobs, 3)
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)
+    for (y, _, _), w in zip(outs, want):
+        assert torch.equal(y, w)
+    with pytest.raises(ValueError, match="linears_sequence: no jobs"):
+        cl._cpu.linears_sequence([], 1)
+    with pytest.raises(ValueError, match="linears_sequence: 1 to 4 calls"):
+        cl._cpu.linears_sequence([[]], 1)
+    with pytest.raises(ValueError, match="linears_sequence: each call is linear"):
+        cl._cpu.linears_sequence([[(1, 2)]], 1)
