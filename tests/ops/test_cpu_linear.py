@@ -401,3 +401,32 @@ def test_linears_sequence_runs_each_job_and_times_it():
         cl._cpu.linears_sequence([[]], 1)
     with pytest.raises(ValueError, match="linears_sequence: each call is linear"):
         cl._cpu.linears_sequence([[(1, 2)]], 1)
+
+
+def test_bench_step_jobs_do_the_work_they_name():
+    """bench_cpu_linear's step section: each layer's calls have their own weights (so a
+    step reads them from memory), both sides share them, and the valve side computes the
+    valve (its outputs are the reference's with the LoRA term, the base side's without)."""
+    import importlib.util
+    from pathlib import Path
+
+    from cotrt.ops import cpu_linear as cl
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "bench_cpu_linear.py"
+    spec = importlib.util.spec_from_file_location("bench_cpu_linear", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    base, valve, names, keep = bench.step_jobs(2, torch.float32, layers=2)
+    assert names == [n for n, _ in bench.CALLS[:-1]] * 2 + ["lm_head"]
+    assert len({c[1] for job in base for c in job}) == sum(len(job) for job in base)  # own weights
+    assert [c[1] for job in base for c in job] == [c[1] for job in valve for c in job]  # shared
+    assert cl._cpu.linears_sequence(base, 1) and cl._cpu.linears_sequence(valve, 1)
+    by_ptr = {t.data_ptr(): t for t in keep if t is not None}
+    for jb, jv in zip(base, valve):
+        for cb, cv in zip(jb, jv):
+            x, w, b, a, lb, alpha = (by_ptr.get(p) for p in (cv[0], cv[1], cv[2], cv[3], cv[4], cv[5]))
+            want = cpu_linear_ref(x, w, b, a, lb, alpha, None)
+            plain = cpu_linear_ref(x, w, b)
+            assert_close(by_ptr[cv[7]], want)
+            assert_close(by_ptr[cb[7]], plain)
+            assert not torch.allclose(want, plain, atol=1e-3)
