@@ -19,8 +19,9 @@ Greedy, EOS ignored, so both sides generate exactly the tokens counted:
 Providers per workload: HF generate, cotrt (CPU kernels on: wrap's default on CPU) and
 cotrt with ``cpu_kernels=False`` (the scheduler alone). Each figure: useful tokens/s,
 median [p20, p80] of --repeats interleaved rounds after one warm-up round; the ratio's
-spread is over rounds. Runtime at --scale 1 on a quiet 2-core machine: ~15 min (reasoning
-dominates); --scale 0.25 ~5 min.
+spread is over rounds. Runtime at --scale 1 on a quiet 2-core machine: ~70 min, the
+reasoning workload ~55 of them (HF and cpu_kernels=False are the slow sides); --scale 0.25
+cuts its think budgets 4x.
 """
 from __future__ import annotations
 
