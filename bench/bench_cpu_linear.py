@@ -125,23 +125,33 @@ class repeated:
             _cl._cpu.linears_repeat(self.calls, self.n)
 
 
+def job_pair(xs, group, alpha, g, dtype):
+    """One of the decoder's calls as a pool job, twice over the same weights (drawn from
+    ``g``): without a valve and with one on every linear (r=16, one adapter, per-row alphas
+    ``alpha``). ``xs``: the input for each K. Returns (base args, valve args, tensors the
+    args point into)."""
+    base, valve, keep = [], [], []
+    for N, K in group:
+        w = (torch.randn(N, K, generator=g) * K**-0.5).to(dtype)
+        b = torch.randn(N, generator=g).to(dtype) if N != 49152 else None
+        a = (torch.randn(1, R, K, generator=g) * K**-0.5).to(dtype)
+        lb = (torch.randn(N, 1, R, generator=g) * R**-0.5).to(dtype).permute(1, 0, 2)
+        y0, xf0, args0 = _cl._kernel_args(xs[K], w, b, None, None, None, None, None, 0)
+        y1, xf1, args1 = _cl._kernel_args(xs[K], w, b, a, lb, alpha, None, None, 0)
+        base.append(args0)
+        valve.append(args1)
+        keep += [w, b, a, lb, y0, xf0, y1, xf1]
+    return base, valve, keep
+
+
 def call_providers(M, group, dtype):
     """kernel / kernel+valve for one of the decoder's calls: its linears as one job, without
     and with a valve on every linear (r=16, one adapter, per-row alphas 0.5..1.7)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(M, group[0][1], generator=g).to(dtype)
     alpha = torch.linspace(0.5, 1.7, M)
-    base, valve, keep = [], [], [x, alpha]
-    for N, K in group:
-        w = (torch.randn(N, K, generator=g) * K**-0.5).to(dtype)
-        b = torch.randn(N, generator=g).to(dtype) if N != 49152 else None
-        a = (torch.randn(1, R, K, generator=g) * K**-0.5).to(dtype)
-        lb = (torch.randn(N, 1, R, generator=g) * R**-0.5).to(dtype).permute(1, 0, 2)
-        y0, xf0, args0 = _cl._kernel_args(x, w, b, None, None, None, None, None, 0)
-        y1, xf1, args1 = _cl._kernel_args(x, w, b, a, lb, alpha, None, None, 0)
-        base.append(args0)
-        valve.append(args1)
-        keep += [w, b, a, lb, y0, xf0, y1, xf1]
+    base, valve, keep = job_pair({group[0][1]: x}, group, alpha, g, dtype)
+    keep += [x, alpha]
     return {"kernel": repeated(base, keep), "kernel+valve": repeated(valve, keep)}
 
 
@@ -177,22 +187,12 @@ def step_jobs(M, dtype, layers=LAYERS):
     xs = {K: torch.randn(M, K, generator=g).to(dtype) for K in (576, 1536)}
     alpha = torch.linspace(0.5, 1.7, M)
     base, valve, names, keep = [], [], [], [alpha, *xs.values()]
-    groups = [g for _ in range(layers) for g in CALLS[:-1]] + [CALLS[-1]]
-    for name, group in groups:
-        jb, jv = [], []
-        for N, K in group:
-            w = (torch.randn(N, K, generator=g) * K**-0.5).to(dtype)
-            b = torch.randn(N, generator=g).to(dtype) if N != 49152 else None
-            a = (torch.randn(1, R, K, generator=g) * K**-0.5).to(dtype)
-            lb = (torch.randn(N, 1, R, generator=g) * R**-0.5).to(dtype).permute(1, 0, 2)
-            y0, xf0, args0 = _cl._kernel_args(xs[K], w, b, None, None, None, None, None, 0)
-            y1, xf1, args1 = _cl._kernel_args(xs[K], w, b, a, lb, alpha, None, None, 0)
-            jb.append(args0)
-            jv.append(args1)
-            keep += [w, b, a, lb, y0, xf0, y1, xf1]
+    for name, group in [call for _ in range(layers) for call in CALLS[:-1]] + [CALLS[-1]]:
+        jb, jv, kept = job_pair(xs, group, alpha, g, dtype)
         base.append(jb)
         valve.append(jv)
         names.append(name)
+        keep += kept
     return base, valve, names, keep
 
 
