@@ -5,7 +5,8 @@ settings on the validation split, then evaluate every control on the held-out sp
 
 Models go to ``DIR/seed{S}`` (``DIR`` defaults to ``$COTRT_CACHE/testbed``, i.e.
 ``~/.cache/cotrt/testbed``), trained by ``python -m cotrt.testbed.train --out DIR/seed{S}
---seed S --no-coconut`` when absent (``--coconut`` keeps the arithmetic Coconut stages).
+--seed S --no-coconut`` when absent (``--coconut`` keeps the arithmetic Coconut stages; a
+seed trained before the budget model existed gets that alone, ``--budget-only``).
 Then, for every seed: DEER, Dynasor and EAT over ``evaluate.exit_grid()`` and plain decoding
 on the validation split; per policy the setting with the fewest think tokens whose mean
 accuracy over seeds is within ``--tolerance`` of plain's (``evaluate.choose``); and every
@@ -34,8 +35,12 @@ def seed_dirs(models: Path, seeds) -> dict:
 
 
 def ensure_trained(path: Path, seed: int, retrain: bool, coconut: bool) -> None:
+    """Train what ``path`` lacks: everything (or with ``retrain``), or, for a seed trained
+    before the budget model existed, the budget model alone from its saved base."""
     if retrain or not (path / "valve" / "adapter_config.json").exists():
         train.main(["--out", str(path), "--seed", str(seed)] + ([] if coconut else ["--no-coconut"]))
+    elif not (path / "budget" / "config.json").exists():
+        train.main(["--out", str(path), "--seed", str(seed), "--budget-only"])
 
 
 def run_cached(path: Path, name: str, todo, split: str, n: int, reeval: bool, latent: bool = False) -> list[dict]:

@@ -75,8 +75,10 @@ def test_quick_training_loss_falls(quick):
     assert _mean(valve[-5:]) < _mean(valve[:3])  # the short chains' "</think>" is learned
     for losses in log["coconut"]["losses"].values():
         assert all(math.isfinite(x) and x < 10 for x in losses)  # finite through the fed-back states
+    budget = log["budget"]["losses"]
+    assert len(budget) == log["config"]["budget_steps"] and all(math.isfinite(x) for x in budget)
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        assert (out / "base" / name).exists()
+        assert (out / "base" / name).exists() and (out / "budget" / name).exists()
     assert (out / "valve" / "adapter_config.json").exists()
 
 
@@ -196,6 +198,50 @@ def test_evaluate_writes_a_table(quick, monkeypatch):
     assert md.count("\n| ") == len(rows) + 1
 
 
+def test_evaluate_runs_budget_model_settings_on_the_budget_model(quick, tmp_path, monkeypatch):
+    """Settings with model "budget" run on DIR/budget, the others on DIR/base: with the
+    budget model swapped for a copy of the base, its rows equal the base's; without it,
+    evaluate names the missing checkpoint before running anything."""
+    import shutil
+
+    from cotrt.testbed import evaluate
+
+    monkeypatch.setattr(evaluate, "MAX_NEW", 40)
+    out, _ = quick
+    todo = [s for s in evaluate.settings(budgets=(8,), alphas=(), exits=[])
+            if s.control in ("plain", "think_budget", "plain, budget model",
+                             f"think_budget + answer_budget {evaluate.ANSWER_BUDGET}, budget model")]
+    assert [s.model for s in todo] == ["base", "base", "budget", "budget"]
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("control", "wall_s")}
+
+    rows = evaluate.evaluate(out, n=3, max_batch=3, todo=todo, only={s.control for s in todo}, log=False)
+    assert [r["control"] for r in rows] == [s.control for s in todo]
+    assert rows[3]["think_tokens"] <= 8 and all(r["errors"] == 0 for r in rows)
+
+    twin = tmp_path / "twin"
+    shutil.copytree(out / "base", twin / "base")
+    shutil.copytree(out / "base", twin / "budget")
+    rows = evaluate.evaluate(twin, n=3, max_batch=3, todo=todo[:3], only={s.control for s in todo}, log=False)
+    assert strip(rows[2]) == strip(rows[0])  # plain on a budget model that is the base
+    shutil.rmtree(twin / "budget")
+    with pytest.raises(FileNotFoundError, match="no budget model.*--budget-only"):
+        evaluate.evaluate(twin, n=3, max_batch=3, todo=todo, only={s.control for s in todo}, log=False)
+
+
+def test_svg_plot_gives_every_token_control_its_own_colour(tmp_path):
+    """The token table's controls (13 with the budget model's) each get a colour of their own."""
+    import re
+
+    from cotrt.testbed.evaluate import settings, svg_plot
+
+    controls = list(dict.fromkeys(s.control for s in settings()))
+    assert len(controls) >= 13
+    svg_plot([_row(c, "-", 0.5, 10 + i) for i, c in enumerate(controls)], tmp_path / "p.svg")
+    colours = re.findall(r'<rect x="[^"]+" y="[^"]+" width="10" height="10" fill="(#[0-9a-f]{6})"/>',
+                         (tmp_path / "p.svg").read_text())
+    assert len(colours) == len(controls) == len(set(colours))
+
+
 def test_svg_plot_draws_one_curve_per_control(tmp_path):
     import xml.etree.ElementTree as ET
 
@@ -216,22 +262,60 @@ def test_svg_plot_draws_one_curve_per_control(tmp_path):
 
 
 def test_training_is_deterministic(tmp_path):
-    """Two runs from one seed give equal weights (base and valve); another seed does not."""
+    """Two runs from one seed give equal weights (base, valve and budget model); another seed
+    does not; the budget model trained apart (``--budget-only``, from the saved base) is the
+    one a whole run trains."""
     from safetensors.torch import load_file
 
     from cotrt.testbed import train
 
-    def weights(seed, name):
+    def weights(seed, name, budget_only=False):
         out = tmp_path / name
-        train.main(["--out", str(out), "--quick", "--steps", "6", "--valve-steps", "3", "--no-coconut",
-                    "--seed", str(seed)])
+        common = ["--out", str(out), "--quick", "--seed", str(seed), "--budget-steps", "3"]
+        if budget_only:
+            train.main(common + ["--steps", "6", "--valve-steps", "3", "--no-coconut", "--no-budget"])
+            assert not (out / "budget").exists()
+            train.main(common + ["--budget-only"])
+        else:
+            train.main(common + ["--steps", "6", "--valve-steps", "3", "--no-coconut"])
         return (load_file(out / "base" / "model.safetensors"),
-                load_file(out / "valve" / "adapter_model.safetensors"))
+                load_file(out / "valve" / "adapter_model.safetensors"),
+                load_file(out / "budget" / "model.safetensors"))
 
-    a, b, c = weights(5, "a"), weights(5, "b"), weights(6, "c")
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    a, b, c, d = weights(5, "a"), weights(5, "b"), weights(6, "c"), weights(5, "d", budget_only=True)
+    for other in (b, d):
+        for x, y in zip(a, other):
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     assert not all(torch.equal(a[0][k], c[0][k]) for k in a[0])
+    assert not all(torch.equal(a[0][k], a[2][k]) for k in a[0])  # the budget stage trained
+    with pytest.raises(SystemExit, match="--seed 5, not 6"):
+        train.main(["--out", str(tmp_path / "a"), "--quick", "--seed", "6", "--budget-only"])
+    with pytest.raises(SystemExit, match="trained with --quick"):
+        train.main(["--out", str(tmp_path / "a"), "--seed", "5", "--budget-only"])
+    with pytest.raises(SystemExit, match="no trained base"):
+        train.main(["--out", str(tmp_path / "none"), "--quick", "--budget-only"])
+
+
+def test_budget_stage_cuts_mostly_inside_the_first_pass():
+    """train_budget's rows: ~30% whole chains, ~50% cut inside the first pass, the rest at a
+    uniform token of the LONG chain; the base's uniform cuts land in the first pass far
+    less often (its first pass is about a third of the chain)."""
+    import random
+
+    from cotrt.testbed.train import budget_cuts, first_pass_tokens, long_think_tokens, uniform_cuts
+
+    tok = task.build_tokenizer()
+    problems = task.held_out(0, 200) * 10
+    cut = budget_cuts(tok, 0.3, 0.5, random.Random(0))
+    cuts = [(p, cut(p)) for p in problems]
+    whole = sum(c is None for _, c in cuts) / len(cuts)
+    early = sum(c is not None and c <= first_pass_tokens(p, tok) for p, c in cuts) / len(cuts)
+    assert abs(whole - 0.3) < 0.03 and 0.5 < early < 0.6, (whole, early)
+    assert all(c is None or 0 <= c <= long_think_tokens(p, tok) for p, c in cuts)
+    base = uniform_cuts(tok, 0.3, random.Random(0))
+    base_early = sum((c := base(p)) is not None and c <= first_pass_tokens(p, tok) for p in problems) / len(problems)
+    assert base_early < 0.15, base_early
+    assert all(uniform_cuts(tok, 0.0, random.Random(0))(p) is None for p in problems[:50])
 
 
 def test_splits_are_disjoint_and_excluded_from_training():
@@ -381,3 +465,32 @@ def test_bench_cache_runs_only_the_missing_settings(tmp_path, monkeypatch):
     bench.run_cached(tmp_path, "c.json", [a], "test", 200, reeval=False)
     bench.run_cached(tmp_path, "c.json", [a], "test", 200, reeval=True)
     assert calls[-2:] == [[a.setting], [a.setting]]
+
+
+def test_bench_trains_only_what_a_seed_lacks(tmp_path, monkeypatch):
+    """bench_testbed.ensure_trained: a seed with no models is trained whole; one trained
+    before the budget model existed gets the budget model alone; a complete one nothing."""
+    import importlib.util
+    from pathlib import Path
+
+    from cotrt.testbed import train
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_testbed", Path(__file__).resolve().parents[1] / "bench" / "bench_testbed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+    monkeypatch.setattr(train, "main", lambda argv: calls.append(argv))
+    d = tmp_path / "seed1"
+    bench.ensure_trained(d, 1, retrain=False, coconut=False)
+    assert calls.pop() == ["--out", str(d), "--seed", "1", "--no-coconut"]
+    (d / "valve").mkdir(parents=True)
+    (d / "valve" / "adapter_config.json").write_text("{}")
+    bench.ensure_trained(d, 1, retrain=False, coconut=False)
+    assert calls.pop() == ["--out", str(d), "--seed", "1", "--budget-only"]
+    (d / "budget").mkdir()
+    (d / "budget" / "config.json").write_text("{}")
+    bench.ensure_trained(d, 1, retrain=False, coconut=True)
+    assert calls == []
+    bench.ensure_trained(d, 1, retrain=True, coconut=True)
+    assert calls.pop() == ["--out", str(d), "--seed", "1"]

@@ -54,6 +54,7 @@ class Setting:
     params: cotrt.Params
     no_cot: bool = False  # prompt with thinking already closed
     needs_valve: bool = False
+    model: str = "base"  # the checkpoint under the models' folder: "base" or "budget" (train.py)
 
 
 def deer(threshold: float = 0.95) -> Setting:
@@ -156,6 +157,12 @@ def settings(budgets=BUDGETS, alphas=ALPHAS, exits=None) -> list[Setting]:
     out += [Setting(f"think_budget cut at line end + answer_budget {ANSWER_BUDGET}", str(b),
                     _P(think_budget=b, think_budget_cut="step", step_cues=("\n",), answer_budget=ANSWER_BUDGET))
             for b in budgets]
+    # The hard cap on the budget model (train.py's train_budget: the base fine-tuned on chains
+    # cut inside the first pass), with its own plain and no-CoT rows beside it.
+    out += [Setting(f"{c}, budget model", setting, _P(), no_cot=c == "no-CoT", model="budget")
+            for c, setting in (("plain", "-"), ("no-CoT", "think closed in prompt"))]
+    out += [Setting(f"think_budget + answer_budget {ANSWER_BUDGET}, budget model", str(b),
+                    _P(think_budget=b, answer_budget=ANSWER_BUDGET), model="budget") for b in budgets]
     out += exits if exits is not None else [deer(), dynasor(16, 4), eat(4, 0.03, 0.5, 16)]
     out += [Setting("valve", f"alpha {a:.2g}", _P(valve={"short": a}), needs_valve=True) for a in alphas]
     return out
@@ -238,18 +245,30 @@ def evaluate(models: Path, n: int = 200, seed: int = 0, max_batch: int = 32, onl
     seed ``seed``); returns result rows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = Path(models) / "base"
-    tok = AutoTokenizer.from_pretrained(base)
-    with quiet_loading():
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    rt = cotrt.wrap(model, tok, max_batch=max_batch, max_len=512)
     problems = split_problems(split, n, seed)
     todo = [s for s in (settings() if todo is None else todo) if only is None or s.control in only]
-    # Settings without a valve run first, before the LoRA is loaded: loading swaps the
-    # target linears for ValveLinear, and their timings should be the base model's.
-    todo.sort(key=lambda s: s.needs_valve)
+    runtimes = {}
+
+    def runtime(name: str):
+        if name not in runtimes:
+            path = Path(models) / name
+            if not (path / "config.json").exists():
+                raise FileNotFoundError(f"models: no {name} model in {models} (python -m cotrt.testbed.train "
+                                        f"--out {models} --seed S{' --budget-only' if name == 'budget' else ''})")
+            tok = AutoTokenizer.from_pretrained(path)
+            with quiet_loading():
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            runtimes[name] = cotrt.wrap(model, tok, max_batch=max_batch, max_len=512)
+        return runtimes[name]
+
+    # The base's settings without a valve run first, before the LoRA is loaded: loading
+    # swaps the target linears for ValveLinear, and their timings should be the base model's.
+    todo.sort(key=lambda s: (s.model != "base", s.needs_valve))
+    for name in dict.fromkeys(s.model for s in todo):
+        runtime(name)  # a missing checkpoint fails before any setting runs
     rows = []
     for s in todo:
+        rt = runtime(s.model)
         if s.needs_valve and rt.valves is None:
             rt.load_valve(str(Path(models) / "valve"), name="short")
         r = run_setting(rt, problems, s)
@@ -317,7 +336,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        saved = "" if not plain or not plain["think_tokens"] else f"{1 - r['think_tokens'] / plain['think_tokens']:+.0%}"
+        # (+ 0.0: a row a hair above plain's tokens would print "-0%")
+        saved = "" if not plain or not plain["think_tokens"] else \
+            f"{round(1 - r['think_tokens'] / plain['think_tokens'], 2) + 0.0:+.0%}"
         per = " ".join(f"{a:.3f}" for a in r.get("per_seed", [r["accuracy"]]))
         se = r.get("binomial_se", math.sqrt(r["accuracy"] * (1 - r["accuracy"]) / r["n"]))
         lines.append(f"| {r['control']} | {r['setting']} | {r['accuracy']:.3f} ± {r.get('accuracy_sd', 0):.3f} | {per} "
@@ -327,8 +348,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Sixteen distinct colours: the token table has 13 controls, so none repeats there.
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-           "#bcbd22", "#17becf")
+           "#bcbd22", "#17becf", "#393b79", "#e7969c", "#637939", "#7b4173", "#ad494a", "#3182bd")
 
 
 def svg_plot(rows: list[dict], path: Path, width: int = 640, height: int = 420) -> None:
@@ -381,11 +403,14 @@ def model_line(models: Path) -> str:
     if not log_path.exists():
         return "?"
     c = json.loads(log_path.read_text())
-    b, v = c["base"], c["valve"]
+    b, v, bud = c["base"], c["valve"], c.get("budget")
     cpu = lambda d: d.get("cpu_seconds", d["seconds"])
-    return (f"Llama {c['config']['layers']}x{c['config']['hidden']}, {b['params'] / 1e6:.2f}M params, "
+    line = (f"Llama {c['config']['layers']}x{c['config']['hidden']}, {b['params'] / 1e6:.2f}M params, "
             f"{c['config']['steps']} steps ({cpu(b):.0f} CPU s); valve LoRA r=8, "
             f"{c['config']['valve_steps']} steps ({cpu(v):.0f} CPU s)")
+    if bud:
+        line += f"; budget model: the base + {c['config']['budget_steps']} steps ({cpu(bud):.0f} CPU s)"
+    return line
 
 
 def main(argv=None) -> list[dict]:
