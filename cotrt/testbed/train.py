@@ -225,10 +225,10 @@ def train_budget(out: Path, seed: int, cfg: dict) -> dict:
     below its no-CoT guess (think_budget 16 under 8, every seed). Qwen3's thinking budget
     rests on the same ability, answering from unfinished thinking, which its training
     gives it. Half of this stage's rows are cut inside the first pass, 30% are whole chains
-    so that plain decoding is kept. It is a model of its own, not the base, because the
-    exit policies read the base's answer probes: the two attempts to train the base itself
-    on more early cuts (bench/RESULTS.md, sessions 6 and 8) cost EAT and Dynasor their
-    savings and one seed's plain accuracy."""
+    so that plain decoding is kept. A stage after the base, not early cuts mixed into the
+    base's own training: that mix (bench/RESULTS.md, sessions 6 and 8) cost EAT and Dynasor
+    their savings and one seed's plain accuracy, where this stage keeps both (session 10:
+    the exit grid run on the budget model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed + 3)
