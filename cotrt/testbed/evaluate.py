@@ -18,7 +18,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -139,13 +139,15 @@ def settings(budgets=BUDGETS, alphas=ALPHAS, exits=None) -> list[Setting]:
     """The evaluated controls. ``exits``: the exit-policy settings to run (default: DEER at
     its published threshold, Dynasor every 16 k 4, EAT every 4 with a 16-probe warm-up);
     bench_testbed.py passes those chosen on the validation split."""
-    out = [Setting("plain", "-", _P()), Setting("no-CoT", "think closed in prompt", _P(), no_cot=True)]
+    references = [Setting("plain", "-", _P()), Setting("no-CoT", "think closed in prompt", _P(), no_cot=True)]
+    out = list(references)
     # The budget forces "</think>" after b think tokens; the model (trained on truncated
     # chains) then writes "\nAnswer: N". Alone, nothing stops a model that reasons on in
     # its answer; with the answer phase capped as well, the budget bounds the whole output.
     out += [Setting("think_budget", str(b), _P(think_budget=b)) for b in budgets]
-    out += [Setting(f"think_budget + answer_budget {ANSWER_BUDGET}", str(b),
-                    _P(think_budget=b, answer_budget=ANSWER_BUDGET)) for b in budgets]
+    capped = [Setting(f"think_budget + answer_budget {ANSWER_BUDGET}", str(b),
+                      _P(think_budget=b, answer_budget=ANSWER_BUDGET)) for b in budgets]
+    out += capped
     # The same budgets ended at a step boundary (``soft_budget``: past b tokens, thinking
     # ends at the next line's end, so the model answers from whole lines, never from a
     # half-written "b=a*4=3*"); the think tokens then exceed b by the rest of that line.
@@ -157,12 +159,9 @@ def settings(budgets=BUDGETS, alphas=ALPHAS, exits=None) -> list[Setting]:
     out += [Setting(f"think_budget cut at line end + answer_budget {ANSWER_BUDGET}", str(b),
                     _P(think_budget=b, think_budget_cut="step", step_cues=("\n",), answer_budget=ANSWER_BUDGET))
             for b in budgets]
-    # The hard cap on the budget model (train.py's train_budget: the base fine-tuned on chains
-    # cut inside the first pass), with its own plain and no-CoT rows beside it.
-    out += [Setting(f"{c}, budget model", setting, _P(), no_cot=c == "no-CoT", model="budget")
-            for c, setting in (("plain", "-"), ("no-CoT", "think closed in prompt"))]
-    out += [Setting(f"think_budget + answer_budget {ANSWER_BUDGET}, budget model", str(b),
-                    _P(think_budget=b, answer_budget=ANSWER_BUDGET), model="budget") for b in budgets]
+    # Plain, no-CoT and the bounded hard cap again on the budget model (train.py's
+    # train_budget: the base fine-tuned on chains cut inside the first pass).
+    out += [replace(s, control=f"{s.control}, budget model", model="budget") for s in references + capped]
     out += exits if exits is not None else [deer(), dynasor(16, 4), eat(4, 0.03, 0.5, 16)]
     out += [Setting("valve", f"alpha {a:.2g}", _P(valve={"short": a}), needs_valve=True) for a in alphas]
     return out

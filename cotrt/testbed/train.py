@@ -248,9 +248,9 @@ def train_budget(out: Path, seed: int, cfg: dict) -> dict:
 def run(args, cfg: dict) -> dict:
     random.seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    c0 = time.process_time()
     if args.budget_only:
         return run_budget_only(args, cfg)
+    c0 = time.process_time()
     base = train_base(args.out, args.seed, cfg)
     valve = train_valve(args.out, args.seed, cfg)
     budget = None if args.no_budget else train_budget(args.out, args.seed, cfg)
